@@ -1,0 +1,35 @@
+"""Exact merge of partial attention results over disjoint key sets (log-sum-exp algebra).
+
+If ``(out_i, lse_i)`` is attention of the same queries over key set ``S_i`` (each ``out_i``
+normalised over its own set), attention over ``S_1 ∪ S_2`` is::
+
+    lse = logaddexp(lse_1, lse_2)
+    out = exp(lse_1 - lse) * out_1 + exp(lse_2 - lse) * out_2
+
+A side that saw no key has ``lse = -inf`` and weight 0; when both are ``-inf`` the result is
+``out = 0, lse = -inf`` (never NaN). Accumulation is float32.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """Merge two partial results.
+
+    Args:
+      out_a, out_b: ``[..., Tq, H, D]`` partial outputs.
+      lse_a, lse_b: ``[..., Tq, H]`` float32 log-sum-exps (``-inf`` = saw nothing).
+
+    Returns:
+      ``(out, lse)`` with ``out`` float32 ``[..., Tq, H, D]`` and ``lse`` float32 ``[..., Tq, H]``.
+    """
+    lse_a = lse_a.astype(jnp.float32)
+    lse_b = lse_b.astype(jnp.float32)
+    lse = jnp.logaddexp(lse_a, lse_b)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    w_a = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - safe), 0.0)[..., None]
+    w_b = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0)[..., None]
+    out = w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32)
+    return out, lse

@@ -1,0 +1,17 @@
+"""Test set-up: 8 fake CPU devices (before jax starts), shared fixtures."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    from cpjax.config import PRESETS
+    from cpjax.model.llama import init_params
+    return init_params(PRESETS["tiny"], seed=0)
