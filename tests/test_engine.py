@@ -1,0 +1,93 @@
+"""Engine: KV cache prefill/decode equal the full forward; scoring; input validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpjax.config import PRESETS
+from cpjax.engine import Engine
+from cpjax.errors import CpjaxError
+
+CFG = PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module", params=["reference", "blockwise"])
+def engine(request, tiny_params):
+    return Engine(CFG, tiny_params, attention=request.param, bucket=16)
+
+
+def test_greedy_generation_equals_argmax_of_full_forward(engine):
+    prompt = np.array([5, 17, 99, 3, 200, 1, 7], np.int32)
+    new = engine.generate(prompt, 20)
+    assert len(new) == 20
+    full = np.concatenate([prompt, new])
+    logits = engine.logits(full)
+    np.testing.assert_array_equal(logits[len(prompt) - 1:-1].argmax(-1), new)
+
+
+def test_prefill_then_decode_logits_equal_full_forward(engine):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, CFG.vocab_size, 40).astype(np.int32)
+    want = engine.logits(ids)
+    cache = engine.new_cache(128)
+    logits, cache = engine.prefill(ids[:25], cache)
+    np.testing.assert_allclose(logits, want[24], atol=1e-5)
+    logits, cache = engine.prefill(ids[25:31], cache, start_position=25)  # a second turn
+    np.testing.assert_allclose(logits, want[30], atol=1e-5)
+    for t in range(31, 40):
+        logits, _, cache = engine._decode(engine.params, jnp.int32(ids[t]), jnp.int32(t), cache)
+        np.testing.assert_allclose(logits, want[t], atol=1e-5)
+    assert int(cache.fill) == 40
+
+
+def test_score_equals_log_softmax_of_logits(engine):
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, CFG.vocab_size, 300).astype(np.int32)
+    lp = engine.score(ids)
+    logits = engine.logits(ids)
+    want = jax.nn.log_softmax(logits, -1)[np.arange(299), ids[1:]]
+    assert lp.shape == (299,) and lp.dtype == np.float32
+    np.testing.assert_allclose(lp, want, atol=1e-5)
+
+
+def test_decode_step_compiles_once(engine):
+    prompt = np.array([1, 2, 3], np.int32)
+    engine.generate(prompt, 4)
+    before = engine._decode._cache_size()
+    engine.generate(prompt, 30)
+    engine.generate(np.array([9, 8, 7, 6, 5], np.int32), 30)
+    assert engine._decode._cache_size() == before
+
+
+def test_generation_stops_at_a_stop_id(engine):
+    prompt = np.array([5, 17, 99], np.int32)
+    free = engine.generate(prompt, 10)
+    stop_at = free[3]
+    stopped = engine.generate(prompt, 10, stop_ids=[stop_at])
+    assert stopped == free[:free.index(stop_at) + 1]
+
+
+@pytest.mark.parametrize("ids, match", [
+    ([], "empty"),
+    ([1, -3, 2], "token id -3 at index 1 is outside \\[0, 256\\)"),
+    ([1, 256], "token id 256 at index 1 is outside"),
+    ([1.5, 2.0], "must be integers, got dtype float64"),
+    ([[1, 2]], "expected a 1-D sequence"),
+])
+def test_bad_token_ids_are_clear_errors(engine, ids, match):
+    with pytest.raises(CpjaxError, match=match):
+        engine.score(np.asarray(ids))
+
+
+def test_too_long_prompt_and_bad_max_new_tokens(engine):
+    with pytest.raises(CpjaxError, match="context window of 16384 tokens"):
+        engine.generate(np.zeros(16380, np.int32), 10)
+    with pytest.raises(CpjaxError, match="max_new_tokens=-1: must be an integer >= 0"):
+        engine.generate(np.array([1, 2]), -1)
+
+
+def test_cache_overflow_is_a_clear_error(engine):
+    cache = engine.new_cache(32)
+    with pytest.raises(CpjaxError, match="KV cache overflow.*capacity of 32"):
+        engine.prefill(np.arange(40, dtype=np.int32), cache)

@@ -1,0 +1,136 @@
+"""The functional Llama on the random tiny model: shapes, dtypes, causality, packing, RoPE."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cpjax.attention import blockwise, reference
+from cpjax.config import PRESETS, RopeScaling
+from cpjax.model.llama import Llama, apply_rope, init_params, param_shapes, rope_inv_freq
+
+CFG = PRESETS["tiny"]
+
+
+def _forward_logits(params, tokens, positions, segments, attend=reference.attend,
+                    dtype=jnp.float32):
+    model = Llama(CFG, attend, dtype)
+    variables = {"params": jax.tree.map(lambda x: x.astype(dtype), params)}
+    out = model.apply(variables, tokens, positions, segments)
+    return model.apply(variables, out.hidden, method=Llama.logits), out
+
+
+def test_param_shapes_follow_the_documented_layout(tiny_params):
+    shapes = jax.tree.map(lambda x: x.shape, tiny_params)
+    l, d, hq, hkv, dh, f, v = (CFG.n_layers, CFG.dim, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim,
+                               CFG.ffn_dim, CFG.vocab_size)
+    assert shapes == {
+        "embed": (v, d), "final_norm": (d,), "lm_head": (d, v),
+        "layers": {"attn_norm": (l, d), "wq": (l, d, hq, dh), "wk": (l, d, hkv, dh),
+                   "wv": (l, d, hkv, dh), "wo": (l, hq, dh, d), "mlp_norm": (l, d),
+                   "w_gate": (l, d, f), "w_up": (l, d, f), "w_down": (l, f, d)}}
+    smol = param_shapes(PRESETS["smollm2-135m"])
+    assert "lm_head" not in smol   # tied embeddings
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(smol))
+    assert n == PRESETS["smollm2-135m"].param_count()
+    assert abs(n - 134.5e6) < 0.5e6
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_shapes_and_dtypes(tiny_params, dtype):
+    t = 19
+    tokens = jnp.arange(t, dtype=jnp.int32) * 7 % CFG.vocab_size
+    logits, out = _forward_logits(tiny_params, tokens, jnp.arange(t), jnp.zeros(t, jnp.int32),
+                                  dtype=dtype)
+    assert logits.shape == (t, CFG.vocab_size) and logits.dtype == jnp.float32
+    assert out.hidden.shape == (t, CFG.dim) and out.hidden.dtype == dtype
+    assert out.k.shape == (CFG.n_layers, t, CFG.n_kv_heads, CFG.head_dim)
+    assert np.isfinite(np.asarray(logits)).all()
+
+
+def test_bf16_stays_close_to_fp32(tiny_params):
+    t = 33
+    tokens = jnp.arange(t, dtype=jnp.int32) * 5 % CFG.vocab_size
+    args = (tokens, jnp.arange(t), jnp.zeros(t, jnp.int32))
+    f32, _ = _forward_logits(tiny_params, *args)
+    b16, _ = _forward_logits(tiny_params, *args, dtype=jnp.bfloat16)
+    assert np.abs(np.asarray(f32) - np.asarray(b16)).max() < 0.05 * np.abs(np.asarray(f32)).max()
+
+
+def test_changing_token_t_changes_no_logit_before_t(tiny_params):
+    t, changed = 24, 13
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, CFG.vocab_size, t).astype(np.int32)
+    other = tokens.copy()
+    other[changed] = (other[changed] + 1) % CFG.vocab_size
+    pos, seg = jnp.arange(t), jnp.zeros(t, jnp.int32)
+    a, _ = _forward_logits(tiny_params, tokens, pos, seg)
+    b, _ = _forward_logits(tiny_params, other, pos, seg)
+    np.testing.assert_array_equal(np.asarray(a)[:changed], np.asarray(b)[:changed])
+    assert np.abs(np.asarray(a)[changed:] - np.asarray(b)[changed:]).max() > 1e-3
+
+
+@pytest.mark.parametrize("attend", [reference.attend, blockwise.attend], ids=["ref", "block"])
+def test_two_packed_segments_equal_separate_runs(tiny_params, attend):
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, CFG.vocab_size, 11).astype(np.int32)
+    b = rng.integers(0, CFG.vocab_size, 17).astype(np.int32)
+    packed = np.concatenate([a, b])
+    positions = np.concatenate([np.arange(11), np.arange(17)]).astype(np.int32)
+    segments = np.repeat([0, 1], [11, 17]).astype(np.int32)
+    both, _ = _forward_logits(tiny_params, packed, positions, segments, attend)
+    alone_a, _ = _forward_logits(tiny_params, a, np.arange(11), np.zeros(11, np.int32), attend)
+    alone_b, _ = _forward_logits(tiny_params, b, np.arange(17), np.zeros(17, np.int32), attend)
+    np.testing.assert_allclose(np.asarray(both)[:11], alone_a, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(both)[11:], alone_b, atol=1e-5)
+
+
+def test_token_order_in_the_row_does_not_matter(tiny_params):
+    """Masks come from positions: a permuted row gives the permuted logits."""
+    t = 21
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, CFG.vocab_size, t).astype(np.int32)
+    pos, seg = np.arange(t, dtype=np.int32), np.zeros(t, np.int32)
+    perm = rng.permutation(t)
+    want, _ = _forward_logits(tiny_params, tokens, pos, seg)
+    got, _ = _forward_logits(tiny_params, tokens[perm], pos[perm], seg[perm])
+    np.testing.assert_allclose(got, np.asarray(want)[perm], atol=1e-5)
+
+
+def test_rope_is_a_relative_rotation():
+    rng = np.random.default_rng(4)
+    inv_freq = rope_inv_freq(16, 10000.0, None)
+    q = rng.standard_normal((1, 1, 16)).astype(np.float32)
+    k = rng.standard_normal((1, 1, 16)).astype(np.float32)
+
+    def score(pq, pk):
+        rq = apply_rope(q, jnp.array([pq]), inv_freq)
+        rk = apply_rope(k, jnp.array([pk]), inv_freq)
+        return float(jnp.sum(rq * rk))
+
+    assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4)
+    assert score(5, 2) != pytest.approx(score(5, 3), rel=1e-3)
+
+
+def test_llama31_rope_scaling_matches_published_rule():
+    """Low frequencies divided by the factor, high ones kept, a smooth ramp in between."""
+    sc = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8192)
+    plain = np.asarray(rope_inv_freq(128, 500000.0, None))
+    scaled = np.asarray(rope_inv_freq(128, 500000.0, sc))
+    wavelen = 2 * np.pi / plain
+    high = wavelen < 8192 / 4
+    low = wavelen > 8192 / 1
+    np.testing.assert_allclose(scaled[high], plain[high], rtol=1e-6)
+    np.testing.assert_allclose(scaled[low], plain[low] / 8, rtol=1e-6)
+    mid = ~high & ~low
+    assert mid.any()
+    assert np.all(scaled[mid] <= plain[mid]) and np.all(scaled[mid] >= plain[mid] / 8)
+
+
+def test_init_is_deterministic():
+    a = init_params(CFG, seed=3)
+    b = init_params(CFG, seed=3)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
