@@ -97,11 +97,12 @@ class Engine:
         cache = kv_cache.append(cache, out.k, out.v, positions, segments, 1)
         return logits, jnp.argmax(logits).astype(jnp.int32), cache
 
-    def _score_impl(self, params, tokens, targets, segments):
-        """Log-probability of ``targets[t]`` after ``tokens[:t+1]``, for every t: ``[T]``."""
-        positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-        hidden = self._trunk(params, tokens, positions, segments).hidden
-        chunks = hidden.reshape(-1, SCORE_CHUNK, hidden.shape[-1])
+    def _logprobs(self, params, hidden, targets):
+        """Log-probability of ``targets [T]`` under the logits of ``hidden [T, D]``: ``[T]``.
+
+        Computed in chunks of ``SCORE_CHUNK`` tokens so the ``[T, V]`` logits never exist.
+        """
+        chunk = SCORE_CHUNK if hidden.shape[0] % SCORE_CHUNK == 0 else hidden.shape[0]
 
         def chunk_logprobs(args):
             h, tgt = args
@@ -109,8 +110,14 @@ class Engine:
             picked = jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
             return picked - jax.nn.logsumexp(logits, axis=-1)
 
-        lp = jax.lax.map(chunk_logprobs, (chunks, targets.reshape(-1, SCORE_CHUNK)))
+        lp = jax.lax.map(chunk_logprobs, (hidden.reshape(-1, chunk, hidden.shape[-1]),
+                                          targets.reshape(-1, chunk)))
         return lp.reshape(-1)
+
+    def _score_impl(self, params, tokens, targets, positions, segments):
+        """Log-probability of ``targets[t]`` after the row's tokens visible to ``t``: ``[T]``."""
+        hidden = self._trunk(params, tokens, positions, segments).hidden
+        return self._logprobs(params, hidden, targets)
 
     def _logits_impl(self, params, tokens, positions, segments):
         return self._head(params, self._trunk(params, tokens, positions, segments).hidden)
@@ -121,6 +128,10 @@ class Engine:
         require(n_tokens <= self.config.max_seq_len,
                 f"{what} needs {n_tokens} tokens, more than the context window of "
                 f"{self.config.max_seq_len} tokens of model {self.config.name!r}")
+
+    def prefill_slots(self, n_tokens: int) -> int:
+        """Cache slots a prefill of ``n_tokens`` occupies (its padded length)."""
+        return round_up(n_tokens, self.bucket)
 
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache with room for ``capacity`` tokens."""
@@ -147,7 +158,8 @@ class Engine:
         tokens = _pad(ids[:-1], padded, 0)
         targets = _pad(ids[1:], padded, 0)
         segments = _pad(np.zeros(ids.size - 1, np.int32), padded, kv_cache.EMPTY_SEGMENT)
-        lp = self._score(self.params, tokens, targets, segments)
+        positions = np.arange(padded, dtype=np.int32)
+        lp = self._score(self.params, tokens, targets, positions, segments)
         return np.asarray(lp[: ids.size - 1], np.float32)
 
     def prefill(self, ids, cache: KVCache, start_position: int = 0):
@@ -156,7 +168,7 @@ class Engine:
         Returns ``(logits [V] of the last token, cache)``.
         """
         ids = validate_token_ids(ids, self.config.vocab_size)
-        padded = round_up(ids.size, self.bucket)
+        padded = self.prefill_slots(ids.size)
         fill = int(cache.fill)
         require(fill + padded <= cache.capacity,
                 f"KV cache overflow: {fill} cached + {ids.size} new tokens (padded to "
@@ -177,7 +189,7 @@ class Engine:
         if max_new_tokens == 0:
             return
         stop = set(int(s) for s in stop_ids)
-        capacity = round_up(round_up(ids.size, self.bucket) + max_new_tokens, 256)
+        capacity = round_up(self.prefill_slots(ids.size) + max_new_tokens, 256)
         logits, cache = self.prefill(ids, self.new_cache(capacity))
         token = jnp.argmax(logits).astype(jnp.int32)
         position = ids.size

@@ -30,6 +30,27 @@ from cpjax.attention.merge import merge
 from cpjax.config import ModelConfig, RopeScaling
 
 
+#: Logical axis names of every parameter (mapped to mesh axes by ``cpjax.parallel.sharding``).
+PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("embed",),
+    "lm_head": ("embed", "vocab"),
+    "layers": {
+        "attn_norm": ("layers", "embed"),
+        "wq": ("layers", "embed", "q_heads", "head_dim"),
+        "wk": ("layers", "embed", "kv_heads", "head_dim"),
+        "wv": ("layers", "embed", "kv_heads", "head_dim"),
+        "wo": ("layers", "q_heads", "head_dim", "embed"),
+        "mlp_norm": ("layers", "embed"),
+        "w_gate": ("layers", "embed", "ffn"),
+        "w_up": ("layers", "embed", "ffn"),
+        "w_down": ("layers", "ffn", "embed"),
+    },
+}
+#: Logical axes of the per-layer keys/values a forward pass returns (``Output.k``/``Output.v``).
+KV_AXES = ("layers", "sequence", "kv_heads", "head_dim")
+
+
 class PastKV(NamedTuple):
     """Keys/values that new tokens attend to in addition to themselves (e.g. a KV cache).
 

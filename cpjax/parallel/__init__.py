@@ -1,0 +1,1 @@
+"""Context parallelism: meshes, the load-balanced layout, ring attention strategies."""

@@ -1,0 +1,133 @@
+"""Load-balanced sharding of token rows over the ``context`` axis (paper §2).
+
+Each sequence is padded to a multiple of ``2N`` and cut into ``2N`` equal chunks; rank ``r``
+holds chunks ``r`` and ``2N-1-r``, so under the causal mask every rank does the same attention
+work. Several sequences packed in one row (the paper's fused variable-length batch) are each
+balanced on their own and concatenated per rank. Padding tokens get segment ``-1`` and never
+influence a real token.
+
+Everything here is host-side numpy: a :class:`Layout` is computed once per input shape and
+used to permute token ids, positions, segments and targets in, and outputs back.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from cpjax.errors import require
+
+PAD_SEGMENT = -1
+
+
+class Layout(NamedTuple):
+    """Where every slot of the sharded row comes from.
+
+    The sharded row has ``n_ranks * local_len`` slots; rank ``r`` owns slots
+    ``[r * local_len, (r + 1) * local_len)``.
+
+    Attributes:
+      source: ``[n_ranks * local_len]`` int index into the packed input row, ``-1`` for padding.
+      positions: ``[n_ranks * local_len]`` int32 global token positions (0 for padding).
+      segments: ``[n_ranks * local_len]`` int32 sequence ids, ``-1`` for padding.
+      n_ranks: N, the context-parallel size.
+      local_len: slots per rank.
+      total: length of the packed input row.
+    """
+
+    source: np.ndarray
+    positions: np.ndarray
+    segments: np.ndarray
+    n_ranks: int
+    local_len: int
+    total: int
+
+    def shard(self, values, fill=0) -> np.ndarray:
+        """Permute ``values [total, ...]`` into the sharded row (padding slots = ``fill``)."""
+        values = np.asarray(values)
+        require(values.shape[0] == self.total,
+                f"layout: values have {values.shape[0]} rows, the layout was built for "
+                f"{self.total}")
+        out = np.full((self.source.size,) + values.shape[1:], fill, dtype=values.dtype)
+        real = self.source >= 0
+        out[real] = values[self.source[real]]
+        return out
+
+    def unshard(self, values) -> np.ndarray:
+        """Inverse of :meth:`shard`: ``[n_ranks * local_len, ...]`` back to ``[total, ...]``."""
+        values = np.asarray(values)
+        out = np.empty((self.total,) + values.shape[1:], dtype=values.dtype)
+        real = self.source >= 0
+        out[self.source[real]] = values[real]
+        return out
+
+
+def balanced_chunks(length: int, n_ranks: int, pad_multiple: int = 1) -> list[np.ndarray]:
+    """For one sequence: per rank, the indices (``-1`` = padding) it holds, in order.
+
+    The sequence is padded to a multiple of ``2 * n_ranks * pad_multiple``; rank ``r`` gets
+    chunks ``r`` and ``2 * n_ranks - 1 - r``. Returns ``n_ranks`` arrays of ``padded / n_ranks``
+    indices.
+    """
+    n_chunks = 2 * n_ranks
+    padded = -(-length // (n_chunks * pad_multiple)) * n_chunks * pad_multiple
+    index = np.arange(padded)
+    index[length:] = -1
+    chunks = index.reshape(n_chunks, padded // n_chunks)
+    return [np.concatenate([chunks[r], chunks[n_chunks - 1 - r]]) for r in range(n_ranks)]
+
+
+def balanced_layout(lengths: Sequence[int], n_ranks: int,
+                    start_positions: Optional[Sequence[int]] = None,
+                    segment_ids: Optional[Sequence[int]] = None,
+                    pad_multiple: int = 1) -> Layout:
+    """Layout of a packed row holding sequences of ``lengths`` (in that order).
+
+    Args:
+      lengths: token count of each packed sequence (each >= 1).
+      n_ranks: context-parallel size N.
+      start_positions: global position of each sequence's first token (default 0; a follow-up
+        turn starts after its cached prefix).
+      segment_ids: segment id of each sequence (default 0, 1, 2, ...).
+      pad_multiple: pad each sequence to a multiple of ``2 * n_ranks * pad_multiple`` tokens
+        (bucketing, so that few distinct shapes are compiled).
+    """
+    lengths = [int(n) for n in lengths]
+    require(n_ranks >= 1, f"n_ranks={n_ranks}: must be >= 1")
+    require(len(lengths) >= 1 and all(n >= 1 for n in lengths),
+            f"lengths={lengths}: need at least one sequence, each with >= 1 token")
+    starts = [0] * len(lengths) if start_positions is None else list(start_positions)
+    segs = list(range(len(lengths))) if segment_ids is None else list(segment_ids)
+    require(len(starts) == len(lengths) and len(segs) == len(lengths),
+            "start_positions and segment_ids need one entry per sequence")
+    require(all(s >= 0 for s in segs), f"segment_ids={segs}: must be >= 0 (-1 is padding)")
+
+    offsets = np.cumsum([0] + lengths[:-1])
+    per_rank_source = [[] for _ in range(n_ranks)]
+    per_rank_pos = [[] for _ in range(n_ranks)]
+    per_rank_seg = [[] for _ in range(n_ranks)]
+    for length, offset, start, seg in zip(lengths, offsets, starts, segs):
+        for r, local in enumerate(balanced_chunks(length, n_ranks, pad_multiple)):
+            real = local >= 0
+            per_rank_source[r].append(np.where(real, local + offset, -1))
+            per_rank_pos[r].append(np.where(real, local + start, 0))
+            per_rank_seg[r].append(np.where(real, seg, PAD_SEGMENT))
+    flat = lambda parts: np.concatenate([np.concatenate(p) for p in parts])  # noqa: E731
+    source = flat(per_rank_source)
+    return Layout(source=source.astype(np.int64), positions=flat(per_rank_pos).astype(np.int32),
+                  segments=flat(per_rank_seg).astype(np.int32), n_ranks=n_ranks,
+                  local_len=source.size // n_ranks, total=int(sum(lengths)))
+
+
+def causal_work_per_rank(layout: Layout) -> np.ndarray:
+    """``[n_ranks]`` number of visible (query, key) pairs each rank's queries have in total."""
+    pos = layout.positions.reshape(layout.n_ranks, layout.local_len)
+    seg = layout.segments.reshape(layout.n_ranks, layout.local_len)
+    work = np.zeros(layout.n_ranks, np.int64)
+    for r in range(layout.n_ranks):
+        for s in np.unique(seg[r][seg[r] >= 0]):
+            q = pos[r][seg[r] == s]
+            k = np.sort(layout.positions[layout.segments == s])
+            work[r] += np.searchsorted(k, q, side="right").sum()
+    return work

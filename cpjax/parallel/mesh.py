@@ -1,0 +1,43 @@
+"""Device meshes with a ``context`` axis (sequence sharding) and a ``tensor`` axis (heads/FFN)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from jax.sharding import Mesh
+
+from cpjax.errors import require
+
+CONTEXT = "context"
+TENSOR = "tensor"
+
+
+def use_fake_cpu_devices(count: int) -> None:
+    """Ask XLA for ``count`` host (CPU) devices. Must run before jax initialises its backend."""
+    require(count >= 1, f"fake device count {count}: must be >= 1")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags.append(f"--xla_force_host_platform_device_count={count}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def make_mesh(context: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """A ``(context, tensor)`` mesh over the first ``context * tensor`` devices.
+
+    The ``tensor`` axis is the fast (innermost) one, as TP inside a node and CP across nodes.
+    Axis types are Auto: cpjax places data with explicit ``NamedSharding``s and ``shard_map``.
+    """
+    require(isinstance(context, int) and context >= 1, f"context={context!r}: must be an int >= 1")
+    require(isinstance(tensor, int) and tensor >= 1, f"tensor={tensor!r}: must be an int >= 1")
+    devices = jax.devices() if devices is None else list(devices)
+    need = context * tensor
+    require(need <= len(devices),
+            f"mesh context={context} x tensor={tensor} needs {need} devices, but only "
+            f"{len(devices)} are available (on CPU, simulate more with --fake-devices {need})")
+    require(len(devices) % need == 0,
+            f"mesh context={context} x tensor={tensor} = {need} devices does not divide the "
+            f"{len(devices)} available devices")
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh((context, tensor), (CONTEXT, TENSOR), axis_types=auto,
+                         devices=devices[:need])

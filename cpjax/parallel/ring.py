@@ -1,0 +1,112 @@
+"""Context-parallel attention strategies, run per rank inside ``shard_map`` (paper §3-4).
+
+Each strategy turns a single-device ``attend`` into one with the same contract that works on
+the local shard of a sequence sharded over the ``context`` axis:
+
+* ``pass_kv`` — queries stay; the K/V block (with its positions and segments) travels around the
+  ring with ``ppermute``; N partial attentions merge by log-sum-exp locally. The next block's
+  ``ppermute`` is issued before the current block's attention so XLA can overlap them.
+* ``pass_q`` — K/V stay; the query block travels; at the end one ``all_to_all`` returns each
+  partial (out, lse) to the rank that owns those queries, which merges them.
+* ``all_gather`` — gather all K/V once, then one local attention (the baseline).
+
+Only KV heads travel (GQA heads are never repeated). Partials are merged in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from cpjax.attention.merge import merge
+from cpjax.errors import CpjaxError
+
+STRATEGIES = ("pass_kv", "pass_q", "all_gather")
+
+
+def _ring_shift(tree, axis: str, n: int):
+    """Send every array of ``tree`` from rank i to rank (i + 1) mod n."""
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), tree)
+
+
+def pass_kv(attend: Callable, axis: str, n: int, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    """Ring pass-KV: at step j rank r holds the K/V of rank (r - j) mod n.
+
+    Args: local shards, ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]``, positions/segments ``[T*]``.
+    Returns: ``(out [Tq, Hq, D] in q.dtype, lse [Tq, Hq] float32)`` over all ranks' keys.
+    """
+    block = (k, v, kv_pos, kv_seg)
+    out = lse = None
+    for step in range(n):
+        following = _ring_shift(block, axis, n) if step < n - 1 else None
+        part_out, part_lse = attend(q, block[0], block[1], q_pos, block[2], q_seg, block[3])
+        if out is None:
+            out, lse = part_out.astype(jnp.float32), part_lse
+        else:
+            out, lse = merge(out, lse, part_out, part_lse)
+        block = following
+    return out.astype(q.dtype), lse
+
+
+def merge_stacked(outs, lses):
+    """Merge ``n`` partials stacked on axis 0: ``outs [n, Tq, H, D]``, ``lses [n, Tq, H]``."""
+    lses = lses.astype(jnp.float32)
+    top = jnp.max(lses, axis=0)
+    safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = jnp.where(jnp.isfinite(lses), jnp.exp(lses - safe_top), 0.0)   # [n, Tq, H]
+    total = weights.sum(axis=0)
+    seen = total > 0
+    out = jnp.einsum("ntq,ntqd->tqd", weights, outs.astype(jnp.float32))
+    out = jnp.where(seen[..., None], out / jnp.where(seen, total, 1.0)[..., None], 0.0)
+    lse = jnp.where(seen, safe_top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+    return out, lse
+
+
+def pass_q(attend: Callable, axis: str, n: int, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    """Ring pass-Q: at step j rank r holds the queries of rank (r - j) mod n.
+
+    After the ring, rank r holds partials of every origin's queries against its own K/V; one
+    ``all_to_all`` sends each to its origin, which merges the n partials of its queries.
+    Same arguments and result as :func:`pass_kv`.
+    """
+    travelling = (q, q_pos, q_seg)
+    outs, lses = [], []
+    for step in range(n):
+        following = _ring_shift(travelling, axis, n) if step < n - 1 else None
+        part_out, part_lse = attend(travelling[0], k, v, travelling[1], kv_pos, travelling[2],
+                                    kv_seg)
+        outs.append(part_out)
+        lses.append(part_lse)
+        travelling = following
+    rank = jax.lax.axis_index(axis)
+    # Step j produced the partial for origin (rank - j) mod n; order them by destination.
+    by_step_out, by_step_lse = jnp.stack(outs), jnp.stack(lses)
+    step_of_dest = (rank - jnp.arange(n)) % n
+    send_out = jnp.take(by_step_out, step_of_dest, axis=0)
+    send_lse = jnp.take(by_step_lse, step_of_dest, axis=0)
+    # Afterwards row s holds my queries' partial against the K/V of rank s.
+    recv_out = jax.lax.all_to_all(send_out, axis, split_axis=0, concat_axis=0, tiled=True)
+    recv_lse = jax.lax.all_to_all(send_lse, axis, split_axis=0, concat_axis=0, tiled=True)
+    out, lse = merge_stacked(recv_out, recv_lse)
+    return out.astype(q.dtype), lse
+
+
+def all_gather(attend: Callable, axis: str, n: int, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    """Gather every rank's K/V (with positions and segments), then one local attention."""
+    gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=0, tiled=True)
+    return attend(q, gather(k), gather(v), q_pos, gather(kv_pos), q_seg, gather(kv_seg))
+
+
+def context_parallel_attend(strategy: str, attend: Callable, axis: str, n: int) -> Callable:
+    """An ``attend`` for local shards inside ``shard_map`` over ``axis`` of size ``n``."""
+    table = {"pass_kv": pass_kv, "pass_q": pass_q, "all_gather": all_gather}
+    if strategy not in table:
+        raise CpjaxError(f"unknown context-parallel strategy {strategy!r}: choose one of "
+                         f"{', '.join(STRATEGIES)}")
+    if n == 1:
+        return attend
+    return functools.partial(table[strategy], attend, axis, n)
