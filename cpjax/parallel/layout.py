@@ -66,14 +66,17 @@ class Layout(NamedTuple):
 def balanced_chunks(length: int, n_ranks: int, pad_multiple: int = 1) -> list[np.ndarray]:
     """For one sequence: per rank, the indices (``-1`` = padding) it holds, in order.
 
-    The sequence is padded to a multiple of ``2 * n_ranks * pad_multiple``; rank ``r`` gets
+    The sequence is left-padded to a multiple of ``2 * n_ranks * pad_multiple``; rank ``r`` gets
     chunks ``r`` and ``2 * n_ranks - 1 - r``. Returns ``n_ranks`` arrays of ``padded / n_ranks``
     indices.
     """
     n_chunks = 2 * n_ranks
     padded = -(-length // (n_chunks * pad_multiple)) * n_chunks * pad_multiple
-    index = np.arange(padded)
-    index[length:] = -1
+    # Padding goes to the front (of chunk 0): it then lowers the causal work of every chunk by
+    # the same amount, so the ranks stay balanced; trailing padding would all fall on rank 0's
+    # heavy chunk.
+    index = np.arange(padded) - (padded - length)
+    index[index < 0] = -1
     chunks = index.reshape(n_chunks, padded // n_chunks)
     return [np.concatenate([chunks[r], chunks[n_chunks - 1 - r]]) for r in range(n_ranks)]
 

@@ -1,0 +1,3 @@
+from cpjax.cli import main
+
+main()

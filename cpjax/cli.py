@@ -1,0 +1,189 @@
+"""Command line: ``python -m cpjax generate|score``.
+
+The flags are a stable contract (later features extend them, never break them). jax is imported
+only after the arguments are parsed, because ``--fake-devices`` and ``--platform`` must be set in
+the environment before jax starts. A user mistake prints one line ``error: ...`` and exits with
+status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+STRATEGIES = ("pass_kv", "pass_q", "all_gather", "auto")
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--model", default="smollm2-135m",
+                   help="preset name (smollm2-135m, tiny, ...), a .gguf file or a safetensors "
+                        "directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--platform", default=None, choices=("cpu", "gpu"),
+                   help="jax platform (default: jax's choice)")
+    p.add_argument("--fake-devices", type=int, default=None, metavar="K",
+                   help="simulate K CPU devices (sets the XLA host device count)")
+    p.add_argument("--attention-impl", default="auto", help="reference | blockwise | auto")
+    p.add_argument("--context", type=int, default=1, metavar="N",
+                   help="context-parallel mesh size")
+    p.add_argument("--tensor", type=int, default=1, metavar="M",
+                   help="tensor-parallel mesh size")
+    p.add_argument("--strategy", default="auto", choices=STRATEGIES,
+                   help="context-parallel attention strategy")
+    p.add_argument("--split-at", type=int, default=None, metavar="K",
+                   help="prefill [0, K) then partial-prefill the rest against the cache")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``python -m cpjax``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cpjax",
+        description="Context-parallel long-context LLM inference in JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = _common_flags()
+
+    gen = sub.add_parser("generate", parents=[common], help="generate text from a prompt")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-file", help="file holding the prompt text")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt as a user message in the model's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object (text, token_ids, timings) instead of streaming")
+
+    score = sub.add_parser("score", parents=[common],
+                           help="log-probabilities of each token given its prefix")
+    inputs = score.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--ids-file", help=".npy file of int token ids")
+    inputs.add_argument("--text-file", help="text file, tokenized with the model's tokenizer")
+    score.add_argument("--out", required=True, help="output .npy (float32, length T-1)")
+    return parser
+
+
+def _configure_jax_environment(args) -> None:
+    """Set the environment that must exist before jax is imported."""
+    if args.fake_devices is not None:
+        if args.fake_devices < 1:
+            _fail(f"--fake-devices={args.fake_devices}: must be >= 1")
+        flags = os.environ.get("XLA_FLAGS", "")
+        flags = " ".join(f for f in flags.split()
+                         if not f.startswith("--xla_force_host_platform_device_count"))
+        os.environ["XLA_FLAGS"] = (
+            f"{flags} --xla_force_host_platform_device_count={args.fake_devices}").strip()
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.platform is not None:
+        os.environ["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[args.platform]
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _check_parallel_flags(args) -> None:
+    from cpjax.errors import require
+    require(args.context >= 1, f"--context={args.context}: must be >= 1")
+    require(args.tensor >= 1, f"--tensor={args.tensor}: must be >= 1")
+    require(args.context == 1 and args.tensor == 1,
+            f"--context={args.context} --tensor={args.tensor}: context/tensor parallelism is "
+            f"not available in this version yet; use --context 1 --tensor 1")
+    require(args.split_at is None, "--split-at: partial prefill is not available yet")
+
+
+def _read_text(path: str, what: str) -> str:
+    from cpjax.errors import require
+    require(os.path.isfile(path), f"{what} {path!r}: no such file")
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def _run_generate(args, engine, tokenizer) -> None:
+    from cpjax.errors import require
+    prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file,
+                                                                    "--prompt-file")
+    require(prompt.strip() != "", "the prompt is empty")
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                               add_generation_prompt=True)
+    ids = tokenizer.encode(prompt)
+    require(args.max_new_tokens >= 0,
+            f"--max-new-tokens={args.max_new_tokens}: must be >= 0")
+    start = time.perf_counter()
+    new_ids: list[int] = []
+    printed = ""
+    first_token_time = None
+    for token in engine.generate_stream(ids, args.max_new_tokens, tokenizer.eos_ids):
+        if first_token_time is None:
+            first_token_time = time.perf_counter() - start
+        new_ids.append(token)
+        if not args.json:
+            text = tokenizer.decode(new_ids)
+            if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+    total = time.perf_counter() - start
+    text = tokenizer.decode(new_ids)
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": new_ids, "prompt_tokens": len(ids),
+                          "ttft_s": first_token_time, "total_s": total}))
+    else:
+        sys.stdout.write(text[len(printed):] + "\n")
+        decode_tokens = max(len(new_ids) - 1, 0)
+        rate = decode_tokens / (total - first_token_time) if decode_tokens else 0.0
+        print(f"[{len(ids)} prompt tokens, {len(new_ids)} new; TTFT "
+              f"{(first_token_time or 0):.2f} s, decode {rate:.1f} tok/s]", file=sys.stderr)
+
+
+def _run_score(args, engine, tokenizer) -> None:
+    import numpy as np
+
+    from cpjax.errors import require
+    from cpjax.io import save_npy
+    if args.ids_file is not None:
+        require(os.path.isfile(args.ids_file), f"--ids-file {args.ids_file!r}: no such file")
+        try:
+            ids = np.load(args.ids_file, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            _fail(f"--ids-file {args.ids_file!r}: not a readable .npy file ({exc})")
+    else:
+        ids = np.asarray(tokenizer.encode(_read_text(args.text_file, "--text-file")), np.int32)
+    logprobs = engine.score(ids)
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    require(os.path.isdir(out_dir), f"--out {args.out!r}: directory {out_dir!r} does not exist")
+    save_npy(args.out, logprobs)
+    print(json.dumps({"tokens": int(ids.size), "out": args.out,
+                      "mean_logprob": float(logprobs.mean())}))
+
+
+def main(argv=None) -> None:
+    """Entry point of ``python -m cpjax``."""
+    args = build_parser().parse_args(argv)
+    _configure_jax_environment(args)
+
+    from cpjax.errors import CpjaxError
+    try:
+        import jax.numpy as jnp
+
+        from cpjax.engine import Engine
+        from cpjax.loaders import load_model
+        _check_parallel_flags(args)
+        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+        config, params, tokenizer = load_model(args.model)
+        engine = Engine(config, params, dtype=dtype, attention=args.attention_impl)
+        if args.command == "generate":
+            _run_generate(args, engine, tokenizer)
+        else:
+            _run_score(args, engine, tokenizer)
+    except CpjaxError as exc:
+        _fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()

