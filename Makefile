@@ -30,7 +30,7 @@ install: $(VENV)/.runtime-installed
 install-test: $(VENV)/.test-installed
 
 demo: install
-	$(PY) -m cpjax generate --chat --prompt "$(DEMO_QUESTION)" --max-new-tokens 48
+	$(PY) -m cpjax generate --fake-devices 8 --context 8 --chat --prompt "$(DEMO_QUESTION)" --max-new-tokens 48
 
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)

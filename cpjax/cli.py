@@ -86,14 +86,25 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
-def _check_parallel_flags(args) -> None:
+def _make_engine(args, config, params):
+    """Single-device ``Engine``, or a ``ContextParallelEngine`` when a mesh is asked for."""
+    import jax.numpy as jnp
+
+    from cpjax.engine import Engine
     from cpjax.errors import require
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     require(args.context >= 1, f"--context={args.context}: must be >= 1")
     require(args.tensor >= 1, f"--tensor={args.tensor}: must be >= 1")
-    require(args.context == 1 and args.tensor == 1,
-            f"--context={args.context} --tensor={args.tensor}: context/tensor parallelism is "
-            f"not available in this version yet; use --context 1 --tensor 1")
     require(args.split_at is None, "--split-at: partial prefill is not available yet")
+    if args.context == 1 and args.tensor == 1:
+        return Engine(config, params, dtype=dtype, attention=args.attention_impl)
+    from cpjax.engine.context_parallel import ContextParallelEngine
+    from cpjax.parallel.mesh import make_mesh
+    # "auto" picks pass-KV until the pass-KV/pass-Q heuristic lands: full prefill (no cached
+    # tokens) always favours pass-KV for GQA models (paper Eq. 1).
+    strategy = "pass_kv" if args.strategy == "auto" else args.strategy
+    return ContextParallelEngine(config, params, dtype=dtype, attention=args.attention_impl,
+                                 mesh=make_mesh(args.context, args.tensor), strategy=strategy)
 
 
 def _read_text(path: str, what: str) -> str:
@@ -169,14 +180,9 @@ def main(argv=None) -> None:
 
     from cpjax.errors import CpjaxError
     try:
-        import jax.numpy as jnp
-
-        from cpjax.engine import Engine
         from cpjax.loaders import load_model
-        _check_parallel_flags(args)
-        dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
         config, params, tokenizer = load_model(args.model)
-        engine = Engine(config, params, dtype=dtype, attention=args.attention_impl)
+        engine = _make_engine(args, config, params)
         if args.command == "generate":
             _run_generate(args, engine, tokenizer)
         else:

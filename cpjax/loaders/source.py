@@ -9,6 +9,7 @@ Other presets describe shapes only (no weights ship for them).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -34,7 +35,7 @@ def load_model(name_or_path: str, seed: int = 0):
     if name_or_path == "smollm2-135m":
         path = embedded_gguf_path()
         config, params = load_gguf(path, np.float32)
-        return config, params, Tokenizer.from_gguf(path)
+        return dataclasses.replace(config, name=name_or_path), params, Tokenizer.from_gguf(path)
     if name_or_path in PRESETS:
         raise CpjaxError(f"model preset {name_or_path!r} has no embedded weights (only "
                          f"'smollm2-135m' and 'tiny' do); pass --model with the path of a "
