@@ -140,7 +140,8 @@ def save_safetensors(directory, config: ModelConfig, params) -> None:
     tensors = {"model.embed_tokens.weight": np.asarray(params["embed"], np.float32),
                "model.norm.weight": np.asarray(params["final_norm"], np.float32)}
     if not c.tie_embeddings:
-        tensors["lm_head.weight"] = np.asarray(params["lm_head"], np.float32).T
+        tensors["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"],
+                                                                    np.float32).T)
     for key, module in _LAYER_KEYS.items():
         stacked = np.asarray(params["layers"][key], np.float32)
         for i in range(c.n_layers):

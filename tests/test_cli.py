@@ -1,0 +1,84 @@
+"""The command line: outputs, and one-line errors with exit status 2 for user mistakes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cpjax.config import PRESETS
+from cpjax.engine import Engine
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "cpjax", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_generate_json_on_tiny():
+    result = run_cli("generate", "--model", "tiny", "--prompt", "hello", "--max-new-tokens", "6",
+                     "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert len(out["token_ids"]) == 6 and isinstance(out["text"], str)
+
+
+@pytest.mark.parametrize("mesh", [[], ["--fake-devices", "8", "--context", "4", "--tensor", "2",
+                                       "--strategy", "pass_q"]])
+def test_score_writes_the_log_probabilities(tmp_path, tiny_params, mesh):
+    ids = np.random.default_rng(0).integers(0, 256, 50).astype(np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+    result = run_cli("score", "--model", "tiny", "--ids-file", str(tmp_path / "ids.npy"),
+                     "--out", str(tmp_path / "lp.npy"), *mesh)
+    assert result.returncode == 0, result.stderr
+    lp = np.load(tmp_path / "lp.npy")
+    assert lp.shape == (49,) and lp.dtype == np.float32
+    np.testing.assert_allclose(lp, Engine(PRESETS["tiny"], tiny_params).score(ids), atol=1e-5)
+
+
+def _bad_inputs(tmp_path):
+    np.save(tmp_path / "neg.npy", np.array([1, -2, 3], np.int32))
+    np.save(tmp_path / "big.npy", np.array([1, 999], np.int32))
+    np.save(tmp_path / "float.npy", np.array([1.0, 2.5]))
+    (tmp_path / "long.txt").write_text("x" * 17000)
+    (tmp_path / "empty.txt").write_text("   \n")
+    gen = ["generate", "--model", "tiny"]
+    score = ["score", "--model", "tiny", "--out", str(tmp_path / "o.npy")]
+    return [
+        (["generate", "--model", "nosuch", "--prompt", "x"], "unknown model preset 'nosuch'"),
+        (["generate", "--model", str(tmp_path / "m.gguf"), "--prompt", "x"], "does not exist"),
+        (gen + ["--prompt-file", str(tmp_path / "nofile.txt")], "no such file"),
+        (gen + ["--prompt-file", str(tmp_path / "empty.txt")], "the prompt is empty"),
+        (gen + ["--prompt", "x", "--max-new-tokens", "-1"], "--max-new-tokens=-1: must be >= 0"),
+        (gen + ["--prompt-file", str(tmp_path / "long.txt")], "context window of 16384"),
+        (gen + ["--prompt", "x", "--chat"], "no chat template"),
+        (score + ["--ids-file", str(tmp_path / "neg.npy")], "token id -2 at index 1"),
+        (score + ["--ids-file", str(tmp_path / "big.npy")], "token id 999 at index 1 is outside"),
+        (score + ["--ids-file", str(tmp_path / "float.npy")], "must be integers"),
+        (gen + ["--prompt", "x", "--fake-devices", "8", "--context", "3"],
+         "does not divide the 8 available devices"),
+        (gen + ["--prompt", "x", "--fake-devices", "8", "--context", "2", "--tensor", "4"],
+         "tensor=4 does not divide n_kv_heads=2"),
+    ]
+
+
+def test_user_mistakes_are_one_line_errors_with_status_2(tmp_path):
+    for args, message in _bad_inputs(tmp_path):
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = [l for l in result.stderr.splitlines() if l.strip()]
+        assert lines[-1].startswith("error: ") and message in lines[-1], (args, result.stderr)
+        assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_non_llama_gguf_is_rejected(tmp_path, tiny_params):
+    from tests.test_loaders import _write_tiny_gguf
+    _write_tiny_gguf(tmp_path / "gpt2.gguf", tiny_params, arch="gpt2", quantize_ffn=False)
+    result = run_cli("generate", "--model", str(tmp_path / "gpt2.gguf"), "--prompt", "x")
+    assert result.returncode == 2 and "architecture is 'gpt2'" in result.stderr
