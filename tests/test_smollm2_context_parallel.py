@@ -22,7 +22,7 @@ def smollm2():
 
 @pytest.fixture(scope="module")
 def long_ids(smollm2):
-    ids = np.asarray(smollm2[2].encode(TEXT * 60), np.int32)[:3001]
+    ids = np.asarray(smollm2[2].encode(TEXT * 70), np.int32)[:3001]
     assert ids.size == 3001
     return ids
 
