@@ -91,3 +91,11 @@ def test_cache_overflow_is_a_clear_error(engine):
     cache = engine.new_cache(32)
     with pytest.raises(CpjaxError, match="KV cache overflow.*capacity of 32"):
         engine.prefill(np.arange(40, dtype=np.int32), cache)
+
+
+def test_long_prompt_prefilled_in_chunks_gives_the_same_tokens(engine, monkeypatch):
+    import cpjax.engine.engine as engine_module
+    prompt = np.random.default_rng(5).integers(0, CFG.vocab_size, 70).astype(np.int32)
+    whole = engine.generate(prompt, 8)
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 16)   # 5 chunks, the last one short
+    assert engine.generate(prompt, 8) == whole

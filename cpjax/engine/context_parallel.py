@@ -159,6 +159,10 @@ class ContextParallelEngine(Engine):
         lp = self._cp_score(self.sharded_params, *args)
         return layout.unshard(np.asarray(lp, np.float32))
 
+    def prefill_prompt(self, ids, cache: KVCache):
+        """One context-parallel prefill of the whole prompt (the mesh bounds the memory)."""
+        return self.prefill(ids, cache)
+
     def prefill(self, ids, cache: KVCache, start_position: int = 0):
         ids = validate_token_ids(ids, self.config.vocab_size)
         require(int(cache.fill) == 0,

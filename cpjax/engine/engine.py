@@ -14,6 +14,7 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from cpjax.attention import get_attend
 from cpjax.config import ModelConfig
@@ -23,6 +24,7 @@ from cpjax.errors import CpjaxError, require
 from cpjax.model.llama import Llama
 
 SCORE_CHUNK = 256  # tokens per chunk when turning hidden states into log-probabilities
+PREFILL_CHUNK = 2048  # a long prompt is prefilled in chunks of this many tokens, with progress
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -179,6 +181,19 @@ class Engine:
         segments = _pad(np.zeros(ids.size, np.int32), padded, kv_cache.EMPTY_SEGMENT)
         return self._prefill(self.params, tokens, positions, segments, cache, ids.size)
 
+    def prefill_prompt(self, ids, cache: KVCache):
+        """Prefill a whole prompt from position 0; long prompts go in chunks with a progress bar.
+
+        Each chunk is a prefill against the cache filled by the previous ones (exact: masks come
+        from positions), so memory stays bounded by the chunk size.
+        """
+        starts = range(0, len(ids), PREFILL_CHUNK)
+        for start in tqdm(starts, desc="prefill", unit="chunk", disable=len(starts) == 1,
+                          leave=False):
+            logits, cache = self.prefill(ids[start:start + PREFILL_CHUNK], cache,
+                                         start_position=start)
+        return logits, cache
+
     def generate_stream(self, prompt_ids, max_new_tokens: int,
                         stop_ids: Iterable[int] = ()) -> Iterator[int]:
         """Greedy generation: yields new token ids one by one, stopping after a stop id."""
@@ -190,7 +205,7 @@ class Engine:
             return
         stop = set(int(s) for s in stop_ids)
         capacity = round_up(self.prefill_slots(ids.size) + max_new_tokens, 256)
-        logits, cache = self.prefill(ids, self.new_cache(capacity))
+        logits, cache = self.prefill_prompt(ids, self.new_cache(capacity))
         token = jnp.argmax(logits).astype(jnp.int32)
         position = ids.size
         for step in range(max_new_tokens):
