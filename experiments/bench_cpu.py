@@ -121,7 +121,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 6144])
     parser.add_argument("--decode-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_cpu.json"))
     parser.add_argument("--figure", default=os.path.join(HERE, "figures", "bench_cpu.png"))
     args = parser.parse_args(argv)
