@@ -1,147 +1,215 @@
 """GGUF (llama.cpp) Llama checkpoints to cpjax's parameter pytree.
 
-Tensors are dequantized with the ``gguf`` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K,
-Q6_K and the other types it supports). llama.cpp stores the Q and K projections with rows
-permuted for its interleaved RoPE; they are permuted back to the HF "rotate_half" convention
-that ``cpjax.model.llama.apply_rope`` uses.
+Tensors are dequantized with the ``gguf`` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_x,
+K-quants, IQ-quants ...) into the natural row-major ``[out, in]`` layout (``GGUFReader`` lists
+shapes fastest-dimension first; the dequantized array is the reverse). They are then mapped onto
+HF tensor names and converted by :func:`cpjax.loaders.safetensors.params_from_hf`.
+
+llama.cpp's converter permutes the rows of the Q and K projections for its interleaved RoPE
+(pairs ``2i, 2i+1``); :func:`unpermute_rope_rows` restores HF's ``rotate_half`` order (pairs
+``i, i + Dh/2``) that cpjax uses. Llama-3.1-style frequency scaling, which llama.cpp stores as
+the per-frequency ``rope_freqs.weight`` tensor, is turned back into a :class:`RopeScaling`.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 
+import gguf
 import numpy as np
 from tqdm.auto import tqdm
 
 from cpjax.config import ModelConfig, RopeScaling
 from cpjax.errors import CpjaxError, require
 from cpjax.loaders.gguf_reader import field, open_gguf
+from cpjax.loaders.safetensors import (LAYER_TENSORS, TOP_TENSORS, Params, check_tensor_names,
+                                       hf_tensor_names, params_from_hf, require_shape)
+
+#: HF name -> llama.cpp name, for the top-level tensors and those inside ``model.layers.{i}``.
+_GGUF_TOP = dict(zip(TOP_TENSORS.values(), ("token_embd.weight", "output_norm.weight",
+                                             "output.weight")))
+_GGUF_LAYER = dict(zip(LAYER_TENSORS.values(), (
+    "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
+    "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")))
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def gguf_tensor_name(hf_name: str) -> str:
+    """llama.cpp's name for an HF tensor name (``model.layers.3.mlp.up_proj.weight`` ->
+    ``blk.3.ffn_up.weight``)."""
+    if hf_name in _GGUF_TOP:
+        return _GGUF_TOP[hf_name]
+    _, _, layer, rest = hf_name.split(".", 3)
+    return f"blk.{layer}.{_GGUF_LAYER[rest]}"
 
 
 def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation of an ``[out, in]`` projection (``out = H * Dh``).
 
-    llama.cpp's converter applies ``w.reshape(H, 2, Dh/2, in).swapaxes(1, 2)``; this is its
-    inverse.
+    llama.cpp's converter applies ``w.reshape(H, 2, Dh/2, in).swapaxes(1, 2).reshape(out, in)``
+    (rotate_half pairs -> adjacent pairs); this is its inverse.
     """
     rows, cols = weight.shape
     return (weight.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2)
             .reshape(rows, cols))
 
 
-def read_gguf_config(reader, name: str) -> ModelConfig:
-    """``ModelConfig`` from the metadata of an open GGUF reader."""
-    arch = field(reader, "general.architecture")
-    require(arch == "llama", f"model {name!r}: GGUF architecture is {arch!r}; cpjax supports "
-                             f"'llama' (Llama-architecture models)")
-    get = lambda key, default=None: field(reader, f"llama.{key}", default)  # noqa: E731
-    tensor_names = {t.name for t in reader.tensors}
-    require("token_embd.weight" in tensor_names,
-            f"model {name!r}: GGUF file has no tensor 'token_embd.weight'")
-    embed = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    n_heads = int(get("attention.head_count"))
-    dim = int(get("embedding_length"))
-    scaling = None
-    if get("rope.scaling.type") == "llama3" or get("rope.scaling.factor") is not None:
-        scaling = RopeScaling(
-            factor=float(get("rope.scaling.factor", 8.0)),
-            low_freq_factor=float(get("rope.scaling.low_freq_factor", 1.0)),
-            high_freq_factor=float(get("rope.scaling.high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(
-                get("rope.scaling.original_context_length", 8192)))
-    eos = field(reader, "tokenizer.ggml.eos_token_id")
-    eot = field(reader, "tokenizer.ggml.eot_token_id")
-    bos = field(reader, "tokenizer.ggml.bos_token_id")
-    return ModelConfig(
-        name=name,
-        vocab_size=int(embed.shape[1]),
-        dim=dim,
-        n_layers=int(get("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(get("attention.head_count_kv", n_heads)),
-        head_dim=int(get("attention.key_length", dim // n_heads)),
-        ffn_dim=int(get("feed_forward_length")),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
-        max_seq_len=int(get("context_length", 8192)),
-        tie_embeddings="output.weight" not in tensor_names,
-        bos_id=None if bos is None else int(bos),
-        eos_ids=tuple(int(t) for t in (eos, eot) if t is not None),
-    )
+def llama3_rope_factors(scaling: RopeScaling, head_dim: int, theta: float) -> np.ndarray:
+    """``[Dh/2]`` divisors of the RoPE frequencies under Llama-3 scaling (llama.cpp's
+    ``rope_freqs``; HF's ``_compute_llama3_parameters`` divides by the same numbers)."""
+    s = scaling
+    inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+              / (s.high_freq_factor - s.low_freq_factor))
+    with np.errstate(divide="ignore"):
+        medium = 1 / ((1 - smooth) / s.factor + smooth)
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    return np.where(wavelen < high_wavelen, 1.0,
+                    np.where(wavelen > low_wavelen, s.factor, medium))
 
 
-def _dequantize(tensor, name: str) -> np.ndarray:
-    from gguf import GGMLQuantizationType, quants
+def fit_llama3_scaling(factors: np.ndarray, head_dim: int, theta: float,
+                       where: str) -> RopeScaling | None:
+    """The :class:`RopeScaling` whose :func:`llama3_rope_factors` are ``factors [Dh/2]``.
 
-    qtype = GGMLQuantizationType(tensor.tensor_type)
-    try:
-        data = quants.dequantize(tensor.data, qtype)
-    except NotImplementedError:
-        raise CpjaxError(f"model {name!r}: tensor {tensor.name!r} uses quantization "
-                         f"{qtype.name}, which the gguf package cannot dequantize") from None
-    shape = tuple(int(d) for d in reversed(tensor.shape))   # ggml lists dims fastest-first
-    return np.asarray(data, np.float32).reshape(shape)
-
-
-def load_gguf(path, dtype=np.float32):
-    """Read a Llama GGUF file.
-
-    Returns ``(ModelConfig, params)`` with params in the layout of ``cpjax.model.llama``
-    (numpy arrays of ``dtype``).
+    Only the two wavelength thresholds ``original / low_freq_factor`` and ``original /
+    high_freq_factor`` are observable, so ``low_freq_factor`` is taken as 1 (Llama 3.x's value)
+    and the rest is fitted to the smoothly interpolated frequencies; with fewer than two of
+    those, Llama 3.1's ``high_freq_factor=4, original=8192`` are assumed. The fit is checked.
     """
-    reader = open_gguf(path)
-    name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-    config = read_gguf_config(reader, name)
+    factors = np.asarray(factors, np.float64)
+    if np.allclose(factors, 1.0):
+        return None
+    factor = float(factors.max())
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    medium = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
+    scaling = RopeScaling(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192)
+    if medium.sum() >= 2:
+        # smooth = (original / wavelen - 1) / (high - 1) is linear in 1 / wavelen.
+        smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelen[medium], smooth, 1)
+        high = 1 - 1 / intercept
+        scaling = RopeScaling(factor=factor, low_freq_factor=1.0,
+                              high_freq_factor=round(float(high), 4),
+                              original_max_position_embeddings=int(round(slope * (high - 1))))
+    require(np.allclose(llama3_rope_factors(scaling, head_dim, theta), factors, rtol=1e-3),
+            f"{where}: tensor {ROPE_FREQS!r} does not follow Llama-3 RoPE frequency scaling "
+            f"(the only RoPE scaling cpjax supports)")
+    return scaling
+
+
+def _float32(value) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not
+    9.999999747378752e-06); identical once cast back to float32."""
+    return float(np.format_float_positional(np.float32(value), unique=True, trim="0"))
+
+
+def _required(reader: gguf.GGUFReader, key: str, where: str):
+    value = field(reader, key)
+    require(value is not None, f"{where}: GGUF metadata key {key!r} is missing")
+    return value
+
+
+def _dequantize(tensor, where: str) -> np.ndarray:
+    """A GGUF tensor as a float32 array of its natural (row-major, ``[out, in]``) shape."""
+    try:
+        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError:
+        raise CpjaxError(f"{where}: tensor {tensor.name!r} has quantization type "
+                         f"{tensor.tensor_type.name}, which cpjax (the gguf package) cannot "
+                         f"dequantize") from None
+    require_shape(data, tuple(int(d) for d in reversed(tensor.shape)),
+                  f"{where}: dequantized tensor {tensor.name!r}")
+    return np.asarray(data, np.float32)
+
+
+def _rope_scaling(reader: gguf.GGUFReader, tensors: dict, head_dim: int, theta: float,
+                  where: str) -> RopeScaling | None:
+    kind = field(reader, "llama.rope.scaling.type", "none")
+    factor = field(reader, "llama.rope.scaling.factor", 1.0)
+    require(kind == "none" or factor == 1.0,
+            f"{where}: rope scaling type {kind!r} (factor {factor}) is not supported (cpjax "
+            f"supports plain RoPE and Llama-3 frequency scaling)")
+    if ROPE_FREQS not in tensors:
+        return None
+    factors = _dequantize(tensors[ROPE_FREQS], where)
+    require_shape(factors, (head_dim // 2,), f"{where}: tensor {ROPE_FREQS!r}")
+    return fit_llama3_scaling(factors, head_dim, theta, where)
+
+
+def _config(reader: gguf.GGUFReader, path: str) -> ModelConfig:
+    """``ModelConfig`` from the ``llama.*`` and ``tokenizer.ggml.*`` metadata of an open file."""
+    where = f"model file {path!r}"
+    arch = field(reader, "general.architecture")
+    require(arch == "llama", f"{where}: GGUF architecture is {arch!r}; cpjax supports 'llama' "
+                             f"(Llama-architecture models)")
     tensors = {t.name: t for t in reader.tensors}
-
-    def get(tensor_name: str) -> np.ndarray:
-        require(tensor_name in tensors,
-                f"model {name!r}: GGUF file has no tensor {tensor_name!r}")
-        return _dequantize(tensors[tensor_name], name)
-
-    c = config
-    layers = {k: [] for k in ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up",
-                              "w_down")}
-    for i in tqdm(range(c.n_layers), desc=f"loading {name}", unit="layer", leave=False):
-        p = f"blk.{i}."
-        wq = unpermute_rope_rows(get(p + "attn_q.weight"), c.n_heads)
-        wk = unpermute_rope_rows(get(p + "attn_k.weight"), c.n_kv_heads)
-        layers["attn_norm"].append(get(p + "attn_norm.weight"))
-        layers["wq"].append(wq.T.reshape(c.dim, c.n_heads, c.head_dim))
-        layers["wk"].append(wk.T.reshape(c.dim, c.n_kv_heads, c.head_dim))
-        layers["wv"].append(get(p + "attn_v.weight").T.reshape(c.dim, c.n_kv_heads, c.head_dim))
-        layers["wo"].append(get(p + "attn_output.weight").T.reshape(c.n_heads, c.head_dim,
-                                                                     c.dim))
-        layers["mlp_norm"].append(get(p + "ffn_norm.weight"))
-        layers["w_gate"].append(get(p + "ffn_gate.weight").T)
-        layers["w_up"].append(get(p + "ffn_up.weight").T)
-        layers["w_down"].append(get(p + "ffn_down.weight").T)
-    params = {
-        "embed": get("token_embd.weight"),
-        "final_norm": get("output_norm.weight"),
-        "layers": {k: np.stack(v) for k, v in layers.items()},
-    }
-    if not c.tie_embeddings:
-        params["lm_head"] = get("output.weight").T
-    check_param_shapes(config, params)
-    cast = lambda x: np.ascontiguousarray(x, dtype=dtype)  # noqa: E731
-    return config, {k: ({kk: cast(vv) for kk, vv in v.items()} if isinstance(v, dict)
-                        else cast(v)) for k, v in params.items()}
+    embed = _GGUF_TOP[TOP_TENSORS["embed"]]
+    require(embed in tensors, f"{where}: tensor {embed!r} is missing")
+    n_heads = int(_required(reader, "llama.attention.head_count", where))
+    dim = int(_required(reader, "llama.embedding_length", where))
+    head_dim = int(field(reader, "llama.attention.key_length", dim // n_heads))
+    theta = _float32(field(reader, "llama.rope.freq_base", 10000.0))
+    bos = field(reader, "tokenizer.ggml.bos_token_id")
+    ends = (field(reader, "tokenizer.ggml.eos_token_id"),
+            field(reader, "tokenizer.ggml.eot_token_id"))
+    try:
+        return ModelConfig(
+            name=pathlib.Path(path).stem,
+            vocab_size=int(tensors[embed].shape[1]),   # ggml order: [D, V]
+            dim=dim,
+            n_layers=int(_required(reader, "llama.block_count", where)),
+            n_heads=n_heads,
+            n_kv_heads=int(field(reader, "llama.attention.head_count_kv", n_heads)),
+            head_dim=head_dim,
+            ffn_dim=int(_required(reader, "llama.feed_forward_length", where)),
+            norm_eps=_float32(field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=theta,
+            rope_scaling=_rope_scaling(reader, tensors, head_dim, theta, where),
+            max_seq_len=int(_required(reader, "llama.context_length", where)),
+            tie_embeddings=_GGUF_TOP[TOP_TENSORS["lm_head"]] not in tensors,
+            bos_id=None if bos is None else int(bos),
+            eos_ids=tuple(dict.fromkeys(int(t) for t in ends if t is not None)),
+        )
+    except CpjaxError as exc:
+        raise CpjaxError(f"{where}: {exc}") from None
 
 
-def check_param_shapes(config: ModelConfig, params) -> None:
-    """Raise :class:`CpjaxError` naming the first parameter whose shape does not fit ``config``."""
-    import jax
+def read_gguf_config(path) -> ModelConfig:
+    """The ``ModelConfig`` of a Llama GGUF file (named after the file's stem), without
+    dequantizing its weights."""
+    return _config(open_gguf(path), os.fspath(path))
 
-    from cpjax.model.llama import param_shapes
 
-    expected = param_shapes(config)
-    got_paths = {jax.tree_util.keystr(p): x.shape
-                 for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    for path, want in jax.tree_util.tree_flatten_with_path(expected)[0]:
-        key = jax.tree_util.keystr(path)
-        require(key in got_paths, f"model {config.name!r}: parameter {key} is missing")
-        require(tuple(got_paths[key]) == tuple(want.shape),
-                f"model {config.name!r}: parameter {key} has shape {tuple(got_paths[key])}, "
-                f"expected {tuple(want.shape)} for this config")
+def load_gguf(path, dtype=np.float32) -> tuple[ModelConfig, Params]:
+    """Read a Llama GGUF file: ``(ModelConfig, params)``, params as documented in
+    :mod:`cpjax.loaders.safetensors` (numpy arrays of ``dtype``), Q/K rows in HF order.
+
+    The model is tied iff the file has no ``output.weight``. A progress bar over the tensors is
+    shown on a terminal.
+    """
+    path = os.fspath(path)
+    where = f"model file {path!r}"
+    reader = open_gguf(path)
+    config = _config(reader, path)
+    tensors = {t.name: t for t in reader.tensors}
+    check_tensor_names(tensors, [gguf_tensor_name(n) for n in hf_tensor_names(config)],
+                       lambda name: name == ROPE_FREQS, where)
+    heads = {LAYER_TENSORS["wq"]: config.n_heads, LAYER_TENSORS["wk"]: config.n_kv_heads}
+
+    with tqdm(total=len(hf_tensor_names(config)), desc=f"dequantizing {config.name}",
+              unit="tensor", leave=False, disable=None) as bar:
+        def read(hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
+            name = gguf_tensor_name(hf_name)
+            weight = _dequantize(tensors[name], where)
+            require_shape(weight, shape, f"{where}: tensor {name!r}")
+            n_heads = heads.get(hf_name.split(".", 3)[-1])
+            bar.update()
+            return weight if n_heads is None else unpermute_rope_rows(weight, n_heads)
+
+        params = params_from_hf(config, read, dtype)
+    return config, params

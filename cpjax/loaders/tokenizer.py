@@ -1,69 +1,175 @@
 """Tokenizer and chat template from GGUF metadata (or an HF ``tokenizer.json``).
 
-Byte-level BPE (``tokenizer.ggml.model == "gpt2"``) is rebuilt with the ``tokenizers`` library
-from the vocabulary and merges in the file; control tokens (``<|im_start|>`` ...) are special
-tokens that are never split. The pre-tokenizer follows ``tokenizer.ggml.pre`` as llama.cpp does
-(SmolLM splits digits one by one before the GPT-2 byte-level split). The chat template is
-rendered with jinja2 in a sandbox, with the same options as HF's ``apply_chat_template``.
+A byte-level BPE vocabulary (``tokenizer.ggml.model == "gpt2"``) is rebuilt with the
+``tokenizers`` library from the tokens and merges in the file, the way HF transformers builds
+it for ``AutoTokenizer.from_pretrained(..., gguf_file=...)`` (so ids agree with HF):
+
+* tokens marked CONTROL (``<|im_start|>`` ...) are special tokens and USER_DEFINED ones are
+  added tokens; both are matched whole in the text, never split;
+* the pre-tokenizer is chosen by ``tokenizer.ggml.pre``: Llama-3's split regex for the
+  ``llama-bpe`` family, Mistral's for ``tekken``, and GPT-2's byte-level regex otherwise.
+  HF (and so cpjax) uses GPT-2's regex for SmolLM's ``smollm`` too, where llama.cpp and the
+  original ``tokenizer.json`` first split every digit: the ids differ only for a space before a
+  non-ASCII numeric character (``" ²"``, ``" ½"``); ASCII digits have no merges in that vocabulary.
+
+The chat template is rendered with jinja2 in a sandbox, with the options, helpers and variables
+of HF's ``apply_chat_template``.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
+import functools
 import json
 import os
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from cpjax.errors import CpjaxError, require
 from cpjax.loaders.gguf_reader import field, open_gguf
 
-_CONTROL = 3  # llama.cpp token type CONTROL
+_CONTROL, _USER_DEFINED = 3, 4   # llama.cpp token types
+#: End-of-turn markers that also stop generation when the chat template writes them.
+_TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+#: ``tokenizer.ggml.pre`` -> split regex applied before the byte-level mapping (as HF does).
+_PRE_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "falcon-h1",
+                     "pixtral", "midm-2.0", "lfm2", "jina-v5-nano", "dbrx"), _LLAMA3_SPLIT),
+    "tekken": _TEKKEN_SPLIT,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_spelling() -> dict[int, str]:
+    """GPT-2's printable spelling of each byte, the alphabet of byte-level BPE vocabularies."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    spelling = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in spelling]
+    spelling.update({b: chr(256 + n) for n, b in enumerate(others)})
+    return spelling
 
 
 def _pre_tokenizer(pre: Optional[str]):
     from tokenizers import Regex, pre_tokenizers
 
-    if pre == "smollm":
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                        pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                 use_regex=True)])
-    if pre in ("llama3", "llama-v3", "llama-bpe", "smaug-bpe"):
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    split = _PRE_SPLITS.get(pre)
+    if split is None:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                             use_regex=False)])
+
+
+def byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int],
+                   pre: Optional[str]):
+    """A ``tokenizers.Tokenizer`` for a GGUF byte-level BPE vocabulary (HF's construction).
+
+    Tokens not written in the byte alphabet are respelled from their UTF-8 bytes; CONTROL tokens
+    become special tokens (unless so respelled: llama.cpp mislabels), USER_DEFINED ones plain
+    added tokens.
+    """
+    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models
+
+    spelling = _byte_spelling()
+    alphabet = set(spelling.values())
+    spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
+               for t in tokens]
+    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(spelled)},
+                                 merges=[tuple(m.split(" ", 1)) for m in merges]))
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                for t, kind in zip(tokens, token_types)
+                                if kind == _CONTROL and set(t) <= alphabet])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False)
+                        for t, kind, s in zip(tokens, token_types, spelled)
+                        if kind == _USER_DEFINED and t == s])
+    return backend
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    # HF's override: jinja's own tojson escapes HTML characters.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _raise_exception(message: str):
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+    return env.from_string(template)
 
 
 def render_chat_template(template: str, messages: Sequence[dict], add_generation_prompt: bool,
-                         bos_token: str = "", eos_token: str = "") -> str:
-    """Render an HF-style jinja2 chat template (sandboxed, trim/lstrip blocks, loop controls)."""
+                         special_tokens: dict[str, str]) -> str:
+    """Render an HF-style chat template as HF's ``apply_chat_template(tokenize=False)`` does.
+
+    ``special_tokens`` are the template variables ``bos_token``, ``eos_token``, ... (HF's
+    ``special_tokens_map``); ``tools`` and ``documents`` are None.
+    """
     from jinja2.exceptions import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    def raise_exception(message):
-        raise CpjaxError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
+    for i, message in enumerate(messages):
+        require(isinstance(message, dict) and "role" in message,
+                f"messages[{i}]={message!r}: each chat message must be a dict with a 'role' "
+                f"(and usually a 'content')")
     try:
-        return env.from_string(template).render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token, eos_token=eos_token)
+        return _compile(template).render(
+            messages=copy.deepcopy(list(messages)), tools=None, documents=None,
+            add_generation_prompt=add_generation_prompt, **special_tokens)
     except TemplateError as exc:
         raise CpjaxError(f"chat template failed to render: {exc}") from None
 
 
+def _end_ids(backend, ids: Sequence[Optional[int]], template: Optional[str]) -> tuple[int, ...]:
+    """``ids`` and the end-of-turn markers the chat template writes, deduplicated, in order."""
+    markers = [backend.token_to_id(m) for m in _TURN_ENDS if template and m in template]
+    return tuple(dict.fromkeys(int(i) for i in (*ids, *markers) if i is not None))
+
+
 class Tokenizer:
-    """Text <-> token ids, special tokens and the chat template of one model."""
+    """Text <-> token ids, special tokens and the chat template of one model.
+
+    Attributes:
+      backend: the ``tokenizers.Tokenizer``.
+      bos_id: the beginning-of-sequence id, or None.
+      eos_ids: ids that end generation: EOS, end-of-turn (``<|im_end|>``, ``<|eot_id|>`` ... when
+        the chat template uses them). ``eos_id`` is the first.
+      add_bos_token: whether the model expects BOS before raw text (``tokenizer.ggml.
+        add_bos_token``); chat templates write it themselves.
+      chat_template: the jinja2 chat template, or None.
+    """
 
     def __init__(self, backend, *, bos_id: Optional[int], eos_ids: Sequence[int],
-                 chat_template: Optional[str]):
+                 chat_template: Optional[str], special_tokens: dict[str, str],
+                 add_bos_token: bool = False):
         self.backend = backend
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
         self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens)
+        self.add_bos_token = add_bos_token
 
     @property
     def eos_id(self) -> Optional[int]:
@@ -71,65 +177,81 @@ class Tokenizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of ids (vocabulary plus added tokens)."""
         return self.backend.get_vocab_size(with_added_tokens=True)
-
-    def _token(self, token_id: Optional[int]) -> str:
-        return "" if token_id is None else (self.backend.id_to_token(token_id) or "")
 
     @classmethod
     def from_gguf(cls, path) -> "Tokenizer":
         """The tokenizer described by a GGUF file's ``tokenizer.*`` metadata."""
-        from tokenizers import AddedToken, decoders, models
-        from tokenizers import Tokenizer as Backend
-
+        path = os.fspath(path)
+        where = f"model file {path!r}"
         reader = open_gguf(path)
         kind = field(reader, "tokenizer.ggml.model")
-        require(kind == "gpt2", f"model file {os.fspath(path)!r}: tokenizer type {kind!r} is "
-                                f"not supported (cpjax reads byte-level BPE, 'gpt2')")
+        require(kind == "gpt2", f"{where}: tokenizer type {kind!r} is not supported (cpjax "
+                                f"reads byte-level BPE vocabularies, 'gpt2')")
         tokens = field(reader, "tokenizer.ggml.tokens")
-        merges = [tuple(m.split(" ", 1)) for m in field(reader, "tokenizer.ggml.merges", [])]
-        backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        backend.pre_tokenizer = _pre_tokenizer(field(reader, "tokenizer.ggml.pre"))
-        backend.decoder = decoders.ByteLevel()
-        types = field(reader, "tokenizer.ggml.token_type", [])
-        backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                    for t, kind in zip(tokens, types) if kind == _CONTROL])
-        eos = field(reader, "tokenizer.ggml.eos_token_id")
-        eot = field(reader, "tokenizer.ggml.eot_token_id")
-        bos = field(reader, "tokenizer.ggml.bos_token_id")
-        return cls(backend, bos_id=bos, eos_ids=[t for t in (eos, eot) if t is not None],
-                   chat_template=field(reader, "tokenizer.chat_template"))
+        merges = field(reader, "tokenizer.ggml.merges")
+        require(tokens is not None and merges is not None,
+                f"{where}: tokenizer metadata 'tokenizer.ggml.tokens'/'tokenizer.ggml.merges' is "
+                f"missing")
+        types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+        backend = byte_level_bpe(tokens, merges, types, field(reader, "tokenizer.ggml.pre"))
+        ids = {name: field(reader, f"tokenizer.ggml.{key}") for name, key in (
+            ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
+            ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))}
+        template = field(reader, "tokenizer.chat_template")
+        return cls(backend, bos_id=ids["bos_token"],
+                   eos_ids=_end_ids(backend, (ids["eos_token"],
+                                              field(reader, "tokenizer.ggml.eot_token_id")),
+                                    template),
+                   chat_template=template,
+                   special_tokens={k: tokens[i] for k, i in ids.items() if i is not None},
+                   add_bos_token=bool(field(reader, "tokenizer.ggml.add_bos_token", False)))
 
     @classmethod
-    def from_file(cls, tokenizer_json: str) -> "Tokenizer":
-        """An HF ``tokenizer.json`` (chat template and specials from ``tokenizer_config.json``)."""
+    def from_file(cls, tokenizer_json) -> "Tokenizer":
+        """An HF ``tokenizer.json``; special tokens and the chat template come from the
+        ``tokenizer_config.json`` (or ``chat_template.jinja``) beside it."""
         from tokenizers import Tokenizer as Backend
 
+        tokenizer_json = os.fspath(tokenizer_json)
+        require(os.path.isfile(tokenizer_json), f"tokenizer file {tokenizer_json!r} does not "
+                                                f"exist")
         backend = Backend.from_file(tokenizer_json)
-        config_path = os.path.join(os.path.dirname(tokenizer_json), "tokenizer_config.json")
-        config = {}
-        if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as f:
+        folder = os.path.dirname(tokenizer_json)
+        config: dict[str, Any] = {}
+        if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            with open(os.path.join(folder, "tokenizer_config.json"), encoding="utf-8") as f:
                 config = json.load(f)
-        as_id = lambda tok: None if tok is None else backend.token_to_id(  # noqa: E731
-            tok if isinstance(tok, str) else tok.get("content"))
-        eos = as_id(config.get("eos_token"))
-        return cls(backend, bos_id=as_id(config.get("bos_token")),
-                   eos_ids=[] if eos is None else [eos],
-                   chat_template=config.get("chat_template"))
+        template = config.get("chat_template")
+        if os.path.isfile(os.path.join(folder, "chat_template.jinja")):
+            with open(os.path.join(folder, "chat_template.jinja"), encoding="utf-8") as f:
+                template = f.read()
+        special = {name: (tok if isinstance(tok, str) else tok["content"])
+                   for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+                   if (tok := config.get(name)) is not None}
+        bos = special.get("bos_token")
+        eos = special.get("eos_token")
+        return cls(backend, bos_id=None if bos is None else backend.token_to_id(bos),
+                   eos_ids=_end_ids(backend, (None if eos is None else backend.token_to_id(eos),),
+                                    template),
+                   chat_template=template, special_tokens=special,
+                   add_bos_token=bool(config.get("add_bos_token", False)))
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of ``text`` (special tokens written in the text stay whole)."""
+        """Token ids of ``text`` (special tokens written in the text stay whole); BOS first
+        if ``add_bos`` and the model has one."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
 
-    def decode(self, ids, skip_special: bool = True) -> str:
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        """Text of ``ids``; special tokens (``<|im_end|>`` ...) dropped if ``skip_special``."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
     def apply_chat_template(self, messages: Sequence[dict],
                             add_generation_prompt: bool = True) -> str:
-        """The prompt text for ``messages`` (``[{"role": ..., "content": ...}, ...]``)."""
+        """The prompt text for ``messages`` (``[{"role": ..., "content": ...}, ...]``), equal to
+        HF's ``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)``."""
         require(self.chat_template is not None, "this model has no chat template; drop --chat")
         return render_chat_template(self.chat_template, messages, add_generation_prompt,
-                                    bos_token=self._token(self.bos_id),
-                                    eos_token=self._token(self.eos_id))
+                                    self.special_tokens)
