@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpjax.attention import blockwise, get_attend, merge, reference
+from cpjax.attention import blockwise, cudnn, get_attend, merge, reference
 from cpjax.errors import CpjaxError
 
 
@@ -138,3 +138,26 @@ def test_merge_of_two_empty_parts_is_zero_not_nan():
 def test_unknown_attention_impl_is_a_clear_error():
     with pytest.raises(CpjaxError, match="unknown attention implementation 'flash2'"):
         get_attend("flash2")
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cudnn_wrapper_matches_reference_through_xla(name):
+    """The cuDNN path's mask/LSE handling, run through jax.nn's XLA implementation on CPU."""
+    tq, tk, hq, hkv, d, kind = CASES[name]
+    rng = np.random.default_rng(len(name))
+    q, k, v = _random_qkv(rng, tq, tk, hq, hkv, d)
+    layout = [np.asarray(a, np.int32) for a in _layout(kind, tq, tk, rng)]
+    want_out, want_lse = reference.attend(q, k, v, *layout)
+    out, lse = cudnn.attend(q, k, v, *layout, implementation="xla")
+    np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
+    finite = np.isfinite(want_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU error")
+def test_cudnn_without_gpu_is_a_clear_error():
+    q = np.zeros((2, 2, 8), np.float32)
+    pos, seg = np.arange(2, dtype=np.int32), np.zeros(2, np.int32)
+    with pytest.raises(CpjaxError, match="'cudnn' needs an NVIDIA GPU"):
+        get_attend("cudnn")(q, q, q, pos, pos, seg, seg)

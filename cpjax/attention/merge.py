@@ -33,3 +33,20 @@ def merge(out_a, lse_a, out_b, lse_b):
     w_b = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0)[..., None]
     out = w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32)
     return out, lse
+
+
+def merge_stacked(outs, lses):
+    """Merge ``n`` partials stacked on axis 0: ``outs [n, ..., D]``, ``lses [n, ...]``.
+
+    Returns ``(out [..., D] float32, lse [...] float32)``; rows no partial saw get 0 / -inf.
+    """
+    lses = lses.astype(jnp.float32)
+    top = jnp.max(lses, axis=0)
+    safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weights = jnp.where(jnp.isfinite(lses), jnp.exp(lses - safe_top), 0.0)   # [n, ...]
+    total = weights.sum(axis=0)
+    seen = total > 0
+    out = (weights[..., None] * outs.astype(jnp.float32)).sum(axis=0)
+    out = jnp.where(seen[..., None], out / jnp.where(seen, total, 1.0)[..., None], 0.0)
+    lse = jnp.where(seen, safe_top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+    return out, lse
