@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpjax.attention import blockwise, reference
+from cpjax.attention import blockwise, reference, with_past
 from cpjax.config import PRESETS, RopeScaling
 from cpjax.model.llama import Llama, apply_rope, init_params, param_shapes, rope_inv_freq
 
@@ -16,7 +16,7 @@ CFG = PRESETS["tiny"]
 
 def _forward_logits(params, tokens, positions, segments, attend=reference.attend,
                     dtype=jnp.float32):
-    model = Llama(CFG, attend, dtype)
+    model = Llama(CFG, with_past(attend), dtype)
     variables = {"params": jax.tree.map(lambda x: x.astype(dtype), params)}
     out = model.apply(variables, tokens, positions, segments)
     return model.apply(variables, out.hidden, method=Llama.logits), out

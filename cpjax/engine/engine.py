@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cpjax.attention import get_attend
+from cpjax.attention import get_attend, with_past
 from cpjax.config import ModelConfig
 from cpjax.engine import kv_cache
 from cpjax.engine.kv_cache import KVCache
@@ -69,7 +69,7 @@ class Engine:
     bucket: int = 64
 
     def __post_init__(self):
-        self.model = Llama(self.config, get_attend(self.attention), self.dtype)
+        self.model = Llama(self.config, with_past(get_attend(self.attention)), self.dtype)
         self.params = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), self.params)
         self._prefill = jax.jit(self._prefill_impl)
         self._decode = jax.jit(self._decode_impl, donate_argnums=(3,))
@@ -181,6 +181,16 @@ class Engine:
         segments = _pad(np.zeros(ids.size, np.int32), padded, kv_cache.EMPTY_SEGMENT)
         return self._prefill(self.params, tokens, positions, segments, cache, ids.size)
 
+    def decode_step(self, token, position: int, step: int, cache: KVCache):
+        """Feed one token at ``position``; returns (greedy next token [] int32, cache).
+
+        ``step`` counts decode steps (context-parallel engines place each new token's K/V on
+        rank ``step mod N``); the compiled step is shared by all steps.
+        """
+        _, next_token, cache = self._decode(self.params, jnp.asarray(token, jnp.int32),
+                                            jnp.int32(position), cache)
+        return next_token, cache
+
     def prefill_prompt(self, ids, cache: KVCache):
         """Prefill a whole prompt from position 0; long prompts go in chunks with a progress bar.
 
@@ -213,7 +223,7 @@ class Engine:
             yield value
             if value in stop or step == max_new_tokens - 1:
                 return
-            _, token, cache = self._decode(self.params, token, jnp.int32(position), cache)
+            token, cache = self.decode_step(token, position, step, cache)
             position += 1
 
     def generate(self, prompt_ids, max_new_tokens: int, stop_ids: Iterable[int] = (),

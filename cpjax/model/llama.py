@@ -1,9 +1,12 @@
 """Functional Flax (Linen) Llama: embedding, RMSNorm, RoPE from explicit positions, GQA, SwiGLU.
 
 The model works on one *packed row* of tokens ``[T]``: several sequences may share the row,
-told apart by segment ids, and every token carries its global position. Attention is the
-injected ``attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out, lse)`` (DESIGN.md), so the
-same model runs single-device, under a context-parallel ring, or with a Pallas kernel.
+told apart by segment ids, and every token carries its global position. Attention is an
+injected *plan* ``attention(q, k, v, positions, segments, past) -> (out, lse)``: the new
+tokens' queries against their own keys/values and, if given, a ``past`` (one layer's cached
+``(k, v, pos, seg)``). ``cpjax.attention.with_past(attend)`` makes the single-device plan from
+any ``attend`` (DESIGN.md); the context-parallel plans (rings, cross-rank decode) live in
+``cpjax.parallel``. So the same model runs single-device, under a ring, or with a Pallas kernel.
 
 Parameters are a plain pytree (``{'params': ...}`` for ``apply``) with layers stacked on a
 leading axis (``nn.scan``)::
@@ -25,8 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from cpjax.attention import reference
-from cpjax.attention.merge import merge
+from cpjax.attention import reference, with_past
 from cpjax.config import ModelConfig, RopeScaling
 
 
@@ -117,7 +119,7 @@ class Block(nn.Module):
     """One pre-norm transformer block. Called by ``nn.scan`` over the stacked layers."""
 
     config: ModelConfig
-    attend: Callable
+    attention: Callable
     dtype: Any = jnp.float32
     tensor_axis: Optional[str] = None
     tensor_size: int = 1
@@ -143,11 +145,8 @@ class Block(nn.Module):
         q = apply_rope(q, positions, inv_freq).astype(self.dtype)
         k = apply_rope(k, positions, inv_freq).astype(self.dtype)
 
-        out, lse = self.attend(q, k, v, positions, positions, segments, segments)
-        if past is not None:
-            past_out, past_lse = self.attend(q, past[0], past[1], positions, past_pos, segments,
-                                             past_seg)
-            out, lse = merge(out, lse, past_out, past_lse)
+        layer_past = None if past is None else (past[0], past[1], past_pos, past_seg)
+        out, _ = self.attention(q, k, v, positions, segments, layer_past)
         attn = jnp.einsum("thk,hkd->td", out.astype(self.dtype),
                           param("wo", _init_weight, (hq, dh, d)))
         x = x + self._tensor_sum(attn)
@@ -171,14 +170,14 @@ class Llama(nn.Module):
 
     Attributes:
       config: shapes and numerics.
-      attend: the attention function (see module docstring).
+      attention: the attention plan (see module docstring).
       dtype: parameter and activation dtype (float32 or bfloat16); norms, RoPE, softmax
         statistics and logits are float32.
       tensor_axis, tensor_size: mesh axis and size for tensor parallelism (None, 1 = off).
     """
 
     config: ModelConfig
-    attend: Callable
+    attention: Callable
     dtype: Any = jnp.float32
     tensor_axis: Optional[str] = None
     tensor_size: int = 1
@@ -192,7 +191,7 @@ class Llama(nn.Module):
                                       self.dtype)
         scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                           in_axes=(nn.broadcast, 0), out_axes=0, length=cfg.n_layers)
-        self.layers = scanned(cfg, self.attend, self.dtype, self.tensor_axis, self.tensor_size)
+        self.layers = scanned(cfg, self.attention, self.dtype, self.tensor_axis, self.tensor_size)
 
     def __call__(self, tokens, positions, segments, past: Optional[PastKV] = None) -> Output:
         """Run the trunk.
@@ -225,7 +224,7 @@ class Llama(nn.Module):
 
 def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32):
     """Random parameters (normal std 0.02, unit norms) as a plain pytree without ``'params'``."""
-    model = Llama(config, attend=reference.attend, dtype=dtype)
+    model = Llama(config, attention=with_past(reference.attend), dtype=dtype)
     tokens = jnp.zeros((1,), jnp.int32)
     variables = jax.jit(model.init)(jax.random.key(seed), tokens, tokens, tokens)
     return variables["params"]

@@ -21,7 +21,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from cpjax.attention.merge import merge
+from cpjax.attention.merge import merge, merge_stacked
 from cpjax.errors import CpjaxError
 
 STRATEGIES = ("pass_kv", "pass_q", "all_gather")
@@ -50,20 +50,6 @@ def pass_kv(attend: Callable, axis: str, n: int, q, k, v, q_pos, kv_pos, q_seg, 
             out, lse = merge(out, lse, part_out, part_lse)
         block = following
     return out.astype(q.dtype), lse
-
-
-def merge_stacked(outs, lses):
-    """Merge ``n`` partials stacked on axis 0: ``outs [n, Tq, H, D]``, ``lses [n, Tq, H]``."""
-    lses = lses.astype(jnp.float32)
-    top = jnp.max(lses, axis=0)
-    safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
-    weights = jnp.where(jnp.isfinite(lses), jnp.exp(lses - safe_top), 0.0)   # [n, Tq, H]
-    total = weights.sum(axis=0)
-    seen = total > 0
-    out = jnp.einsum("ntq,ntqd->tqd", weights, outs.astype(jnp.float32))
-    out = jnp.where(seen[..., None], out / jnp.where(seen, total, 1.0)[..., None], 0.0)
-    lse = jnp.where(seen, safe_top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
-    return out, lse
 
 
 def pass_q(attend: Callable, axis: str, n: int, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
@@ -110,3 +96,53 @@ def context_parallel_attend(strategy: str, attend: Callable, axis: str, n: int) 
     if n == 1:
         return attend
     return functools.partial(table[strategy], attend, axis, n)
+
+
+def ring_attention(strategy: str, attend: Callable, axis: str, n: int) -> Callable:
+    """The model's attention plan (see ``cpjax.model.llama``) for a context-parallel forward.
+
+    ``past`` is this rank's shard of the KV cache. It is joined to the rank's new keys/values
+    and the whole local block takes part in the ring: pass-KV circulates it (the paper's
+    message of ``max_j P_j + T/N`` rows, here the local cache window plus the new rows),
+    pass-Q keeps it in place and circulates the new queries. Exact for any cache placement,
+    because masks come from the positions and segments that travel with the rows.
+    """
+    ring = context_parallel_attend(strategy, attend, axis, n)
+
+    def plan(q, k, v, positions, segments, past):
+        kv_pos, kv_seg = positions, segments
+        if past is not None:
+            k = jnp.concatenate([past[0].astype(k.dtype), k])
+            v = jnp.concatenate([past[1].astype(v.dtype), v])
+            kv_pos = jnp.concatenate([past[2], positions])
+            kv_seg = jnp.concatenate([past[3], segments])
+        return ring(q, k, v, positions, kv_pos, segments, kv_seg)
+    return plan
+
+
+def allreduce_decode_attention(attend: Callable, axis: str, keep_new) -> Callable:
+    """Attention plan for replicated-query decode (beyond the paper).
+
+    Every rank holds the same new queries/keys/values (the linear layers ran replicated) and its
+    own cache shard in ``past``. Each rank attends its shard, plus the new keys if ``keep_new``
+    (true on exactly one rank, the one that will store them), and the partials merge across the
+    ``axis`` in one step: ``pmax`` of the LSE, then ``psum`` of weighted outputs and weights.
+    No ring and no all-to-all.
+    """
+    def plan(q, k, v, positions, segments, past):
+        new_seg = jnp.where(keep_new, segments, -1)
+        out, lse = attend(q, k, v, positions, positions, segments, new_seg)
+        if past is not None:
+            past_out, past_lse = attend(q, past[0], past[1], positions, past[2], segments,
+                                        past[3])
+            out, lse = merge(out, lse, past_out, past_lse)
+        top = jax.lax.pmax(lse, axis)
+        safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
+        weight = jnp.where(jnp.isfinite(lse), jnp.exp(lse - safe_top), 0.0)
+        total = jax.lax.psum(weight, axis)
+        summed = jax.lax.psum(weight[..., None] * out.astype(jnp.float32), axis)
+        seen = total > 0
+        out = jnp.where(seen[..., None], summed / jnp.where(seen, total, 1.0)[..., None], 0.0)
+        lse = jnp.where(seen, safe_top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+        return out.astype(q.dtype), lse
+    return plan
