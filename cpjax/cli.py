@@ -1,4 +1,4 @@
-"""Command line: ``python -m cpjax generate|score``.
+"""Command line: ``python -m cpjax generate|score|chat``.
 
 The flags are a stable contract (later features extend them, never break them). jax is imported
 only after the arguments are parsed, because ``--fake-devices`` and ``--platform`` must be set in
@@ -15,6 +15,7 @@ import sys
 import time
 
 STRATEGIES = ("pass_kv", "pass_q", "all_gather", "auto")
+DECODE_STRATEGIES = ("allreduce", "ring_pass_q")
 
 
 def _common_flags() -> argparse.ArgumentParser:
@@ -34,10 +35,26 @@ def _common_flags() -> argparse.ArgumentParser:
     p.add_argument("--tensor", type=int, default=1, metavar="M",
                    help="tensor-parallel mesh size")
     p.add_argument("--strategy", default="auto", choices=STRATEGIES,
-                   help="context-parallel attention strategy")
-    p.add_argument("--split-at", type=int, default=None, metavar="K",
-                   help="prefill [0, K) then partial-prefill the rest against the cache")
+                   help="context-parallel prefill ring; auto = the paper's heuristic per call")
+    p.add_argument("--decode-strategy", default="allreduce", choices=DECODE_STRATEGIES,
+                   help="context-parallel decode: allreduce (replicated query, one merge "
+                        "collective; default, faster in experiments/decode.py) or ring_pass_q "
+                        "(the paper's)")
+    p.add_argument("--hardware", default=None,
+                   help="figures for --strategy auto: h100-nvlink | h100-rdma | h100-tcp | cpu "
+                        "(measured); default cpu, or h100-nvlink on GPU")
     return p
+
+
+def _sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text appears (repeatable); EOS always stops")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt-file", help="file holding the prompt text")
     gen.add_argument("--chat", action="store_true",
                      help="wrap the prompt as a user message in the model's chat template")
-    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
+    _sampling_flags(gen)
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object (text, token_ids, timings) instead of streaming")
 
@@ -64,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     inputs.add_argument("--ids-file", help=".npy file of int token ids")
     inputs.add_argument("--text-file", help="text file, tokenized with the model's tokenizer")
     score.add_argument("--out", required=True, help="output .npy (float32, length T-1)")
+    score.add_argument("--split-at", default=None, metavar="K[,K2,...]",
+                       help="prefill [0, K) then partial-prefill the rest (each further split "
+                            "is another turn) against the persistent cache; same output")
+
+    chat = sub.add_parser("chat", parents=[common],
+                          help="interactive multi-turn chat with a persistent KV cache")
+    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--capacity", type=int, default=8192, metavar="TOKENS",
+                      help="KV cache capacity of the conversation")
+    _sampling_flags(chat)
     return parser
 
 
@@ -96,16 +123,33 @@ def _make_engine(args, config, params):
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     require(args.context >= 1, f"--context={args.context}: must be >= 1")
     require(args.tensor >= 1, f"--tensor={args.tensor}: must be >= 1")
-    require(args.split_at is None, "--split-at: partial prefill is not available yet")
     if args.context == 1 and args.tensor == 1:
         return Engine(config, params, dtype=dtype, attention=args.attention_impl)
     from cpjax.engine.context_parallel import ContextParallelEngine
+    from cpjax.hardware import get_hardware
     from cpjax.parallel.mesh import make_mesh
-    # "auto" picks pass-KV until the pass-KV/pass-Q heuristic lands: full prefill (no cached
-    # tokens) always favours pass-KV for GQA models (paper Eq. 1).
-    strategy = "pass_kv" if args.strategy == "auto" else args.strategy
+    if args.hardware is not None:
+        get_hardware(args.hardware)           # an unknown name fails here, before any work
     return ContextParallelEngine(config, params, dtype=dtype, attention=args.attention_impl,
-                                 mesh=make_mesh(args.context, args.tensor), strategy=strategy)
+                                 mesh=make_mesh(args.context, args.tensor),
+                                 strategy=args.strategy, decode_strategy=args.decode_strategy,
+                                 hardware=args.hardware)
+
+
+def _sampling(args):
+    from cpjax.engine.sampling import Sampling
+    from cpjax.errors import require
+    require(args.max_new_tokens >= 0, f"--max-new-tokens={args.max_new_tokens}: must be >= 0")
+    try:
+        return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                        seed=args.seed)
+    except Exception as exc:
+        raise type(exc)(f"--{str(exc).replace('_', '-', 1)}") from None
+
+
+def _decode_rate(stamps: list) -> float | None:
+    """Tokens/s after the first decode step (which compiles)."""
+    return (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else None
 
 
 def _read_text(path: str, what: str) -> str:
@@ -124,34 +168,85 @@ def _run_generate(args, engine, tokenizer) -> None:
         prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
                                                add_generation_prompt=True)
     ids = tokenizer.encode(prompt)
-    require(args.max_new_tokens >= 0,
-            f"--max-new-tokens={args.max_new_tokens}: must be >= 0")
+    sampling = _sampling(args)
+    from cpjax.engine.textgen import stream_text
     start = time.perf_counter()
     new_ids: list[int] = []
     stamps: list[float] = []
-    printed = ""
-    for token in engine.generate_stream(ids, args.max_new_tokens, tokenizer.eos_ids):
-        stamps.append(time.perf_counter() - start)
-        new_ids.append(token)
+
+    def tokens():
+        for token in engine.generate_stream(ids, args.max_new_tokens, tokenizer.eos_ids,
+                                            sampling):
+            stamps.append(time.perf_counter() - start)
+            yield token
+
+    pieces = []
+    for piece in stream_text(tokens(), tokenizer, args.stop, consumed=new_ids):
+        pieces.append(piece)
         if not args.json:
-            text = tokenizer.decode(new_ids)
-            if not text.endswith("\ufffd"):   # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(printed):])
-                sys.stdout.flush()
-                printed = text
+            sys.stdout.write(piece)
+            sys.stdout.flush()
     total = time.perf_counter() - start
-    text = tokenizer.decode(new_ids)
+    text = "".join(pieces)
     ttft = stamps[0] if stamps else None
-    # The first decode step compiles; the rate counts the steps after it.
-    rate = (len(stamps) - 2) / (stamps[-1] - stamps[1]) if len(stamps) > 2 else None
+    rate = _decode_rate(stamps)
     if args.json:
         print(json.dumps({"text": text, "token_ids": new_ids, "prompt_tokens": len(ids),
                           "ttft_s": ttft, "decode_tok_s": rate, "total_s": total}))
     else:
-        sys.stdout.write(text[len(printed):] + "\n")
+        sys.stdout.write("\n")
         rate_text = f"{rate:.1f} tok/s" if rate is not None else "n/a"
         print(f"[{len(ids)} prompt tokens, {len(new_ids)} new; time to first token "
               f"{(ttft or 0):.2f} s incl. compilation, decode {rate_text}]", file=sys.stderr)
+
+
+def _run_chat(args, engine, tokenizer) -> None:
+    """Read user turns from stdin; each turn is a partial prefill against the kept cache."""
+    from cpjax.engine.session import Session
+    from cpjax.engine.textgen import stream_text
+    from cpjax.errors import require
+    sampling = _sampling(args)
+    require(tokenizer.chat_template is not None,
+            f"model {args.model!r} has no chat template; use `generate` instead")
+    session = Session(engine, args.capacity)
+    messages = [] if args.system is None else [{"role": "system", "content": args.system}]
+    seen_text = ""      # the text whose tokens are in the cache (or pending)
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        full = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        # Feed only what the cache has not seen; if the template re-renders earlier turns
+        # differently, feed the new messages' own rendering.
+        new_text = full[len(seen_text):] if full.startswith(seen_text) else \
+            tokenizer.apply_chat_template(messages[-1:], add_generation_prompt=True)
+        generated: list[int] = []
+        stream = session.turn(tokenizer.encode(new_text), args.max_new_tokens,
+                              tokenizer.eos_ids, sampling)
+        reply = "".join(piece for piece in _echo(stream_text(stream, tokenizer, args.stop,
+                                                             consumed=generated)))
+        messages.append({"role": "assistant", "content": reply})
+        seen_text = full + tokenizer.decode(generated, skip_special=False)
+        rate = session.last_decode_tok_s
+        print(f"[turn {session.turns}: {len(generated)} tokens, time to first token "
+              f"{session.last_ttft_s:.2f} s, decode "
+              f"{f'{rate:.1f} tok/s' if rate else 'n/a'}, {session.position} tokens cached]",
+              file=sys.stderr)
+
+
+def _echo(pieces):
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        yield piece
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 def _run_score(args, engine, tokenizer) -> None:
@@ -167,7 +262,13 @@ def _run_score(args, engine, tokenizer) -> None:
             _fail(f"--ids-file {args.ids_file!r}: not a readable .npy file ({exc})")
     else:
         ids = np.asarray(tokenizer.encode(_read_text(args.text_file, "--text-file")), np.int32)
-    logprobs = engine.score(ids)
+    split_at = None
+    if args.split_at is not None:
+        try:
+            split_at = [int(k) for k in args.split_at.split(",")]
+        except ValueError:
+            _fail(f"--split-at {args.split_at!r}: expected integers like 1000 or 1000,2000")
+    logprobs = engine.score(ids, split_at=split_at)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     require(os.path.isdir(out_dir), f"--out {args.out!r}: directory {out_dir!r} does not exist")
     save_npy(args.out, logprobs)
@@ -185,10 +286,8 @@ def main(argv=None) -> None:
         from cpjax.loaders import load_model
         config, params, tokenizer = load_model(args.model)
         engine = _make_engine(args, config, params)
-        if args.command == "generate":
-            _run_generate(args, engine, tokenizer)
-        else:
-            _run_score(args, engine, tokenizer)
+        {"generate": _run_generate, "score": _run_score, "chat": _run_chat}[args.command](
+            args, engine, tokenizer)
     except CpjaxError as exc:
         _fail(str(exc))
 

@@ -5,21 +5,18 @@ run; the ratio ``time(context=N) / time(context=1)`` measures what the ring, the
 smaller per-device matmuls cost. Also records the bytes each rank sends per layer (formula of
 ``cpjax.parallel.comm``, checked against the compiled HLO in the tests).
 
-Usage: ``python -m experiments.cp_overhead [experiments/configs/cp_overhead.gin]
+Run: ``python -m experiments.run experiments/configs/cp_overhead.gin
 [--gin "run_cp_overhead.lengths = [2048]"]``. Writes ``experiments/results/cp_overhead.json``
 and ``experiments/figures/cp_overhead.png``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
-import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CONFIG = os.path.join(HERE, "configs", "cp_overhead.gin")
 
 
 def _time_prefill(engine, ids, repeats: int) -> float:
@@ -88,20 +85,17 @@ def run_cp_overhead(lengths=(2048, 4096, 8192), contexts=(1, 2, 4, 8),
     elem = jnp.dtype(jdtype).itemsize
     rng = np.random.default_rng(0)
     jobs = [(c, s) for c in contexts for s in (strategies if c > 1 else ("single",))]
-    engines = {}
+    prompts = {n: rng.integers(3, config.vocab_size, n).astype(np.int32) for n in lengths}
     rows = []
     baseline = {}
+    # One engine at a time (each holds a replica of the weights per device); context 1 first.
+    jobs.sort(key=lambda job: job[0] != 1)
     with tqdm(total=len(lengths) * len(jobs), desc="cp_overhead") as bar:
-        for n in lengths:
-            ids = rng.integers(3, config.vocab_size, n).astype(np.int32)
-            for context, strategy in jobs:
-                key = (context, strategy)
-                if key not in engines:
-                    engines[key] = (Engine(config, params, dtype=jdtype) if context == 1 else
-                                    ContextParallelEngine(config, params, dtype=jdtype,
-                                                          mesh=make_mesh(context),
-                                                          strategy=strategy))
-                engine = engines[key]
+        for context, strategy in jobs:
+            engine = (Engine(config, params, dtype=jdtype) if context == 1 else
+                      ContextParallelEngine(config, params, dtype=jdtype,
+                                            mesh=make_mesh(context), strategy=strategy))
+            for n, ids in prompts.items():
                 seconds = _time_prefill(engine, ids, repeats)
                 if context == 1:
                     baseline[n] = seconds
@@ -115,33 +109,12 @@ def run_cp_overhead(lengths=(2048, 4096, 8192), contexts=(1, 2, 4, 8),
                                             config.n_kv_heads, config.head_dim, elem),
                 })
                 bar.update(1)
+            del engine
+            jax.clear_caches()
     results = {"experiment": "cp_overhead", "model": config.name, "dtype": dtype,
                "cpu_count": os.cpu_count(), "jax": jax.__version__,
-               "devices": len(jax.devices()), "repeats": repeats, "rows": rows}
+               "devices": len(jax.devices()), "repeats": repeats, "rows": rows, "out": out,
+               "figure": figure}
     write_json(out, results)
     plot(results, figure)
     return results
-
-
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("config", nargs="?", default=DEFAULT_CONFIG, help="gin file")
-    parser.add_argument("--gin", action="append", default=[], help="extra gin bindings")
-    args = parser.parse_args(argv)
-
-    from cpjax.parallel.mesh import use_fake_cpu_devices
-    if "jax" not in sys.modules:
-        use_fake_cpu_devices(8)
-    import gin
-    configured = gin.external_configurable(run_cp_overhead, "run_cp_overhead")
-    gin.parse_config_files_and_bindings([args.config], args.gin)
-    results = configured()
-    for row in results["rows"]:
-        print(f"{row['tokens']:>6} N={row['context']} {row['strategy']:<10} "
-              f"{row['seconds']:7.2f} s  ratio {row['ratio_to_context_1']:.2f}  "
-              f"{row['bytes_sent_per_rank_per_layer'] / 2**20:7.2f} MiB/rank/layer")
-    return results
-
-
-if __name__ == "__main__":
-    main()

@@ -46,6 +46,7 @@ def _bad_inputs(tmp_path):
     np.save(tmp_path / "neg.npy", np.array([1, -2, 3], np.int32))
     np.save(tmp_path / "big.npy", np.array([1, 999], np.int32))
     np.save(tmp_path / "float.npy", np.array([1.0, 2.5]))
+    np.save(tmp_path / "ok.npy", np.arange(10, dtype=np.int32))
     (tmp_path / "long.txt").write_text("x" * 17000)
     (tmp_path / "empty.txt").write_text("   \n")
     gen = ["generate", "--model", "tiny"]
@@ -65,6 +66,16 @@ def _bad_inputs(tmp_path):
          "does not divide the 8 available devices"),
         (gen + ["--prompt", "x", "--fake-devices", "8", "--context", "2", "--tensor", "4"],
          "tensor=4 does not divide n_kv_heads=2"),
+        (gen + ["--prompt", "x", "--temperature", "-1"], "--temperature=-1.0: must be"),
+        (gen + ["--prompt", "x", "--top-p", "1.5"], "--top-p=1.5: must be in (0, 1]"),
+        (gen + ["--prompt", "x", "--top-k", "-3"], "--top-k=-3: must be an integer >= 0"),
+        (gen + ["--prompt", "x", "--fake-devices", "2", "--context", "2", "--hardware", "a100"],
+         "unknown hardware 'a100'"),
+        (score + ["--ids-file", str(tmp_path / "ok.npy"), "--split-at", "9"],
+         "split points must increase strictly within [1, 8]"),
+        (score + ["--ids-file", str(tmp_path / "ok.npy"), "--split-at", "a,b"],
+         "--split-at 'a,b': expected integers"),
+        (["chat", "--model", "tiny"], "has no chat template"),
     ]
 
 
@@ -82,3 +93,39 @@ def test_non_llama_gguf_is_rejected(tmp_path, tiny_params):
     _write_tiny_gguf(tmp_path / "gpt2.gguf", tiny_params, arch="gpt2", quantize_ffn=False)
     result = run_cli("generate", "--model", str(tmp_path / "gpt2.gguf"), "--prompt", "x")
     assert result.returncode == 2 and "architecture is 'gpt2'" in result.stderr
+
+
+def test_score_split_at_three_turns_on_a_mesh_equals_one_shot(tmp_path, tiny_params):
+    ids = np.random.default_rng(1).integers(0, 256, 70).astype(np.int32)
+    np.save(tmp_path / "ids.npy", ids)
+    result = run_cli("score", "--model", "tiny", "--ids-file", str(tmp_path / "ids.npy"),
+                     "--out", str(tmp_path / "lp.npy"), "--split-at", "20,33", "--fake-devices",
+                     "8", "--context", "4", "--strategy", "auto", "--decode-strategy",
+                     "ring_pass_q")
+    assert result.returncode == 0, result.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "lp.npy"),
+                               Engine(PRESETS["tiny"], tiny_params).score(ids), atol=1e-5)
+
+
+def test_stop_string_ends_the_text_before_it():
+    base = ["generate", "--model", "tiny", "--prompt", "abc", "--max-new-tokens", "24", "--json",
+            "--temperature", "0.9", "--seed", "7"]
+    free = json.loads(run_cli(*base).stdout)["text"]
+    stop = free[10:12]
+    cut = json.loads(run_cli(*base, "--stop", stop).stdout)["text"]
+    assert cut == free[:free.index(stop)]
+
+
+def test_chat_keeps_the_cache_between_turns_on_8_devices():
+    """Two turns with the real SmolLM2 on a context-parallel mesh; the answers stay on topic."""
+    result = subprocess.run(
+        [sys.executable, "-m", "cpjax", "chat", "--fake-devices", "8", "--context", "8",
+         "--max-new-tokens", "24"],
+        input="What is the capital of France?\nWhat is the capital of Italy?\n",
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+    assert result.returncode == 0, result.stderr
+    replies = [l for l in result.stdout.splitlines() if l.strip()]
+    assert "Paris" in replies[0] and "Rome" in replies[1], result.stdout
+    turns = [l for l in result.stderr.splitlines() if l.startswith("[turn")]
+    assert len(turns) == 2 and "time to first token" in turns[0], result.stderr

@@ -35,9 +35,9 @@ def test_prefill_then_decode_logits_equal_full_forward(engine):
     np.testing.assert_allclose(logits, want[24], atol=1e-5)
     logits, cache = engine.prefill(ids[25:31], cache, start_position=25)  # a second turn
     np.testing.assert_allclose(logits, want[30], atol=1e-5)
-    for t in range(31, 40):
-        logits, _, cache = engine._decode(engine.params, jnp.int32(ids[t]), jnp.int32(t), cache)
-        np.testing.assert_allclose(logits, want[t], atol=1e-5)
+    for step, t in enumerate(range(31, 40)):
+        logits, _, cache = engine.decode([ids[t]], [t], [0], step, cache)
+        np.testing.assert_allclose(logits[0], want[t], atol=1e-5)
     assert int(cache.fill) == 40
 
 

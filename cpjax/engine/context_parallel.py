@@ -5,19 +5,22 @@
   ring (``cpjax.parallel.ring.ring_attention``) over each rank's cache shard plus its new rows;
   RoPE and masks use the true global positions; each rank appends its new K/V to its own cache
   shard, where they stay (persistent KV: a follow-up turn is a partial prefill).
-* Decode, two exact ways (``decode_strategy``):
-  ``ring_pass_q`` — the paper's: the query count is padded to a multiple of N, the real token
-  sits on rank ``step mod N`` (round-robin, shifted by one each step), a pass-Q ring visits
-  every cache shard and one all-to-all returns the partials;
-  ``allreduce`` — every rank runs the (cheap) linear layers for the new token, attends its own
+* Decode of ``B`` sequences, two exact ways (``decode_strategy``):
+  ``ring_pass_q`` — the paper's: the queries are padded to ``ceil(B / N)`` per rank, each on the
+  rank that owns its token, a pass-Q ring visits every cache shard and one all-to-all returns
+  the partials;
+  ``allreduce`` — every rank runs the (cheap) linear layers for all new tokens, attends its own
   shard, and the partials merge in one ``pmax``/``psum``; no ring, no all-to-all.
-  In both, the new token's K/V is stored on rank ``step mod N`` so the caches stay balanced.
+  In both, token ``b``'s K/V is stored on its owner, round-robin shifted by one each step (the
+  paper's ``(b + step) mod N`` when the caches are even; ``decode_owners``), so the caches stay
+  balanced.
 * Parameters are sharded over the ``tensor`` axis by the rules table (heads, FFN columns).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -27,12 +30,16 @@ from jax.sharding import PartitionSpec as P
 
 from cpjax.attention import get_attend
 from cpjax.engine import kv_cache
+from cpjax.engine import sampling as sampling_lib
 from cpjax.engine.engine import SCORE_CHUNK, Engine, round_up, validate_token_ids
 from cpjax.engine.kv_cache import KVCache
+from cpjax.engine.sampling import GREEDY, Sampling
 from cpjax.errors import CpjaxError, require
+from cpjax.hardware import get_hardware
 from cpjax.model.llama import KV_AXES, PARAM_AXES, Llama
 from cpjax.parallel.layout import Layout, balanced_layout
 from cpjax.parallel.mesh import CONTEXT, TENSOR
+from cpjax.parallel.heuristic import choose_strategy
 from cpjax.parallel.ring import STRATEGIES, allreduce_decode_attention, ring_attention
 from cpjax.parallel.sharding import spec, tree_specs
 
@@ -68,6 +75,27 @@ def segment_runs(positions: np.ndarray, segments: np.ndarray):
     return lengths, first_positions, ids
 
 
+def decode_owners(fills, step, batch: int):
+    """Rank that stores (and, in ring decode, computes) each of ``batch`` new tokens: ``[batch]``.
+
+    Round-robin with the start shifted by one each step, as in the paper, but aware of the
+    cache fills: in each round of up to N tokens, the least-filled ranks go first, ties broken
+    in round-robin order from ``step``. With equal fills this is exactly the paper's
+    ``(b + step) mod N``; after uneven turns it steers new tokens to the emptier ranks. No rank
+    gets more than ``ceil(batch / N)`` tokens.
+
+    Args: ``fills [N]`` int32 slots used per rank, ``step`` int32 scalar.
+    """
+    n = fills.shape[0]
+    key = fills * n + (jnp.arange(n) - step) % n
+    owners = []
+    for first in range(0, batch, n):
+        ranks = jnp.argsort(key)[:min(n, batch - first)]
+        owners.append(ranks)
+        key = key.at[ranks].add(n)
+    return jnp.concatenate(owners).astype(jnp.int32)
+
+
 def _local(cache: KVCache) -> KVCache:
     """A rank's cache shard inside ``shard_map`` with its fill count as a scalar."""
     return cache._replace(fill=cache.fill[0])
@@ -83,19 +111,24 @@ class ContextParallelEngine(Engine):
 
     Attributes (in addition to ``Engine``'s):
       mesh: a mesh with axes ``context`` and ``tensor`` (``cpjax.parallel.mesh.make_mesh``).
-      strategy: prefill ring, ``pass_kv``, ``pass_q`` or ``all_gather``.
+      strategy: prefill ring, ``pass_kv``, ``pass_q``, ``all_gather``, or ``auto`` (the
+        paper's heuristic, ``cpjax.parallel.heuristic``, decides per call from the new and
+        cached token counts).
       decode_strategy: ``allreduce`` or ``ring_pass_q``.
+      hardware: figures for ``auto`` (``cpjax.hardware`` preset name; default ``cpu``, a
+        measurement of this machine, or ``h100-nvlink`` on GPU).
     """
 
     mesh: Mesh = None
     strategy: str = "pass_kv"
     decode_strategy: str = "allreduce"
+    hardware: str = None
 
     def __post_init__(self):
         require(self.mesh is not None, "ContextParallelEngine needs a mesh")
-        if self.strategy not in STRATEGIES:
+        if self.strategy not in (*STRATEGIES, "auto"):
             raise CpjaxError(f"unknown context-parallel strategy {self.strategy!r}: choose one "
-                             f"of {', '.join(STRATEGIES)}")
+                             f"of {', '.join(STRATEGIES)}, auto")
         if self.decode_strategy not in DECODE_STRATEGIES:
             raise CpjaxError(f"unknown decode strategy {self.decode_strategy!r}: choose one of "
                              f"{', '.join(DECODE_STRATEGIES)}")
@@ -112,16 +145,23 @@ class ContextParallelEngine(Engine):
         kv = spec(KV_AXES)
         self.cache_specs = KVCache(k=kv, v=kv, pos=row, seg=row, fill=row)
         ps = self.param_specs
-        self._cp_score = self._shard(self._cp_score_local, (ps, row, row, row, row), row)
-        self._cp_logits = self._shard(self._cp_logits_local, (ps, row, row, row),
-                                      P(CONTEXT, None))
-        self._cp_prefill = self._shard(self._cp_prefill_local,
-                                       (ps, row, row, row, self.cache_specs),
-                                       (P(CONTEXT, None), self.cache_specs), donate=(4,))
+        cs = self.cache_specs
+        self._cp_score, self._cp_logits, self._cp_prefill, self._cp_prefill_logprobs = (
+            {strategy: self._shard(functools.partial(body, strategy), in_specs, out_specs,
+                                   donate)
+             for strategy in STRATEGIES}
+            for body, in_specs, out_specs, donate in (
+                (self._cp_score_local, (ps, row, row, row, row), row, ()),
+                (self._cp_logits_local, (ps, row, row, row), P(CONTEXT, None), ()),
+                (self._cp_prefill_local, (ps, row, row, row, cs), (P(CONTEXT, None), cs), (4,)),
+                (self._cp_prefill_logprobs_local, (ps, row, row, row, row, cs), (row, cs),
+                 (5,))))
         decode_local = {"allreduce": self._allreduce_decode_local,
                         "ring_pass_q": self._ring_decode_local}[self.decode_strategy]
-        self._cp_decode = self._shard(decode_local, (ps, P(), P(), P(), self.cache_specs),
-                                      (P(), self.cache_specs), donate=(4,))
+        self._cp_decode = self._shard(decode_local,
+                                      (ps, P(), P(), P(), P(), self.cache_specs, P(), P(), P(),
+                                       P()),
+                                      (P(), P(), self.cache_specs), donate=(5,))
 
     def _shard(self, fn, in_specs, out_specs, donate=()):
         """``jit(shard_map(fn))`` over the mesh.
@@ -142,51 +182,92 @@ class ContextParallelEngine(Engine):
                                           self.n_context))
 
     # ----------------------------------------------------------------- per-rank bodies
-    def _cp_score_local(self, params, tokens, targets, positions, segments):
-        hidden = self._ring_model().apply({"params": params}, tokens, positions, segments).hidden
+    def _cp_score_local(self, strategy, params, tokens, targets, positions, segments):
+        hidden = self._ring_model(strategy).apply({"params": params}, tokens, positions,
+                                                  segments).hidden
         return self._logprobs(params, hidden, targets)
 
-    def _cp_logits_local(self, params, tokens, positions, segments):
-        hidden = self._ring_model().apply({"params": params}, tokens, positions, segments).hidden
+    def _cp_logits_local(self, strategy, params, tokens, positions, segments):
+        hidden = self._ring_model(strategy).apply({"params": params}, tokens, positions,
+                                                  segments).hidden
         return self._head(params, hidden)
 
-    def _cp_prefill_local(self, params, tokens, positions, segments, cache: KVCache):
+    def _cp_prefill_logprobs_local(self, strategy, params, tokens, targets, positions, segments,
+                                   cache: KVCache):
+        hidden, cache = self._cp_prefill_local(strategy, params, tokens, positions, segments,
+                                               cache)
+        return self._logprobs(params, hidden, targets), cache
+
+    def _cp_prefill_local(self, strategy, params, tokens, positions, segments, cache: KVCache):
+        """Ring forward of this rank's new rows; appends their real rows (padding dropped)."""
         local = _local(cache)
-        out = self._ring_model().apply({"params": params}, tokens, positions, segments,
-                                       local.as_past())
-        local = kv_cache.append(local, out.k, out.v, positions, segments, tokens.shape[0])
+        out = self._ring_model(strategy).apply({"params": params}, tokens, positions, segments,
+                                               local.as_past())
+        real = segments >= 0
+        order = jnp.argsort(~real, stable=True)     # real rows first; the rest is overwritten
+        local = kv_cache.append(local, out.k[:, order], out.v[:, order], positions[order],
+                                segments[order], real.sum().astype(jnp.int32))
         return out.hidden, _global(local)
 
-    def _decode_owner(self, step):
+    def _store_owned(self, local: KVCache, out, positions, segments, owned):
+        """Append the new K/V rows this rank owns (``owned [B]``), owned rows first.
+
+        ``ceil(B / N)`` rows are written (no rank owns more); the unowned among them carry the
+        empty segment and are overwritten by the next append.
+        """
+        per_rank = -(-owned.shape[0] // self.n_context)
+        order = jnp.argsort(~owned, stable=True)[:per_rank]
+        seg = jnp.where(owned, segments, kv_cache.EMPTY_SEGMENT)[order]
+        return kv_cache.append(local, out.k[:, order], out.v[:, order], positions[order], seg,
+                               owned.sum().astype(jnp.int32))
+
+    def _allreduce_decode_local(self, params, tokens, positions, segments, step,
+                                cache: KVCache, key, temperature, top_k, top_p):
+        """Replicated-query decode: every rank runs all ``B`` tokens, attends its cache shard,
+        and the partials merge across ranks; each token is stored on its ``decode_owners``."""
         rank = jax.lax.axis_index(CONTEXT)
-        return rank == step % self.n_context
-
-    def _allreduce_decode_local(self, params, token, position, step, cache: KVCache):
-        """Replicated-query decode: attend the local shard, merge across ranks, store on owner."""
-        is_owner = self._decode_owner(step)
+        batch = jnp.arange(tokens.shape[0])
         local = _local(cache)
-        model = self._model(allreduce_decode_attention(self.base_attend, CONTEXT, is_owner))
-        tokens, positions = token[None], position[None]
-        out = model.apply({"params": params}, tokens, positions, jnp.zeros((1,), jnp.int32),
-                          local.as_past())
-        logits = self._head(params, out.hidden[0])
-        seg = jnp.where(is_owner, 0, kv_cache.EMPTY_SEGMENT)[None]
-        local = kv_cache.append(local, out.k, out.v, positions, seg, is_owner.astype(jnp.int32))
-        return jnp.argmax(logits).astype(jnp.int32), _global(local)
+        fills = jax.lax.all_gather(local.fill, CONTEXT)
+        owned = decode_owners(fills, step, tokens.shape[0]) == rank
+        model = self._model(allreduce_decode_attention(self.base_attend, CONTEXT, owned))
+        out = model.apply({"params": params}, tokens, positions, segments, local.as_past())
+        logits = self._head(params, out.hidden)
+        next_tokens = sampling_lib.sample(logits, key, step + 1, batch, temperature, top_k, top_p)
+        local = self._store_owned(local, out, positions, segments, owned)
+        return logits, next_tokens, _global(local)
 
-    def _ring_decode_local(self, params, token, position, step, cache: KVCache):
-        """The paper's decode: one query slot per rank, the real one on the owner; pass-Q ring."""
-        is_owner = self._decode_owner(step)
+    def _ring_decode_local(self, params, tokens, positions, segments, step, cache: KVCache,
+                           key, temperature, top_k, top_p):
+        """The paper's batched ring pass-Q decode.
+
+        Each rank takes the queries of the tokens it owns (``decode_owners``: round-robin,
+        shifted by one each step), padded to ``ceil(B / N)`` slots; a pass-Q ring visits every
+        cache shard, one all-to-all returns the partials, and the ranks exchange their sampled
+        tokens and logits. Each token's K/V stays on the rank that computed it.
+        """
+        n, b = self.n_context, tokens.shape[0]
+        per_rank = -(-b // n)
+        rank = jax.lax.axis_index(CONTEXT)
         local = _local(cache)
-        seg = jnp.where(is_owner, 0, kv_cache.EMPTY_SEGMENT)[None]
-        tokens, positions = token[None], position[None]
-        out = self._ring_model("pass_q").apply({"params": params}, tokens, positions, seg,
-                                               local.as_past())
-        logits = self._head(params, out.hidden[0])
-        local = kv_cache.append(local, out.k, out.v, positions, seg, is_owner.astype(jnp.int32))
-        # Only the owner's logits are real: every rank contributes, non-owners with zeros.
-        owner_logits = jax.lax.psum(jnp.where(is_owner, logits, 0.0), CONTEXT)
-        return jnp.argmax(owner_logits).astype(jnp.int32), _global(local)
+        owners = decode_owners(jax.lax.all_gather(local.fill, CONTEXT), step, b)
+        mine = jnp.argsort(owners != rank, stable=True)[:per_rank]   # my tokens first
+        real = owners[mine] == rank
+        my_tokens, my_positions = tokens[mine], positions[mine]
+        my_segments = jnp.where(real, segments[mine], kv_cache.EMPTY_SEGMENT)
+        out = self._ring_model("pass_q").apply({"params": params}, my_tokens, my_positions,
+                                               my_segments, local.as_past())
+        logits = self._head(params, out.hidden)
+        next_tokens = sampling_lib.sample(logits, key, step + 1, mine, temperature, top_k,
+                                          top_p)
+        local = kv_cache.append(local, out.k, out.v, my_positions, my_segments,
+                                real.sum().astype(jnp.int32))
+        gather = functools.partial(jax.lax.all_gather, axis_name=CONTEXT, tiled=True)
+        where = gather(jnp.where(real, mine, b))                # b = not a real token: dropped
+        all_tokens = jnp.zeros((b,), jnp.int32).at[where].set(gather(next_tokens), mode="drop")
+        all_logits = jnp.zeros((b, logits.shape[-1]), logits.dtype).at[where].set(
+            gather(logits), mode="drop")
+        return all_logits, all_tokens, _global(local)
 
     # ----------------------------------------------------------------- layouts and placement
     def _layout(self, lengths, start_positions=None, segment_ids=None) -> Layout:
@@ -194,6 +275,16 @@ class ContextParallelEngine(Engine):
         per_chunk = max(1, self.bucket // (2 * self.n_context))
         return balanced_layout(lengths, self.n_context, start_positions, segment_ids,
                                pad_multiple=per_chunk)
+
+    @staticmethod
+    def _placed_layout(layout: Layout, fills) -> Layout:
+        """``layout`` rotated over the ranks so the fullest cache shard stays as small as it
+        can (a short turn's tokens go to the ranks that hold the fewest)."""
+        real = layout.real_per_rank()
+        fills = np.asarray(fills)
+        best = min(range(layout.n_ranks),
+                   key=lambda shift: (int((fills + np.roll(real, shift)).max()), shift))
+        return layout.rotated(best)
 
     def _place(self, *arrays):
         sharding = NamedSharding(self.mesh, P(CONTEXT))
@@ -232,50 +323,94 @@ class ContextParallelEngine(Engine):
                 "context-parallel layout itself; pass only real tokens")
         layout = self._layout(*segment_runs(positions, segments))
         args = self._place(layout.shard(ids), layout.positions, layout.segments)
-        return layout.unshard(np.asarray(self._cp_logits(self.sharded_params, *args)))
+        logits = self._cp_logits[self.strategy_for(t, 0)](self.sharded_params, *args)
+        return layout.unshard(np.asarray(logits))
 
-    def score(self, ids) -> np.ndarray:
-        ids = validate_token_ids(ids, self.config.vocab_size)
-        require(ids.size >= 2, f"score needs at least 2 tokens, got {ids.size}")
-        self.check_length(ids.size)
+    def _score_whole(self, ids: np.ndarray) -> np.ndarray:
         per_chunk = round_up(SCORE_CHUNK, 2 * self.n_context) // (2 * self.n_context)
         layout = balanced_layout([ids.size - 1], self.n_context, pad_multiple=per_chunk)
         args = self._place(layout.shard(ids[:-1]), layout.shard(ids[1:]), layout.positions,
                            layout.segments)
-        lp = self._cp_score(self.sharded_params, *args)
+        lp = self._cp_score[self.strategy_for(ids.size - 1, 0)](self.sharded_params, *args)
         return layout.unshard(np.asarray(lp, np.float32))
 
-    def prefill(self, ids, cache: KVCache, start_position: int = 0):
-        """Context-parallel (partial) prefill of ``ids`` at ``start_position`` into ``cache``.
+    def strategy_for(self, new_tokens: int, cached_tokens: int) -> str:
+        """The prefill ring used for ``new_tokens`` after ``cached_tokens`` (see ``strategy``)."""
+        if self.strategy != "auto":
+            return self.strategy
+        if self.hardware is None:
+            self.hardware = "h100-nvlink" if jax.default_backend() == "gpu" else "cpu"
+        return choose_strategy(new_tokens, cached_tokens, self.config, self.n_context,
+                               get_hardware(self.hardware),
+                               bytes_per_element=jnp.dtype(self.dtype).itemsize)
 
-        The new tokens are load-balanced over the ranks regardless of where earlier turns put
-        the cached ones. Returns ``(logits [V] of the last token, cache)``.
+    def prefill_batch(self, sequences, cache: KVCache, segments=None, start_positions=None):
+        """Context-parallel (partial) prefill of a fused batch (see ``Engine.prefill_batch``).
+
+        The new tokens of each sequence are load-balanced over the ranks on their own (paper
+        Fig. 2), wherever earlier turns put the cached ones, and stay where they land.
         """
-        ids = validate_token_ids(ids, self.config.vocab_size)
-        layout = self._layout([ids.size], [start_position])
+        ids, segments, starts = self._pack(sequences, segments, start_positions)
+        self._check_turns(cache, segments, starts)
         fills = self.rank_fill(cache)
+        layout = self._placed_layout(self._layout([x.size for x in ids], starts, segments),
+                                     fills)
+        per_rank = cache.capacity // self.n_context
+        n_new = sum(x.size for x in ids)
+        require(max(fills) + layout.local_len <= per_rank,
+                f"KV cache overflow: a rank holds {max(fills)} of its {per_rank} slots and this "
+                f"prefill adds {layout.local_len} per rank ({n_new} tokens over "
+                f"{self.n_context} ranks); create the cache with a larger capacity")
+        strategy = self.strategy_for(n_new, sum(fills))
+        args = self._place(layout.shard(np.concatenate(ids)), layout.positions, layout.segments)
+        hidden, cache = self._cp_prefill[strategy](self.sharded_params, *args, cache)
+        last = np.cumsum([x.size for x in ids]) - 1
+        slots = np.array([np.flatnonzero(layout.source == i)[0] for i in last])
+        last_hidden = jax.device_put(hidden[slots], jax.devices()[0])
+        return self._head(self.params, last_hidden), cache
+
+    def prefill_logprobs(self, ids, targets, cache: KVCache, start_position: int = 0,
+                         segment: int = 0):
+        ids = validate_token_ids(ids, self.config.vocab_size)
+        targets = validate_token_ids(targets, self.config.vocab_size, name="targets")
+        require(targets.shape == ids.shape, f"targets: shape {targets.shape} must equal the ids' "
+                f"{ids.shape}")
+        self._check_turns(cache, [segment], [start_position])
+        fills = self.rank_fill(cache)
+        layout = self._placed_layout(self._layout([ids.size], [start_position], [segment]),
+                                     fills)
         per_rank = cache.capacity // self.n_context
         require(max(fills) + layout.local_len <= per_rank,
                 f"KV cache overflow: a rank holds {max(fills)} of its {per_rank} slots and this "
-                f"prefill adds {layout.local_len} per rank ({ids.size} tokens over "
-                f"{self.n_context} ranks); create the cache with a larger capacity")
-        args = self._place(layout.shard(ids), layout.positions, layout.segments)
-        hidden, cache = self._cp_prefill(self.sharded_params, *args, cache)
-        last_slot = int(np.flatnonzero(layout.source == ids.size - 1)[0])
-        last_hidden = jax.device_put(hidden[last_slot], jax.devices()[0])
-        return self._head(self.params, last_hidden), cache
+                f"prefill adds {layout.local_len} per rank; create the cache with a larger "
+                f"capacity")
+        strategy = self.strategy_for(ids.size, sum(fills))
+        args = self._place(layout.shard(ids), layout.shard(targets), layout.positions,
+                           layout.segments)
+        lp, cache = self._cp_prefill_logprobs[strategy](self.sharded_params, *args, cache)
+        return layout.unshard(np.asarray(lp, np.float32)), cache
 
-    def prefill_prompt(self, ids, cache: KVCache):
-        """One context-parallel prefill of the whole prompt (the mesh bounds the memory)."""
-        return self.prefill(ids, cache)
+    prefill_logprobs.__doc__ = Engine.prefill_logprobs.__doc__
 
-    def decode_step(self, token, position: int, step: int, cache: KVCache):
+    def prefill_prompt(self, ids, cache: KVCache, start_position: int = 0, segment: int = 0):
+        """One context-parallel (partial) prefill of the whole prompt (the mesh bounds memory)."""
+        return self.prefill(ids, cache, start_position, segment)
+
+    def _check_decode_room(self, cache: KVCache, batch: int) -> None:
         per_rank = cache.capacity // self.n_context
-        owner = step % self.n_context
-        require(self.rank_fill(cache)[owner] < per_rank,
-                f"KV cache overflow: rank {owner} has used all {per_rank} of its slots; create "
-                f"the cache with a larger capacity")
+        fills = self.rank_fill(cache)
+        require(max(fills) + -(-batch // self.n_context) <= per_rank,
+                f"KV cache overflow: a rank has used {max(fills)} of its {per_rank} slots; "
+                f"create the cache with a larger capacity")
+
+    def decode(self, tokens, positions, segments, step: int, cache: KVCache,
+               sampling: Sampling = GREEDY):
+        tokens, positions, segments = (np.asarray(x, np.int32).reshape(-1)
+                                       for x in (tokens, positions, segments))
+        self._check_decode_room(cache, tokens.size)
         replicated = NamedSharding(self.mesh, P())
-        scalars = [jax.device_put(np.asarray(x, np.int32), replicated)
-                   for x in (token, position, step)]
-        return self._cp_decode(self.sharded_params, *scalars, cache)
+        args = [jax.device_put(x, replicated) for x in
+                (tokens, positions, segments, np.int32(step), *sampling.as_arrays())]
+        return self._cp_decode(self.sharded_params, *args[:4], cache, *args[4:])
+
+    decode.__doc__ = Engine.decode.__doc__

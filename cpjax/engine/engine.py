@@ -19,7 +19,9 @@ from tqdm.auto import tqdm
 from cpjax.attention import get_attend, with_past
 from cpjax.config import ModelConfig
 from cpjax.engine import kv_cache
+from cpjax.engine import sampling as sampling_lib
 from cpjax.engine.kv_cache import KVCache
+from cpjax.engine.sampling import GREEDY, Sampling
 from cpjax.errors import CpjaxError, require
 from cpjax.model.llama import Llama
 
@@ -72,8 +74,9 @@ class Engine:
         self.model = Llama(self.config, with_past(get_attend(self.attention)), self.dtype)
         self.params = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), self.params)
         self._prefill = jax.jit(self._prefill_impl)
-        self._decode = jax.jit(self._decode_impl, donate_argnums=(3,))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(5,))
         self._score = jax.jit(self._score_impl)
+        self._prefill_logprobs = jax.jit(self._prefill_logprobs_impl, donate_argnums=(5,))
         self._logits = jax.jit(self._logits_impl)
 
     # ----------------------------------------------------------------- compiled bodies
@@ -83,21 +86,28 @@ class Engine:
     def _head(self, params, hidden):
         return self.model.apply({"params": params}, hidden, method=Llama.logits)
 
-    def _prefill_impl(self, params, tokens, positions, segments, cache: KVCache, n_real):
-        """Append ``tokens`` to ``cache``; returns (logits of the last real token [V], cache)."""
+    def _prefill_impl(self, params, tokens, positions, segments, cache: KVCache, last_rows,
+                      n_real):
+        """Append a packed row to ``cache``; returns (logits [B, V] at ``last_rows [B]``, cache)."""
         out = self._trunk(params, tokens, positions, segments, cache.as_past())
-        last = jax.lax.dynamic_index_in_dim(out.hidden, n_real - 1, keepdims=False)
         cache = kv_cache.append(cache, out.k, out.v, positions, segments, n_real)
-        return self._head(params, last), cache
+        return self._head(params, out.hidden[last_rows]), cache
 
-    def _decode_impl(self, params, token, position, cache: KVCache):
-        """One token: returns (logits [V], greedy next token [], cache)."""
-        tokens, positions = token[None], position[None]
-        segments = jnp.zeros((1,), jnp.int32)
+    def _prefill_logprobs_impl(self, params, tokens, targets, positions, segments,
+                               cache: KVCache, n_real):
         out = self._trunk(params, tokens, positions, segments, cache.as_past())
-        logits = self._head(params, out.hidden[0])
-        cache = kv_cache.append(cache, out.k, out.v, positions, segments, 1)
-        return logits, jnp.argmax(logits).astype(jnp.int32), cache
+        cache = kv_cache.append(cache, out.k, out.v, positions, segments, n_real)
+        return self._logprobs(params, out.hidden, targets), cache
+
+    def _decode_impl(self, params, tokens, positions, segments, step, cache: KVCache,
+                     key, temperature, top_k, top_p):
+        """One token for each of ``B`` sequences: returns (logits [B, V], next [B], cache)."""
+        out = self._trunk(params, tokens, positions, segments, cache.as_past())
+        logits = self._head(params, out.hidden)
+        cache = kv_cache.append(cache, out.k, out.v, positions, segments, tokens.shape[0])
+        next_tokens = sampling_lib.sample(logits, key, step + 1, jnp.arange(tokens.shape[0]),
+                                          temperature, top_k, top_p)
+        return logits, next_tokens, cache
 
     def _logprobs(self, params, hidden, targets):
         """Log-probability of ``targets [T]`` under the logits of ``hidden [T, D]``: ``[T]``.
@@ -151,11 +161,33 @@ class Engine:
         return np.asarray(self._logits(self.params, ids, positions.astype(np.int32),
                                        segments.astype(np.int32)))
 
-    def score(self, ids) -> np.ndarray:
-        """``[T-1]`` float32 log-probabilities of ``ids[1:]``, each given its prefix."""
+    def score(self, ids, split_at=None) -> np.ndarray:
+        """``[T-1]`` float32 log-probabilities of ``ids[1:]``, each given its prefix.
+
+        ``split_at``: ``K`` or increasing ``[K1, K2, ...]``: prefill tokens ``[0, K1)``, then
+        partial-prefill each following piece against the persistent cache (multi-turn); the
+        result equals the one-shot score.
+        """
         ids = validate_token_ids(ids, self.config.vocab_size)
         require(ids.size >= 2, f"score needs at least 2 tokens, got {ids.size}")
         self.check_length(ids.size)
+        if split_at is None:
+            return self._score_whole(ids)
+        splits = [int(k) for k in np.atleast_1d(split_at)]
+        require(all(a < b for a, b in zip([0, *splits], [*splits, ids.size - 1])),
+                f"split_at={splits}: split points must increase strictly within "
+                f"[1, {ids.size - 2}] (the {ids.size - 1} scored tokens must be cut into "
+                f"non-empty pieces)")
+        bounds = [0, *splits, ids.size - 1]
+        pieces = list(zip(bounds[:-1], bounds[1:]))
+        cache = self.new_cache(sum(self.prefill_slots(b - a) for a, b in pieces))
+        logprobs = []
+        for a, b in pieces:
+            lp, cache = self.prefill_logprobs(ids[a:b], ids[a + 1:b + 1], cache, a)
+            logprobs.append(lp)
+        return np.concatenate(logprobs)
+
+    def _score_whole(self, ids: np.ndarray) -> np.ndarray:
         padded = round_up(ids.size - 1, max(self.bucket, SCORE_CHUNK))
         tokens = _pad(ids[:-1], padded, 0)
         targets = _pad(ids[1:], padded, 0)
@@ -164,74 +196,205 @@ class Engine:
         lp = self._score(self.params, tokens, targets, positions, segments)
         return np.asarray(lp[: ids.size - 1], np.float32)
 
-    def prefill(self, ids, cache: KVCache, start_position: int = 0):
-        """Append ``ids`` (positions from ``start_position``) to ``cache``.
+    def prefill_logprobs(self, ids, targets, cache: KVCache, start_position: int = 0,
+                         segment: int = 0):
+        """Partial prefill of ``ids [n]`` that also scores ``targets [n]`` (the token after
+        each): returns ``(log-probabilities [n] float32, cache)``."""
+        ids = validate_token_ids(ids, self.config.vocab_size)
+        targets = validate_token_ids(targets, self.config.vocab_size, name="targets")
+        require(targets.shape == ids.shape, f"targets: shape {targets.shape} must equal the ids' "
+                f"{ids.shape}")
+        self._check_turns(cache, [segment], [start_position])
+        padded = self.prefill_slots(ids.size)
+        require(int(cache.fill) + padded <= cache.capacity,
+                f"KV cache overflow: {int(cache.fill)} cached + {ids.size} new tokens exceed "
+                f"the capacity of {cache.capacity}; create the cache with a larger capacity")
+        positions = np.arange(start_position, start_position + padded, dtype=np.int32)
+        segments = _pad(np.full(ids.size, segment, np.int32), padded, kv_cache.EMPTY_SEGMENT)
+        lp, cache = self._prefill_logprobs(self.params, _pad(ids, padded, 0),
+                                           _pad(targets, padded, 0), positions, segments, cache,
+                                           ids.size)
+        return np.asarray(lp[:ids.size], np.float32), cache
+
+    def next_position(self, cache: KVCache, segment: int = 0) -> int:
+        """Position after the last cached token of ``segment`` (0 if it has none)."""
+        return int(_next_position(cache.pos, cache.seg, segment))
+
+    def _check_turns(self, cache, segments, start_positions) -> None:
+        """Each sequence must continue its segment in the cache exactly where it left off."""
+        for seg, start in zip(segments, start_positions):
+            expected = self.next_position(cache, seg)
+            require(start == expected,
+                    f"turn of segment {seg} starts at position {start}, but the cache holds "
+                    f"that segment up to position {expected - 1} (the next turn must start at "
+                    f"{expected}); pass the right segment id or start position")
+
+    def _pack(self, sequences, segments, start_positions):
+        """Validated ``(ids list, segments, starts)`` of a batch of prefills."""
+        require(isinstance(sequences, (list, tuple)) and len(sequences) > 0,
+                "sequences: expected a non-empty list of token id arrays")
+        ids = [validate_token_ids(x, self.config.vocab_size, name=f"sequence {i} token ids")
+               for i, x in enumerate(sequences)]
+        segments = list(range(len(ids))) if segments is None else [int(s) for s in segments]
+        require(len(segments) == len(ids) and len(set(segments)) == len(ids)
+                and min(segments) >= 0,
+                f"segments={segments}: need one distinct id >= 0 per sequence ({len(ids)})")
+        if start_positions is None:
+            start_positions = [0] * len(ids)
+        start_positions = [int(p) for p in start_positions]
+        require(len(start_positions) == len(ids),
+                f"start_positions: expected {len(ids)} values, got {len(start_positions)}")
+        for x, p in zip(ids, start_positions):
+            self.check_length(p + x.size, "cached plus new tokens")
+        return ids, segments, start_positions
+
+    def prefill_batch(self, sequences, cache: KVCache, segments=None, start_positions=None):
+        """(Partial) prefill of several sequences packed into one row of the cache.
+
+        Args:
+          sequences: ``B`` token id arrays.
+          segments: their sequence ids in the cache (default ``0..B-1``).
+          start_positions: position of each one's first new token (default 0); must continue
+            what the cache holds for that segment.
+        Returns ``(logits [B, V] of each sequence's last token, cache)``.
+        """
+        ids, segments, starts = self._pack(sequences, segments, start_positions)
+        self._check_turns(cache, segments, starts)
+        n = sum(x.size for x in ids)
+        padded = self.prefill_slots(n)
+        fill = int(cache.fill)
+        require(fill + padded <= cache.capacity,
+                f"KV cache overflow: {fill} cached + {n} new tokens (padded to {padded}) "
+                f"exceed the capacity of {cache.capacity}; create the cache with a larger "
+                f"capacity")
+        tokens = _pad(np.concatenate(ids), padded, 0)
+        positions = _pad(np.concatenate([p + np.arange(x.size) for x, p in zip(ids, starts)])
+                         .astype(np.int32), padded, 0)
+        segs = _pad(np.concatenate([np.full(x.size, s, np.int32) for x, s in zip(ids, segments)]),
+                    padded, kv_cache.EMPTY_SEGMENT)
+        last_rows = np.cumsum([x.size for x in ids]).astype(np.int32) - 1
+        return self._prefill(self.params, tokens, positions, segs, cache, last_rows, n)
+
+    def prefill(self, ids, cache: KVCache, start_position: int = 0, segment: int = 0):
+        """Append ``ids`` of ``segment`` (positions from ``start_position``) to ``cache``.
 
         Returns ``(logits [V] of the last token, cache)``.
         """
-        ids = validate_token_ids(ids, self.config.vocab_size)
-        padded = self.prefill_slots(ids.size)
+        logits, cache = self.prefill_batch([ids], cache, [segment], [start_position])
+        return logits[0], cache
+
+    def _check_decode_room(self, cache: KVCache, batch: int) -> None:
         fill = int(cache.fill)
-        require(fill + padded <= cache.capacity,
-                f"KV cache overflow: {fill} cached + {ids.size} new tokens (padded to "
-                f"{padded}) exceed the capacity of {cache.capacity}; create the cache with a "
-                f"larger capacity")
-        tokens = _pad(ids, padded, 0)
-        positions = np.arange(start_position, start_position + padded, dtype=np.int32)
-        segments = _pad(np.zeros(ids.size, np.int32), padded, kv_cache.EMPTY_SEGMENT)
-        return self._prefill(self.params, tokens, positions, segments, cache, ids.size)
+        require(fill + batch <= cache.capacity,
+                f"KV cache overflow: the cache is full ({fill} of {cache.capacity} slots); "
+                f"create it with a larger capacity")
 
-    def decode_step(self, token, position: int, step: int, cache: KVCache):
-        """Feed one token at ``position``; returns (greedy next token [] int32, cache).
+    def decode(self, tokens, positions, segments, step: int, cache: KVCache,
+               sampling: Sampling = GREEDY):
+        """One decode step for ``B`` sequences.
 
-        ``step`` counts decode steps (context-parallel engines place each new token's K/V on
-        rank ``step mod N``); the compiled step is shared by all steps.
+        Args:
+          tokens, positions, segments: ``[B]`` int32: the last token of each sequence, its
+            position and its segment id in the cache.
+          step: decode step counter (the sampler's key and, with context parallelism, the rank
+            that stores each new K/V depend on it); one compiled step serves all steps.
+        Returns ``(logits [B, V], next tokens [B] int32, cache)``.
         """
-        _, next_token, cache = self._decode(self.params, jnp.asarray(token, jnp.int32),
-                                            jnp.int32(position), cache)
-        return next_token, cache
+        tokens, positions, segments = (np.asarray(x, np.int32).reshape(-1)
+                                       for x in (tokens, positions, segments))
+        self._check_decode_room(cache, tokens.size)
+        return self._decode(self.params, tokens, positions, segments, np.int32(step), cache,
+                            *sampling.as_arrays())
 
-    def prefill_prompt(self, ids, cache: KVCache):
-        """Prefill a whole prompt from position 0; long prompts go in chunks with a progress bar.
+    def first_tokens(self, logits, sampling: Sampling = GREEDY, turn: int = 0) -> np.ndarray:
+        """Tokens ``[B]`` drawn from the prefill logits ``[B, V]`` of turn ``turn``."""
+        return np.asarray(_sample_first(jnp.asarray(logits),
+                                        np.int32(sampling_lib.FIRST_TOKEN_KEYS + turn),
+                                        *sampling.as_arrays()))
 
-        Each chunk is a prefill against the cache filled by the previous ones (exact: masks come
-        from positions), so memory stays bounded by the chunk size.
+    def prefill_prompt(self, ids, cache: KVCache, start_position: int = 0, segment: int = 0):
+        """Prefill a prompt (or a follow-up turn at ``start_position``); long ones go in chunks
+        of ``PREFILL_CHUNK`` tokens with a progress bar.
+
+        Each chunk is a partial prefill against the cache filled by the previous ones (exact:
+        masks come from positions), so memory stays bounded by the chunk size.
+        Returns ``(logits [V] of the last token, cache)``.
         """
-        starts = range(0, len(ids), PREFILL_CHUNK)
-        for start in tqdm(starts, desc="prefill", unit="chunk", disable=len(starts) == 1,
-                          leave=False):
-            logits, cache = self.prefill(ids[start:start + PREFILL_CHUNK], cache,
-                                         start_position=start)
+        offsets = range(0, len(ids), PREFILL_CHUNK)
+        for offset in tqdm(offsets, desc="prefill", unit="chunk", disable=len(offsets) == 1,
+                           leave=False):
+            logits, cache = self.prefill(ids[offset:offset + PREFILL_CHUNK], cache,
+                                         start_position=start_position + offset,
+                                         segment=segment)
         return logits, cache
 
-    def generate_stream(self, prompt_ids, max_new_tokens: int,
-                        stop_ids: Iterable[int] = ()) -> Iterator[int]:
-        """Greedy generation: yields new token ids one by one, stopping after a stop id."""
+    def generate_batch(self, prompts, max_new_tokens: int, stop_ids: Iterable[int] = (),
+                       sampling: Sampling = GREEDY) -> list[list[int]]:
+        """Generate for ``B`` prompts at once (packed prefill, batched decode).
+
+        Returns each sequence's new tokens, ending at (and including) its first stop id.
+        """
+        require(isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 0,
+                f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
+        ids, segments, _ = self._pack(prompts, None, None)
+        for x in ids:
+            self.check_length(x.size + max_new_tokens, "prompt plus max_new_tokens")
+        if max_new_tokens == 0:
+            return [[] for _ in ids]
+        stop = set(int(s) for s in stop_ids)
+        capacity = self.capacity_for(sum(x.size for x in ids), len(ids) * max_new_tokens,
+                                     len(ids))
+        logits, cache = self.prefill_batch(ids, self.new_cache(capacity), segments)
+        tokens = self.first_tokens(logits, sampling)
+        positions = np.array([x.size for x in ids], np.int32)
+        outputs = [[int(t)] for t in tokens]
+        done = np.array([t in stop for t in tokens])
+        for step in range(max_new_tokens - 1):
+            if done.all():
+                break
+            _, tokens, cache = self.decode(tokens, positions, segments, step, cache, sampling)
+            tokens = np.asarray(tokens)
+            positions = positions + 1
+            for b, t in enumerate(tokens):
+                if not done[b]:
+                    outputs[b].append(int(t))
+                    done[b] = int(t) in stop
+        return outputs
+
+    def capacity_for(self, prompt_tokens: int, new_tokens: int, batch: int = 1) -> int:
+        """A cache capacity that holds a prefill of ``prompt_tokens`` and ``new_tokens`` more."""
+        return round_up(self.prefill_slots(prompt_tokens) + new_tokens + batch, 256)
+
+    def generate_stream(self, prompt_ids, max_new_tokens: int, stop_ids: Iterable[int] = (),
+                        sampling: Sampling = GREEDY) -> Iterator[int]:
+        """Yield new token ids one by one (greedy by default), stopping after a stop id."""
+        from cpjax.engine.session import Session
+
         ids = validate_token_ids(prompt_ids, self.config.vocab_size, name="prompt token ids")
         require(isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 0,
                 f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
         self.check_length(ids.size + max_new_tokens, "prompt plus max_new_tokens")
-        if max_new_tokens == 0:
-            return
-        stop = set(int(s) for s in stop_ids)
-        capacity = round_up(self.prefill_slots(ids.size) + max_new_tokens, 256)
-        logits, cache = self.prefill_prompt(ids, self.new_cache(capacity))
-        token = jnp.argmax(logits).astype(jnp.int32)
-        position = ids.size
-        for step in range(max_new_tokens):
-            value = int(token)
-            yield value
-            if value in stop or step == max_new_tokens - 1:
-                return
-            token, cache = self.decode_step(token, position, step, cache)
-            position += 1
+        session = Session(self, self.capacity_for(ids.size, max_new_tokens))
+        yield from session.turn(ids, max_new_tokens, stop_ids, sampling)
 
     def generate(self, prompt_ids, max_new_tokens: int, stop_ids: Iterable[int] = (),
-                 on_token: Optional[Callable[[int], None]] = None) -> list[int]:
-        """Greedy generation; returns the new token ids (including a final stop id)."""
+                 on_token: Optional[Callable[[int], None]] = None,
+                 sampling: Sampling = GREEDY) -> list[int]:
+        """Generate (greedy by default); returns the new token ids (including a final stop id)."""
         out = []
-        for token in self.generate_stream(prompt_ids, max_new_tokens, stop_ids):
+        for token in self.generate_stream(prompt_ids, max_new_tokens, stop_ids, sampling):
             out.append(token)
             if on_token is not None:
                 on_token(token)
         return out
+
+
+@jax.jit
+def _next_position(pos, seg, segment):
+    return jnp.max(jnp.where(seg == segment, pos, -1)) + 1
+
+
+@jax.jit
+def _sample_first(logits, key_index, key, temperature, top_k, top_p):
+    return sampling_lib.sample(logits, key, key_index, jnp.arange(logits.shape[0]), temperature,
+                               top_k, top_p)

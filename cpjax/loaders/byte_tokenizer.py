@@ -12,6 +12,7 @@ class ByteTokenizer:
     bos_id = None
     eos_id = None
     eos_ids: tuple[int, ...] = ()
+    chat_template = None
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         return list(text.encode("utf-8"))

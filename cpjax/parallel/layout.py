@@ -54,6 +54,21 @@ class Layout(NamedTuple):
         out[real] = values[self.source[real]]
         return out
 
+    def real_per_rank(self) -> np.ndarray:
+        """``[n_ranks]`` number of real (non-padding) slots on each rank."""
+        return (self.source.reshape(self.n_ranks, self.local_len) >= 0).sum(axis=1)
+
+    def rotated(self, shift: int) -> "Layout":
+        """The same layout with rank ``r``'s slots moved to rank ``(r + shift) mod n_ranks``.
+
+        Every rank still does the same work; used to put a short turn's tokens on the ranks
+        whose caches hold the fewest.
+        """
+        roll = (shift % self.n_ranks) * self.local_len
+        return self._replace(source=np.roll(self.source, roll),
+                             positions=np.roll(self.positions, roll),
+                             segments=np.roll(self.segments, roll))
+
     def unshard(self, values) -> np.ndarray:
         """Inverse of :meth:`shard`: ``[n_ranks * local_len, ...]`` back to ``[total, ...]``."""
         values = np.asarray(values)
@@ -66,18 +81,22 @@ class Layout(NamedTuple):
 def balanced_chunks(length: int, n_ranks: int, pad_multiple: int = 1) -> list[np.ndarray]:
     """For one sequence: per rank, the indices (``-1`` = padding) it holds, in order.
 
-    The sequence is left-padded to a multiple of ``2 * n_ranks * pad_multiple``; rank ``r`` gets
-    chunks ``r`` and ``2 * n_ranks - 1 - r``. Returns ``n_ranks`` arrays of ``padded / n_ranks``
-    indices.
+    The sequence is left-padded to a multiple of ``2 * n_ranks`` and cut into ``2 * n_ranks``
+    equal chunks; each chunk is then padded at its end to a multiple of ``pad_multiple`` rows
+    (shape bucketing). Rank ``r`` gets chunks ``r`` and ``2 * n_ranks - 1 - r``. Returns
+    ``n_ranks`` arrays of ``2 * chunk`` indices.
+
+    Padding at the front (fewer than ``2N`` tokens) lowers the causal work of every chunk by
+    the same amount, and bucketing padding is spread over all chunks instead of piling up in
+    the first ones, so even a short turn's tokens land on many ranks.
     """
     n_chunks = 2 * n_ranks
-    padded = -(-length // (n_chunks * pad_multiple)) * n_chunks * pad_multiple
-    # Padding goes to the front (of chunk 0): it then lowers the causal work of every chunk by
-    # the same amount, so the ranks stay balanced; trailing padding would all fall on rank 0's
-    # heavy chunk.
-    index = np.arange(padded) - (padded - length)
+    tight = -(-length // n_chunks) * n_chunks
+    index = np.arange(tight) - (tight - length)
     index[index < 0] = -1
-    chunks = index.reshape(n_chunks, padded // n_chunks)
+    chunks = index.reshape(n_chunks, tight // n_chunks)
+    width = -(-chunks.shape[1] // pad_multiple) * pad_multiple
+    chunks = np.pad(chunks, ((0, 0), (0, width - chunks.shape[1])), constant_values=-1)
     return [np.concatenate([chunks[r], chunks[n_chunks - 1 - r]]) for r in range(n_ranks)]
 
 
@@ -93,8 +112,8 @@ def balanced_layout(lengths: Sequence[int], n_ranks: int,
       start_positions: global position of each sequence's first token (default 0; a follow-up
         turn starts after its cached prefix).
       segment_ids: segment id of each sequence (default 0, 1, 2, ...).
-      pad_multiple: pad each sequence to a multiple of ``2 * n_ranks * pad_multiple`` tokens
-        (bucketing, so that few distinct shapes are compiled).
+      pad_multiple: pad each of a sequence's ``2 * n_ranks`` chunks to a multiple of this many
+        rows (bucketing, so that few distinct shapes are compiled).
     """
     lengths = [int(n) for n in lengths]
     require(n_ranks >= 1, f"n_ranks={n_ranks}: must be >= 1")

@@ -16,6 +16,8 @@ Only KV heads travel (GQA heads are never repeated). Partials are merged in floa
 from __future__ import annotations
 
 import functools
+import inspect
+import math
 from typing import Callable
 
 import jax
@@ -33,26 +35,44 @@ def _ring_shift(tree, axis: str, n: int):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), tree)
 
 
-def pass_kv(attend: Callable, axis: str, n: int, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    """Ring pass-KV: at step j rank r holds the K/V of rank (r - j) mod n.
+def attend_parts(attend: Callable, q, q_pos, q_seg, parts):
+    """Attention of ``q`` over several K/V parts, merged by log-sum-exp (float32 ``out``).
 
-    Args: local shards, ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]``, positions/segments ``[T*]``.
+    ``parts``: a tuple of ``(k, v, kv_pos, kv_seg)``, e.g. a rank's new rows and its cache
+    shard. Keeping them apart (instead of concatenating) lets each keep its own block
+    structure, so an empty or fully masked part costs almost nothing.
+    """
+    out = lse = None
+    for k, v, kv_pos, kv_seg in parts:
+        part_out, part_lse = attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+        if out is None:
+            out, lse = part_out.astype(jnp.float32), part_lse
+        else:
+            out, lse = merge(out, lse, part_out, part_lse)
+    return out, lse
+
+
+def pass_kv(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts):
+    """Ring pass-KV: at step j rank r holds the K/V parts of rank (r - j) mod n.
+
+    Args: local shards, ``q [Tq, Hq, D]``, ``q_pos, q_seg [Tq]``, ``parts`` a tuple of
+      ``(k, v [Tk, Hkv, D], kv_pos, kv_seg [Tk])``.
     Returns: ``(out [Tq, Hq, D] in q.dtype, lse [Tq, Hq] float32)`` over all ranks' keys.
     """
-    block = (k, v, kv_pos, kv_seg)
+    block = parts
     out = lse = None
     for step in range(n):
         following = _ring_shift(block, axis, n) if step < n - 1 else None
-        part_out, part_lse = attend(q, block[0], block[1], q_pos, block[2], q_seg, block[3])
+        part_out, part_lse = attend_parts(attend, q, q_pos, q_seg, block)
         if out is None:
-            out, lse = part_out.astype(jnp.float32), part_lse
+            out, lse = part_out, part_lse
         else:
             out, lse = merge(out, lse, part_out, part_lse)
         block = following
     return out.astype(q.dtype), lse
 
 
-def pass_q(attend: Callable, axis: str, n: int, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+def pass_q(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts):
     """Ring pass-Q: at step j rank r holds the queries of rank (r - j) mod n.
 
     After the ring, rank r holds partials of every origin's queries against its own K/V; one
@@ -63,9 +83,8 @@ def pass_q(attend: Callable, axis: str, n: int, q, k, v, q_pos, kv_pos, q_seg, k
     outs, lses = [], []
     for step in range(n):
         following = _ring_shift(travelling, axis, n) if step < n - 1 else None
-        part_out, part_lse = attend(travelling[0], k, v, travelling[1], kv_pos, travelling[2],
-                                    kv_seg)
-        outs.append(part_out)
+        part_out, part_lse = attend_parts(attend, *travelling, parts)
+        outs.append(part_out.astype(q.dtype))
         lses.append(part_lse)
         travelling = following
     rank = jax.lax.axis_index(axis)
@@ -81,42 +100,84 @@ def pass_q(attend: Callable, axis: str, n: int, q, k, v, q_pos, kv_pos, q_seg, k
     return out.astype(q.dtype), lse
 
 
-def all_gather(attend: Callable, axis: str, n: int, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    """Gather every rank's K/V (with positions and segments), then one local attention."""
+def all_gather(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts):
+    """Gather every rank's K/V parts (with positions and segments), then attend locally."""
     gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=0, tiled=True)
-    return attend(q, gather(k), gather(v), q_pos, gather(kv_pos), q_seg, gather(kv_seg))
+    out, lse = attend_parts(attend, q, q_pos, q_seg, jax.tree.map(gather, parts))
+    return out.astype(q.dtype), lse
+
+
+_RINGS = {"pass_kv": pass_kv, "pass_q": pass_q, "all_gather": all_gather}
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in _RINGS:
+        raise CpjaxError(f"unknown context-parallel strategy {strategy!r}: choose one of "
+                         f"{', '.join(STRATEGIES)}")
 
 
 def context_parallel_attend(strategy: str, attend: Callable, axis: str, n: int) -> Callable:
-    """An ``attend`` for local shards inside ``shard_map`` over ``axis`` of size ``n``."""
-    table = {"pass_kv": pass_kv, "pass_q": pass_q, "all_gather": all_gather}
-    if strategy not in table:
-        raise CpjaxError(f"unknown context-parallel strategy {strategy!r}: choose one of "
-                         f"{', '.join(STRATEGIES)}")
+    """An ``attend`` (same contract) for local shards inside ``shard_map`` over ``axis``."""
+    _check_strategy(strategy)
     if n == 1:
         return attend
-    return functools.partial(table[strategy], attend, axis, n)
+
+    def ring_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+        return _RINGS[strategy](attend, axis, n, q, q_pos, q_seg, ((k, v, kv_pos, kv_seg),))
+    return ring_attend
+
+
+MIN_ALIGNED_BLOCK = 64
+
+
+def chunk_aligned(attend: Callable, local_rows: int) -> Callable:
+    """``attend`` with query/key blocks that tile one layout chunk (``local_rows / 2`` rows),
+    when it takes ``block_q``/``block_k``.
+
+    A rank's rows are chunks ``r`` and ``2N-1-r`` (``cpjax.parallel.layout``); a block that
+    straddles both spans positions from both ends of the sequence, so its causal bounds prove
+    nothing and it is computed in full. Blocks that tile the chunk let the kernel skip the
+    chunk pairs that are fully masked and drop the mask where they are fully visible, halving
+    the causal work of every ring step. Each block is the largest divisor of the chunk shared
+    with the kernel's default (``gcd``), or the chunk itself when that would be under 64 rows.
+    """
+    chunk = local_rows // 2
+    if local_rows % 2 or chunk < MIN_ALIGNED_BLOCK:
+        return attend
+    try:
+        params = inspect.signature(attend).parameters
+    except (TypeError, ValueError):
+        return attend
+    if "block_q" not in params or "block_k" not in params:
+        return attend
+
+    def tile(default: int) -> int:
+        block = math.gcd(chunk, default)
+        return block if block >= MIN_ALIGNED_BLOCK else chunk
+    return functools.partial(attend, block_q=tile(params["block_q"].default),
+                             block_k=tile(params["block_k"].default))
 
 
 def ring_attention(strategy: str, attend: Callable, axis: str, n: int) -> Callable:
     """The model's attention plan (see ``cpjax.model.llama``) for a context-parallel forward.
 
-    ``past`` is this rank's shard of the KV cache. It is joined to the rank's new keys/values
-    and the whole local block takes part in the ring: pass-KV circulates it (the paper's
-    message of ``max_j P_j + T/N`` rows, here the local cache window plus the new rows),
-    pass-Q keeps it in place and circulates the new queries. Exact for any cache placement,
-    because masks come from the positions and segments that travel with the rows.
+    ``past`` is this rank's shard of the KV cache. It takes part in the ring next to the rank's
+    new keys/values, as a separate part: pass-KV circulates both (the paper's message of
+    ``max_j P_j + T/N`` rows: here the local cache window plus the new rows), pass-Q keeps both
+    in place and circulates the new queries. Exact for any cache placement, because masks come
+    from the positions and segments that travel with the rows.
     """
-    ring = context_parallel_attend(strategy, attend, axis, n)
+    _check_strategy(strategy)
 
     def plan(q, k, v, positions, segments, past):
-        kv_pos, kv_seg = positions, segments
+        step_attend = chunk_aligned(attend, q.shape[0])
+        parts = ((k, v, positions, segments),)
         if past is not None:
-            k = jnp.concatenate([past[0].astype(k.dtype), k])
-            v = jnp.concatenate([past[1].astype(v.dtype), v])
-            kv_pos = jnp.concatenate([past[2], positions])
-            kv_seg = jnp.concatenate([past[3], segments])
-        return ring(q, k, v, positions, kv_pos, segments, kv_seg)
+            parts += ((past[0].astype(k.dtype), past[1].astype(v.dtype), past[2], past[3]),)
+        if n == 1:
+            out, lse = attend_parts(step_attend, q, positions, segments, parts)
+            return out.astype(q.dtype), lse
+        return _RINGS[strategy](step_attend, axis, n, q, positions, segments, parts)
     return plan
 
 
