@@ -85,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prefill [0, K) then partial-prefill the rest (each further split "
                             "is another turn) against the persistent cache; same output")
 
+    perf = sub.add_parser("perfmodel", help="predicted prefill time under CP x TP (no weights "
+                                            "loaded; cpjax.perfmodel)")
+    perf.add_argument("--model", default="llama3-405b", help="model preset name")
+    perf.add_argument("--tokens", type=int, required=True, help="new tokens T")
+    perf.add_argument("--cached-tokens", type=int, default=0, help="cached tokens P")
+    perf.add_argument("--cp-nodes", type=int, default=1, help="context-parallel nodes N")
+    perf.add_argument("--tp", type=int, default=8, help="tensor-parallel GPUs per node")
+    perf.add_argument("--hardware", default="h100-rdma",
+                      help="h100-rdma | h100-tcp | h100-nvlink")
+    perf.add_argument("--strategy", default="auto", choices=STRATEGIES)
+
     chat = sub.add_parser("chat", parents=[common],
                           help="interactive multi-turn chat with a persistent KV cache")
     chat.add_argument("--system", default=None, help="system message")
@@ -276,12 +287,36 @@ def _run_score(args, engine, tokenizer) -> None:
                       "mean_logprob": float(logprobs.mean())}))
 
 
+def _run_perfmodel(args) -> None:
+    from cpjax.config import PRESETS
+    from cpjax.errors import require
+    from cpjax.hardware import PRESETS as HARDWARE
+    from cpjax.perfmodel import Deployment, decode_time, prefill_time
+    require(args.model in PRESETS, f"--model {args.model!r}: the performance model takes a "
+            f"preset name ({', '.join(PRESETS)})")
+    require(args.hardware in HARDWARE, f"--hardware {args.hardware!r}: choose one of "
+            f"{', '.join(HARDWARE)}")
+    config, hardware = PRESETS[args.model], HARDWARE[args.hardware]
+    deployment = Deployment(cp=args.cp_nodes, tp=args.tp)
+    prefill = prefill_time(config, args.tokens, deployment, hardware, args.cached_tokens,
+                           args.strategy)
+    decode = decode_time(config, args.tokens + args.cached_tokens, deployment, hardware)
+    print(json.dumps({"model": config.name, "hardware": args.hardware, "cp_nodes": args.cp_nodes,
+                      "tp": args.tp, "new_tokens": args.tokens,
+                      "cached_tokens": args.cached_tokens, **prefill,
+                      "decode_memory_bound_tpot_s": decode["tpot_s"]}, indent=1))
+
+
 def main(argv=None) -> None:
     """Entry point of ``python -m cpjax``."""
     args = build_parser().parse_args(argv)
-    _configure_jax_environment(args)
-
     from cpjax.errors import CpjaxError
+    if args.command == "perfmodel":
+        try:
+            return _run_perfmodel(args)
+        except CpjaxError as exc:
+            _fail(str(exc))
+    _configure_jax_environment(args)
     try:
         from cpjax.loaders import load_model
         config, params, tokenizer = load_model(args.model)

@@ -25,25 +25,39 @@ class Hardware:
       peak_flops: FLOP/s of one device (C in the paper).
       link_bandwidth: bytes/s one device sends to its ring neighbour (BW in the paper).
       memory_bandwidth: bytes/s of the device memory (decode is bound by it).
+      nvlink_bandwidth: bytes/s per GPU inside a node (tensor-parallel all-reduces).
+      efficiency: fraction of ``peak_flops`` the GEMM/attention kernels achieve (the one
+        constant ``cpjax.perfmodel`` fits per preset).
     """
 
     name: str
     peak_flops: float
     link_bandwidth: float
     memory_bandwidth: float
+    nvlink_bandwidth: float = 450e9
+    efficiency: float = 1.0
 
     def __post_init__(self):
-        for field in ("peak_flops", "link_bandwidth", "memory_bandwidth"):
+        require(0 < self.efficiency <= 1,
+                f"Hardware {self.name!r}: efficiency={self.efficiency!r} must be in (0, 1]")
+        for field in ("peak_flops", "link_bandwidth", "memory_bandwidth", "nvlink_bandwidth"):
             value = getattr(self, field)
             require(value > 0, f"Hardware {self.name!r}: {field}={value!r} must be > 0")
 
 
+#: Fitted by ``cpjax.perfmodel.fit_efficiency`` on one point, the paper's Table 6 (Llama3-405B,
+#: 128K tokens, one TP8 node: 42.01 s); ``tests/test_perfmodel.py`` re-fits and checks it.
+PAPER_H100_EFFICIENCY = 0.7284
+
 PRESETS = {
     # The paper's GTT cluster: power-limited H100 (800 TF/s bf16), RDMA 400 Gb/s per GPU.
-    "h100-rdma": Hardware("h100-rdma", 800e12, 400e9 / 8, 2.4e12),
+    "h100-rdma": Hardware("h100-rdma", 800e12, 400e9 / 8, 2.4e12,
+                          efficiency=PAPER_H100_EFFICIENCY),
     # The paper's GTI cluster: same GPUs over the TCP frontend network, 100 Gb/s per GPU.
-    "h100-tcp": Hardware("h100-tcp", 800e12, 100e9 / 8, 2.4e12),
-    # A stock H100 SXM node: 989 TF/s dense bf16, NVLink 4 at 450 GB/s per direction.
+    "h100-tcp": Hardware("h100-tcp", 800e12, 100e9 / 8, 2.4e12,
+                         efficiency=PAPER_H100_EFFICIENCY),
+    # A stock H100 SXM node: 989 TF/s dense bf16, NVLink 4 at 450 GB/s per direction
+    # (efficiency not fitted: no measurement of it here).
     "h100-nvlink": Hardware("h100-nvlink", 989e12, 450e9, 3.35e12),
 }
 

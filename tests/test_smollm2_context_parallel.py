@@ -42,14 +42,19 @@ def test_scores_of_a_3000_token_prompt_match_single_device(smollm2, long_ids, si
                                                            strategy):
     engine = ContextParallelEngine(smollm2[0], smollm2[1], mesh=make_mesh(8), strategy=strategy)
     assert np.abs(engine.score(long_ids) - single_scores).max() < 1e-4
+    # Partial prefill against the persistent cache: K not a multiple of 2N = 16, then 3 turns.
+    assert np.abs(engine.score(long_ids, split_at=1203) - single_scores).max() < 1e-4
+    assert np.abs(engine.score(long_ids, split_at=[1600, 2400]) - single_scores).max() < 1e-4
 
 
-def test_greedy_generation_matches_single_device(smollm2, single):
+@pytest.mark.parametrize("decode", ["allreduce", "ring_pass_q"])
+def test_greedy_generation_matches_single_device(smollm2, single, decode):
     tokenizer = smollm2[2]
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}])
     ids = tokenizer.encode(prompt)
-    engine = ContextParallelEngine(smollm2[0], smollm2[1], mesh=make_mesh(8), strategy="pass_kv")
+    engine = ContextParallelEngine(smollm2[0], smollm2[1], mesh=make_mesh(8), strategy="pass_q",
+                                   decode_strategy=decode)
     want = single.generate(ids, 24, tokenizer.eos_ids)
     assert engine.generate(ids, 24, tokenizer.eos_ids) == want
     assert "Paris" in tokenizer.decode(want)
