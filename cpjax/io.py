@@ -12,13 +12,19 @@ import numpy as np
 
 @contextlib.contextmanager
 def atomic_path(path: str, suffix: str = ""):
-    """Yield a temporary path in ``path``'s directory; on success it replaces ``path``."""
+    """Yield a temporary path in ``path``'s directory; on success it replaces ``path``.
+
+    The result gets the usual permissions (``0666`` less the umask), not ``mkstemp``'s ``0600``.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=suffix)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -49,7 +49,7 @@ def plot(results: dict, path: str) -> None:
     save_figure(path, fig)
 
 
-def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 2048, 8192), context=8,
+def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 1024, 6144), context=8,
                        repeats=2, model="smollm2-135m", dtype="float32", hardware="cpu",
                        out=os.path.join(HERE, "results", "strategy_sweep.json"),
                        figure=os.path.join(HERE, "figures", "strategy_sweep.png")) -> dict:

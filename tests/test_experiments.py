@@ -15,13 +15,15 @@ TINY = {
     "strategy_sweep": ["new_tokens = [16]", "cached_tokens = [0, 40]", "context = 2",
                        "repeats = 1"],
     "decode": ["cached_tokens = [100]", "contexts = [1, 2]", "steps = 2"],
+    "paper_model": ["model = 'llama3-405b'", "contexts = [8192, 131072]", "cp_sizes = [1, 4]"],
 }
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_experiment_config_runs_with_a_tiny_setting(name, tmp_path):
     out, figure = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
-    bindings = [f"run_{name}.model = 'tiny'", f"run_{name}.out = '{out}'",
+    model = [] if name == "paper_model" else [f"run_{name}.model = 'tiny'"]
+    bindings = [*model, f"run_{name}.out = '{out}'",
                 f"run_{name}.figure = '{figure}'", *(f"run_{name}.{b}" for b in TINY[name])]
     results = runner.run(os.path.join(CONFIGS, f"{name}.gin"), bindings)
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(results["rows"]))

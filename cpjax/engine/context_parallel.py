@@ -44,6 +44,7 @@ from cpjax.parallel.ring import STRATEGIES, allreduce_decode_attention, ring_att
 from cpjax.parallel.sharding import spec, tree_specs
 
 DECODE_STRATEGIES = ("allreduce", "ring_pass_q")
+WINDOW_ROWS = 256   # granularity of the cache window a prefill attends (see _cache_window)
 
 
 def check_tensor_divisibility(config, tensor: int) -> None:
@@ -146,16 +147,19 @@ class ContextParallelEngine(Engine):
         self.cache_specs = KVCache(k=kv, v=kv, pos=row, seg=row, fill=row)
         ps = self.param_specs
         cs = self.cache_specs
-        self._cp_score, self._cp_logits, self._cp_prefill, self._cp_prefill_logprobs = (
-            {strategy: self._shard(functools.partial(body, strategy), in_specs, out_specs,
-                                   donate)
+        self._cp_score, self._cp_logits = (
+            {strategy: self._shard(functools.partial(body, strategy), in_specs, out_specs)
              for strategy in STRATEGIES}
-            for body, in_specs, out_specs, donate in (
-                (self._cp_score_local, (ps, row, row, row, row), row, ()),
-                (self._cp_logits_local, (ps, row, row, row), P(CONTEXT, None), ()),
-                (self._cp_prefill_local, (ps, row, row, row, cs), (P(CONTEXT, None), cs), (4,)),
-                (self._cp_prefill_logprobs_local, (ps, row, row, row, row, cs), (row, cs),
-                 (5,))))
+            for body, in_specs, out_specs in (
+                (self._cp_score_local, (ps, row, row, row, row), row),
+                (self._cp_logits_local, (ps, row, row, row), P(CONTEXT, None))))
+        # Prefills compile per (strategy, cache window): see ``_cache_window``.
+        self._prefill_specs = {
+            "prefill": (self._cp_prefill_local, (ps, row, row, row, cs),
+                        (P(CONTEXT, None), cs), (4,)),
+            "logprobs": (self._cp_prefill_logprobs_local, (ps, row, row, row, row, cs),
+                         (row, cs), (5,))}
+        self._prefill_fns = {}
         decode_local = {"allreduce": self._allreduce_decode_local,
                         "ring_pass_q": self._ring_decode_local}[self.decode_strategy]
         self._cp_decode = self._shard(decode_local,
@@ -192,17 +196,23 @@ class ContextParallelEngine(Engine):
                                                   segments).hidden
         return self._head(params, hidden)
 
-    def _cp_prefill_logprobs_local(self, strategy, params, tokens, targets, positions, segments,
-                                   cache: KVCache):
-        hidden, cache = self._cp_prefill_local(strategy, params, tokens, positions, segments,
-                                               cache)
+    def _cp_prefill_logprobs_local(self, strategy, window, params, tokens, targets, positions,
+                                   segments, cache: KVCache):
+        hidden, cache = self._cp_prefill_local(strategy, window, params, tokens, positions,
+                                               segments, cache)
         return self._logprobs(params, hidden, targets), cache
 
-    def _cp_prefill_local(self, strategy, params, tokens, positions, segments, cache: KVCache):
-        """Ring forward of this rank's new rows; appends their real rows (padding dropped)."""
+    def _cp_prefill_local(self, strategy, window, params, tokens, positions, segments,
+                          cache: KVCache):
+        """Ring forward of this rank's new rows against the first ``window`` slots of its cache
+        shard; appends their real rows (padding dropped)."""
         local = _local(cache)
+        past = None
+        if window:
+            past = kv_cache.PastKV(local.k[:, :window], local.v[:, :window],
+                                   local.pos[:window], local.seg[:window])
         out = self._ring_model(strategy).apply({"params": params}, tokens, positions, segments,
-                                               local.as_past())
+                                               past)
         real = segments >= 0
         order = jnp.argsort(~real, stable=True)     # real rows first; the rest is overwritten
         local = kv_cache.append(local, out.k[:, order], out.v[:, order], positions[order],
@@ -275,6 +285,26 @@ class ContextParallelEngine(Engine):
         per_chunk = max(1, self.bucket // (2 * self.n_context))
         return balanced_layout(lengths, self.n_context, start_positions, segment_ids,
                                pad_multiple=per_chunk)
+
+    def _prefill_fn(self, kind: str, strategy: str, window: int):
+        """The compiled prefill ``kind`` (``prefill`` or ``logprobs``) for a cache window."""
+        key = (kind, strategy, window)
+        if key not in self._prefill_fns:
+            body, in_specs, out_specs, donate = self._prefill_specs[kind]
+            self._prefill_fns[key] = self._shard(functools.partial(body, strategy, window),
+                                                 in_specs, out_specs, donate)
+        return self._prefill_fns[key]
+
+    def _cache_window(self, cache: KVCache, fills) -> int:
+        """Cache slots per rank a prefill attends (and pass-KV circulates): the fullest rank's
+        fill rounded up to ``WINDOW_ROWS``, not the whole capacity; 0 for an empty cache.
+
+        This is the paper's ``max_j P_j`` message; the rounding bounds recompilation to one
+        program per ``WINDOW_ROWS`` of cache growth.
+        """
+        per_rank = cache.capacity // self.n_context
+        top = max(fills)
+        return 0 if top == 0 else min(per_rank, round_up(top, WINDOW_ROWS))
 
     @staticmethod
     def _placed_layout(layout: Layout, fills) -> Layout:
@@ -363,7 +393,9 @@ class ContextParallelEngine(Engine):
                 f"{self.n_context} ranks); create the cache with a larger capacity")
         strategy = self.strategy_for(n_new, sum(fills))
         args = self._place(layout.shard(np.concatenate(ids)), layout.positions, layout.segments)
-        hidden, cache = self._cp_prefill[strategy](self.sharded_params, *args, cache)
+        window = self._cache_window(cache, fills)
+        hidden, cache = self._prefill_fn("prefill", strategy, window)(self.sharded_params, *args,
+                                                                      cache)
         last = np.cumsum([x.size for x in ids]) - 1
         slots = np.array([np.flatnonzero(layout.source == i)[0] for i in last])
         last_hidden = jax.device_put(hidden[slots], jax.devices()[0])
@@ -387,7 +419,9 @@ class ContextParallelEngine(Engine):
         strategy = self.strategy_for(ids.size, sum(fills))
         args = self._place(layout.shard(ids), layout.shard(targets), layout.positions,
                            layout.segments)
-        lp, cache = self._cp_prefill_logprobs[strategy](self.sharded_params, *args, cache)
+        window = self._cache_window(cache, fills)
+        lp, cache = self._prefill_fn("logprobs", strategy, window)(self.sharded_params, *args,
+                                                                   cache)
         return layout.unshard(np.asarray(lp, np.float32)), cache
 
     prefill_logprobs.__doc__ = Engine.prefill_logprobs.__doc__

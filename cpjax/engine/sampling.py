@@ -83,8 +83,16 @@ def sample_one(logits, key, temperature, top_k, top_p):
 
 
 def sample(logits, key, step, sequence_ids, temperature, top_k, top_p):
-    """Next tokens ``[B]`` from ``logits [B, V]``; ``sequence_ids [B]`` pick each row's key."""
-    step_key = jax.random.fold_in(key, step)
-    keys = jax.vmap(lambda b: jax.random.fold_in(step_key, b))(sequence_ids)
-    return jax.vmap(sample_one, in_axes=(0, 0, None, None, None))(
-        logits, keys, temperature, top_k, top_p)
+    """Next tokens ``[B]`` from ``logits [B, V]``; ``sequence_ids [B]`` pick each row's key.
+
+    Greedy (``temperature == 0``) skips the sort that top-k/top-p filtering needs.
+    """
+    def drawn():
+        step_key = jax.random.fold_in(key, step)
+        keys = jax.vmap(lambda b: jax.random.fold_in(step_key, b))(sequence_ids)
+        return jax.vmap(sample_one, in_axes=(0, 0, None, None, None))(
+            logits, keys, temperature, top_k, top_p)
+
+    def greedy():
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.lax.cond(temperature > 0, drawn, greedy)
