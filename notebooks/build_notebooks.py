@@ -31,12 +31,13 @@ from cpjax.parallel.mesh import make_mesh
 config, params, tokenizer = load_model("smollm2-135m")
 mesh = make_mesh(context=8)
 print(config.name, config.n_layers, "layers;", mesh)'''),
-        ("md", "A long document (about 1,500 tokens) with one fact buried in the middle."),
+        ("md", "A long document (about 1,000 tokens) with one fact buried in the middle."),
         ("code", '''filler = ("The committee met again to review the quarterly figures. Nothing unusual "
           "was reported, and the minutes were approved without comment. ")
-fact = "The secret password of the lighthouse is BLUE HERON. "
-document = filler * 30 + fact + filler * 30
-question = "What is the secret password of the lighthouse?"
+fact = "Important: the lighthouse password is BLUE HERON. "
+document = filler * 20 + fact + filler * 20
+question = ("According to the notes above, what is the lighthouse password? "
+            "Answer with the password only.")
 prompt = tokenizer.apply_chat_template(
     [{"role": "user", "content": document + "\\n\\n" + question}])
 ids = tokenizer.encode(prompt)

@@ -15,3 +15,11 @@ def tiny_params():
     from cpjax.config import PRESETS
     from cpjax.model.llama import init_params
     return init_params(PRESETS["tiny"], seed=0)
+
+
+@pytest.fixture(scope="session")
+def single(tiny_params):
+    """The single-device engine of the tiny model: the reference of every parallel path."""
+    from cpjax.config import PRESETS
+    from cpjax.engine import Engine
+    return Engine(PRESETS["tiny"], tiny_params)

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from cpjax.config import PRESETS
-from cpjax.engine import Engine
 from cpjax.engine.context_parallel import ContextParallelEngine
 from cpjax.errors import CpjaxError
 from cpjax.parallel.comm import formula_bytes_per_layer, hlo_collective_bytes
@@ -45,11 +44,6 @@ def test_causal_work_is_balanced_within_one_percent(n, lengths):
 
 
 # ----------------------------------------------------------------------------- exactness
-@pytest.fixture(scope="module")
-def single(tiny_params):
-    return Engine(CFG, tiny_params)
-
-
 @pytest.fixture(scope="module")
 def engines(tiny_params):
     cache = {}

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 
 from cpjax.config import PRESETS
-from cpjax.engine import Engine
 from cpjax.engine.context_parallel import ContextParallelEngine
 from cpjax.engine.sampling import Sampling
 from cpjax.engine.session import Session
@@ -12,11 +11,6 @@ from cpjax.errors import CpjaxError
 from cpjax.parallel.mesh import make_mesh
 
 CFG = PRESETS["tiny"]
-
-
-@pytest.fixture(scope="module")
-def single(tiny_params):
-    return Engine(CFG, tiny_params)
 
 
 @pytest.fixture(scope="module")
