@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from cpjax.attention.blockwise import pad_kv_rows
 from cpjax.attention.merge import merge_stacked
-from pallas_kernels.flash_attention import _flash_kernel, _pad_to, default_interpret
+from pallas_kernels.flash_attention import _flash_kernel, default_interpret
 
 _MIN_ROWS = 16   # Triton dots need at least 16 rows
 
@@ -48,10 +49,7 @@ def decode_attention(q, k_cache, v_cache, kv_pos, kv_seg, q_pos, q_seg, *, n_spl
     group = hq // hkv
     n_splits = max(1, min(n_splits, -(-tk // block_k)))
     chunk = -(-tk // (n_splits * block_k)) * block_k
-    kp = _pad_to(k_cache, chunk * n_splits, 0)
-    vp = _pad_to(v_cache, chunk * n_splits, 0)
-    kv_pos_p = _pad_to(kv_pos.astype(jnp.int32), chunk * n_splits, 0)
-    kv_seg_p = _pad_to(kv_seg.astype(jnp.int32), chunk * n_splits, -1)
+    kp, vp, kv_pos_p, kv_seg_p = pad_kv_rows(k_cache, v_cache, kv_pos, kv_seg, chunk * n_splits)
 
     # Rows of one KV head: (g, t) for its G query heads and Tq tokens.
     rows = group * tq

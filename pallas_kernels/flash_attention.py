@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from cpjax.attention.blockwise import pad_kv_rows, pad_query_rows
+
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: keeps exp2 differences NaN-free
 _BIG = 2 ** 30
 _LOG2E = math.log2(math.e)
@@ -96,13 +98,6 @@ def _flash_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_
     lse_ref[...] = jnp.where(seen, (m + jnp.log2(safe_l)) * _LN2, -jnp.inf)
 
 
-def _pad_to(x, multiple: int, value):
-    pad = (-x.shape[0]) % multiple
-    if pad == 0:
-        return x
-    return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
-
-
 @functools.partial(jax.jit, static_argnames=("block_q", "block_k", "window", "interpret",
                                              "num_warps", "num_stages"))
 def flash_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block_q: int = 64,
@@ -127,13 +122,8 @@ def flash_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block_q: int = 64,
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     group = hq // hkv
-    qp = _pad_to(q, block_q, 0)
-    q_pos_p = _pad_to(q_pos.astype(jnp.int32), block_q, 0)
-    q_seg_p = _pad_to(q_seg.astype(jnp.int32), block_q, -1)
-    kp = _pad_to(k, block_k, 0)
-    vp = _pad_to(v, block_k, 0)
-    kv_pos_p = _pad_to(kv_pos.astype(jnp.int32), block_k, 0)
-    kv_seg_p = _pad_to(kv_seg.astype(jnp.int32), block_k, -1)
+    qp, q_pos_p, q_seg_p = pad_query_rows(q, q_pos, q_seg, block_q)
+    kp, vp, kv_pos_p, kv_seg_p = pad_kv_rows(k, v, kv_pos, kv_seg, block_k)
     tq_p, tk_p = qp.shape[0], kp.shape[0]
 
     kernel = functools.partial(_flash_kernel, block_k=block_k, n_k=tk_p // block_k,

@@ -82,21 +82,30 @@ def _layout(kind, tq, tk, rng):
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("blocks", [(8, 8), (16, 5), (512, 512)])
-def test_blockwise_matches_reference(name, blocks):
+def case_inputs(name):
+    """``(q, k, v, [q_pos, kv_pos, q_seg, kv_seg])`` of the test case ``name``."""
     tq, tk, hq, hkv, d, kind = CASES[name]
     rng = np.random.default_rng(len(name))
     q, k, v = _random_qkv(rng, tq, tk, hq, hkv, d)
-    layout = [np.asarray(a, np.int32) for a in _layout(kind, tq, tk, rng)]
-    want_out, want_lse = reference.attend(q, k, v, *layout)
-    fn = jax.jit(lambda *a: blockwise.attend(*a, block_q=blocks[0], block_k=blocks[1]))
-    out, lse = fn(q, k, v, *layout)
-    np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=1e-5)
+    return q, k, v, [np.asarray(a, np.int32) for a in _layout(kind, tq, tk, rng)]
+
+
+def assert_attention_close(out, lse, want_out, want_lse, atol=1e-5):
+    """Outputs close, no NaN, ``-inf`` LSE exactly where the reference has it, finite LSEs close."""
+    out = np.asarray(out, np.float32)
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, want_out, atol=atol, rtol=atol)
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
     finite = np.isfinite(want_lse)
-    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], atol=1e-5)
-    assert not np.isnan(np.asarray(out)).any()
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], atol=atol)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("blocks", [(8, 8), (16, 5), (512, 512)])
+def test_blockwise_matches_reference(name, blocks):
+    q, k, v, layout = case_inputs(name)
+    fn = jax.jit(lambda *a: blockwise.attend(*a, block_q=blocks[0], block_k=blocks[1]))
+    assert_attention_close(*fn(q, k, v, *layout), *reference.attend(q, k, v, *layout))
 
 
 def test_blockwise_sliding_window_and_bf16():
@@ -143,16 +152,9 @@ def test_unknown_attention_impl_is_a_clear_error():
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cudnn_wrapper_matches_reference_through_xla(name):
     """The cuDNN path's mask/LSE handling, run through jax.nn's XLA implementation on CPU."""
-    tq, tk, hq, hkv, d, kind = CASES[name]
-    rng = np.random.default_rng(len(name))
-    q, k, v = _random_qkv(rng, tq, tk, hq, hkv, d)
-    layout = [np.asarray(a, np.int32) for a in _layout(kind, tq, tk, rng)]
-    want_out, want_lse = reference.attend(q, k, v, *layout)
-    out, lse = cudnn.attend(q, k, v, *layout, implementation="xla")
-    np.testing.assert_allclose(out, want_out, atol=1e-5, rtol=1e-5)
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
-    finite = np.isfinite(want_lse)
-    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], atol=1e-5)
+    q, k, v, layout = case_inputs(name)
+    assert_attention_close(*cudnn.attend(q, k, v, *layout, implementation="xla"),
+                           *reference.attend(q, k, v, *layout))
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU error")

@@ -6,27 +6,18 @@ import pytest
 
 from cpjax.attention import reference
 from pallas_kernels import decode_attention, flash_attention
-from tests.test_attention import CASES, _layout, _random_qkv
+from tests.test_attention import (CASES, _random_qkv, assert_attention_close,
+                                  case_inputs)
 
 
-def _check(out, lse, want_out, want_lse, atol):
-    out = np.asarray(out, np.float32)
-    assert not np.isnan(out).any()
-    np.testing.assert_allclose(out, want_out, atol=atol, rtol=atol)
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
-    finite = np.isfinite(want_lse)
-    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], atol=atol)
+_check = assert_attention_close
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_flash_attention_matches_reference(name):
-    tq, tk, hq, hkv, d, kind = CASES[name]
-    rng = np.random.default_rng(len(name))
-    q, k, v = _random_qkv(rng, tq, tk, hq, hkv, d)
-    layout = [np.asarray(a, np.int32) for a in _layout(kind, tq, tk, rng)]
-    want = reference.attend(q, k, v, *layout)
+    q, k, v, layout = case_inputs(name)
     got = flash_attention(q, k, v, *layout, block_q=16, block_k=16, interpret=True)
-    _check(*got, *want, atol=1e-5)
+    _check(*got, *reference.attend(q, k, v, *layout), atol=1e-5)
 
 
 @pytest.mark.parametrize("group", [1, 3, 4, 8])

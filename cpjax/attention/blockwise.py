@@ -22,7 +22,7 @@ from cpjax.attention.reference import visibility_mask
 _BIG = jnp.iinfo(jnp.int32).max
 
 
-def _pad_rows(x, multiple: int, value):
+def pad_rows(x, multiple: int, value):
     """Pad axis 0 of ``x`` up to a multiple of ``multiple`` with ``value``."""
     x = jnp.asarray(x)
     pad = (-x.shape[0]) % multiple
@@ -30,6 +30,21 @@ def _pad_rows(x, multiple: int, value):
         return x
     widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
     return jnp.pad(x, widths, constant_values=value)
+
+
+def pad_kv_rows(k, v, kv_pos, kv_seg, multiple: int):
+    """Keys/values with their int32 positions and segments padded to a multiple of rows;
+    padding rows carry segment -1 (invisible)."""
+    return (pad_rows(k, multiple, 0), pad_rows(v, multiple, 0),
+            pad_rows(kv_pos.astype(jnp.int32), multiple, 0),
+            pad_rows(kv_seg.astype(jnp.int32), multiple, -1))
+
+
+def pad_query_rows(q, q_pos, q_seg, multiple: int):
+    """Queries with their int32 positions and segments padded to a multiple of rows; padding
+    rows carry segment -1 (they see nothing)."""
+    return (pad_rows(q, multiple, 0), pad_rows(q_pos.astype(jnp.int32), multiple, 0),
+            pad_rows(q_seg.astype(jnp.int32), multiple, -1))
 
 
 class BlockBounds(NamedTuple):
@@ -97,13 +112,8 @@ def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = Non
     block_k = min(block_k, max(tk, 1))
     scale = 1.0 / float(d) ** 0.5
 
-    qp = _pad_rows(q, block_q, 0)
-    q_pos_p = _pad_rows(q_pos.astype(jnp.int32), block_q, 0)
-    q_seg_p = _pad_rows(q_seg.astype(jnp.int32), block_q, -1)
-    kp = _pad_rows(k, block_k, 0)
-    vp = _pad_rows(v, block_k, 0)
-    kv_pos_p = _pad_rows(kv_pos.astype(jnp.int32), block_k, 0)
-    kv_seg_p = _pad_rows(kv_seg.astype(jnp.int32), block_k, -1)
+    qp, q_pos_p, q_seg_p = pad_query_rows(q, q_pos, q_seg, block_q)
+    kp, vp, kv_pos_p, kv_seg_p = pad_kv_rows(k, v, kv_pos, kv_seg, block_k)
     n_q, n_k = qp.shape[0] // block_q, kp.shape[0] // block_k
 
     # GEMM-friendly layouts: [block, Hkv, G*bq | bk, D]; row r of a query block is (g, q).
