@@ -306,6 +306,22 @@ class ContextParallelEngine(Engine):
         top = max(fills)
         return 0 if top == 0 else min(per_rank, round_up(top, WINDOW_ROWS))
 
+    def _plan_prefill(self, kind: str, lengths, starts, segments, cache: KVCache):
+        """``(layout, compiled program)`` of a (partial) prefill of sequences of ``lengths``:
+        checks that each continues its segment and that the cache has room, places the layout
+        on the emptiest shards, and picks the ring and the cache window."""
+        self._check_turns(cache, segments, starts)
+        fills = self.rank_fill(cache)
+        layout = self._placed_layout(self._layout(lengths, starts, segments), fills)
+        per_rank = cache.capacity // self.n_context
+        n_new = sum(lengths)
+        require(max(fills) + layout.local_len <= per_rank,
+                f"KV cache overflow: a rank holds {max(fills)} of its {per_rank} slots and this "
+                f"prefill adds {layout.local_len} per rank ({n_new} tokens over "
+                f"{self.n_context} ranks); create the cache with a larger capacity")
+        strategy = self.strategy_for(n_new, sum(fills))
+        return layout, self._prefill_fn(kind, strategy, self._cache_window(cache, fills))
+
     @staticmethod
     def _placed_layout(layout: Layout, fills) -> Layout:
         """``layout`` rotated over the ranks so the fullest cache shard stays as small as it
@@ -381,21 +397,10 @@ class ContextParallelEngine(Engine):
         Fig. 2), wherever earlier turns put the cached ones, and stay where they land.
         """
         ids, segments, starts = self._pack(sequences, segments, start_positions)
-        self._check_turns(cache, segments, starts)
-        fills = self.rank_fill(cache)
-        layout = self._placed_layout(self._layout([x.size for x in ids], starts, segments),
-                                     fills)
-        per_rank = cache.capacity // self.n_context
-        n_new = sum(x.size for x in ids)
-        require(max(fills) + layout.local_len <= per_rank,
-                f"KV cache overflow: a rank holds {max(fills)} of its {per_rank} slots and this "
-                f"prefill adds {layout.local_len} per rank ({n_new} tokens over "
-                f"{self.n_context} ranks); create the cache with a larger capacity")
-        strategy = self.strategy_for(n_new, sum(fills))
+        layout, program = self._plan_prefill("prefill", [x.size for x in ids], starts, segments,
+                                             cache)
         args = self._place(layout.shard(np.concatenate(ids)), layout.positions, layout.segments)
-        window = self._cache_window(cache, fills)
-        hidden, cache = self._prefill_fn("prefill", strategy, window)(self.sharded_params, *args,
-                                                                      cache)
+        hidden, cache = program(self.sharded_params, *args, cache)
         last = np.cumsum([x.size for x in ids]) - 1
         slots = np.array([np.flatnonzero(layout.source == i)[0] for i in last])
         last_hidden = jax.device_put(hidden[slots], jax.devices()[0])
@@ -403,25 +408,12 @@ class ContextParallelEngine(Engine):
 
     def prefill_logprobs(self, ids, targets, cache: KVCache, start_position: int = 0,
                          segment: int = 0):
-        ids = validate_token_ids(ids, self.config.vocab_size)
-        targets = validate_token_ids(targets, self.config.vocab_size, name="targets")
-        require(targets.shape == ids.shape, f"targets: shape {targets.shape} must equal the ids' "
-                f"{ids.shape}")
-        self._check_turns(cache, [segment], [start_position])
-        fills = self.rank_fill(cache)
-        layout = self._placed_layout(self._layout([ids.size], [start_position], [segment]),
-                                     fills)
-        per_rank = cache.capacity // self.n_context
-        require(max(fills) + layout.local_len <= per_rank,
-                f"KV cache overflow: a rank holds {max(fills)} of its {per_rank} slots and this "
-                f"prefill adds {layout.local_len} per rank; create the cache with a larger "
-                f"capacity")
-        strategy = self.strategy_for(ids.size, sum(fills))
+        ids, targets = self._validate_scored(ids, targets)
+        layout, program = self._plan_prefill("logprobs", [ids.size], [start_position], [segment],
+                                             cache)
         args = self._place(layout.shard(ids), layout.shard(targets), layout.positions,
                            layout.segments)
-        window = self._cache_window(cache, fills)
-        lp, cache = self._prefill_fn("logprobs", strategy, window)(self.sharded_params, *args,
-                                                                   cache)
+        lp, cache = program(self.sharded_params, *args, cache)
         return layout.unshard(np.asarray(lp, np.float32)), cache
 
     prefill_logprobs.__doc__ = Engine.prefill_logprobs.__doc__

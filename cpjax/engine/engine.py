@@ -200,21 +200,31 @@ class Engine:
                          segment: int = 0):
         """Partial prefill of ``ids [n]`` that also scores ``targets [n]`` (the token after
         each): returns ``(log-probabilities [n] float32, cache)``."""
-        ids = validate_token_ids(ids, self.config.vocab_size)
-        targets = validate_token_ids(targets, self.config.vocab_size, name="targets")
-        require(targets.shape == ids.shape, f"targets: shape {targets.shape} must equal the ids' "
-                f"{ids.shape}")
+        ids, targets = self._validate_scored(ids, targets)
         self._check_turns(cache, [segment], [start_position])
         padded = self.prefill_slots(ids.size)
-        require(int(cache.fill) + padded <= cache.capacity,
-                f"KV cache overflow: {int(cache.fill)} cached + {ids.size} new tokens exceed "
-                f"the capacity of {cache.capacity}; create the cache with a larger capacity")
+        self._check_prefill_room(cache, ids.size, padded)
         positions = np.arange(start_position, start_position + padded, dtype=np.int32)
         segments = _pad(np.full(ids.size, segment, np.int32), padded, kv_cache.EMPTY_SEGMENT)
         lp, cache = self._prefill_logprobs(self.params, _pad(ids, padded, 0),
                                            _pad(targets, padded, 0), positions, segments, cache,
                                            ids.size)
         return np.asarray(lp[:ids.size], np.float32), cache
+
+    def _validate_scored(self, ids, targets):
+        """``(ids, targets)`` validated as token ids of the same shape."""
+        ids = validate_token_ids(ids, self.config.vocab_size)
+        targets = validate_token_ids(targets, self.config.vocab_size, name="targets")
+        require(targets.shape == ids.shape, f"targets: shape {targets.shape} must equal the ids' "
+                f"{ids.shape}")
+        return ids, targets
+
+    def _check_prefill_room(self, cache: KVCache, n_new: int, padded: int) -> None:
+        fill = int(cache.fill)
+        require(fill + padded <= cache.capacity,
+                f"KV cache overflow: {fill} cached + {n_new} new tokens (padded to {padded}) "
+                f"exceed the capacity of {cache.capacity}; create the cache with a larger "
+                f"capacity")
 
     def next_position(self, cache: KVCache, segment: int = 0) -> int:
         """Position after the last cached token of ``segment`` (0 if it has none)."""
@@ -262,11 +272,7 @@ class Engine:
         self._check_turns(cache, segments, starts)
         n = sum(x.size for x in ids)
         padded = self.prefill_slots(n)
-        fill = int(cache.fill)
-        require(fill + padded <= cache.capacity,
-                f"KV cache overflow: {fill} cached + {n} new tokens (padded to {padded}) "
-                f"exceed the capacity of {cache.capacity}; create the cache with a larger "
-                f"capacity")
+        self._check_prefill_room(cache, n, padded)
         tokens = _pad(np.concatenate(ids), padded, 0)
         positions = _pad(np.concatenate([p + np.arange(x.size) for x, p in zip(ids, starts)])
                          .astype(np.int32), padded, 0)

@@ -1,7 +1,7 @@
 """Context-parallel attention strategies, run per rank inside ``shard_map`` (paper §3-4).
 
-Each strategy turns a single-device ``attend`` into one with the same contract that works on
-the local shard of a sequence sharded over the ``context`` axis:
+Each strategy runs a single-device ``attend`` over the local shard of a sequence sharded over
+the ``context`` axis (``ring_attention`` makes it the model's attention plan):
 
 * ``pass_kv`` — queries stay; the K/V block (with its positions and segments) travels around the
   ring with ``ppermute``; N partial attentions merge by log-sum-exp locally. The next block's
@@ -114,17 +114,6 @@ def _check_strategy(strategy: str) -> None:
     if strategy not in _RINGS:
         raise CpjaxError(f"unknown context-parallel strategy {strategy!r}: choose one of "
                          f"{', '.join(STRATEGIES)}")
-
-
-def context_parallel_attend(strategy: str, attend: Callable, axis: str, n: int) -> Callable:
-    """An ``attend`` (same contract) for local shards inside ``shard_map`` over ``axis``."""
-    _check_strategy(strategy)
-    if n == 1:
-        return attend
-
-    def ring_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        return _RINGS[strategy](attend, axis, n, q, q_pos, q_seg, ((k, v, kv_pos, kv_seg),))
-    return ring_attend
 
 
 MIN_ALIGNED_BLOCK = 64
