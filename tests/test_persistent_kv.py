@@ -76,8 +76,9 @@ def test_three_turn_session_matches_single_device_and_logits(engines, single, de
 
 
 @pytest.mark.parametrize("decode", ["allreduce", "ring_pass_q"])
-def test_decode_logits_equal_full_forward(engines, single, decode):
-    engine = engines(4, "pass_kv", decode)
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_decode_logits_equal_full_forward(engines, single, n, decode):
+    engine = engines(n, "pass_kv", decode)
     ids = _ids(40, 5)
     want = single.logits(ids)
     cache = engine.new_cache(128)
@@ -90,7 +91,7 @@ def test_decode_logits_equal_full_forward(engines, single, decode):
 
 # ----------------------------------------------------------------------------- batched decode
 @pytest.mark.parametrize("decode", ["allreduce", "ring_pass_q"])
-@pytest.mark.parametrize("n", [2, 8])
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
 def test_batched_generation_equals_one_by_one(engines, single, n, decode):
     prompts = [_ids(11, 6), _ids(30, 7), _ids(5, 8)]          # B=3: above N=2, below N=8
     want = [single.generate(p, 9) for p in prompts]
@@ -207,3 +208,16 @@ def test_turn_that_does_not_continue_its_segment_is_an_error(engines, single, en
 def test_bad_split_points_are_clear_errors(single, split_at):
     with pytest.raises(CpjaxError, match="split points must increase strictly"):
         single.score(_ids(83), split_at=split_at)
+
+
+def test_bad_engine_and_batch_arguments_are_clear_errors(engines, single, tiny_params):
+    from cpjax.parallel.mesh import make_mesh as mesh_of
+    with pytest.raises(CpjaxError, match="unknown decode strategy 'ring'"):
+        ContextParallelEngine(CFG, tiny_params, mesh=mesh_of(2), decode_strategy="ring")
+    cache = single.new_cache(256)
+    with pytest.raises(CpjaxError, match="sequences: expected a non-empty list"):
+        single.prefill_batch([], cache)
+    with pytest.raises(CpjaxError, match="segments=\\[1, 1\\]: need one distinct id >= 0"):
+        single.prefill_batch([_ids(3), _ids(4)], cache, segments=[1, 1])
+    with pytest.raises(CpjaxError, match="targets: shape \\(4,\\) must equal the ids' \\(5,\\)"):
+        engines(2).prefill_logprobs(_ids(5), _ids(4), engines(2).new_cache(64))
