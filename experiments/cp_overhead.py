@@ -7,7 +7,8 @@ smaller per-device matmuls cost. Also records the bytes each rank sends per laye
 
 Run: ``python -m experiments.run experiments/configs/cp_overhead.gin
 [--gin "run_cp_overhead.lengths = [2048]"]``. Writes ``experiments/results/cp_overhead.json``
-and ``experiments/figures/cp_overhead.png``.
+and ``experiments/figures/cp_overhead.png``. On GPUs: ``cp_overhead_gpu.gin`` (it binds
+``platform = 'gpu'``).
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     from cpjax.io import save_figure
+    from experiments.devices import device_label
 
     rows = results["rows"]
     lengths = sorted({r["tokens"] for r in rows})
-    strategies = sorted({r["strategy"] for r in rows if r["context"] > 1})
+    strategies = sorted({r["strategy"] for r in rows if r["context"] > 1}) or ["single"]
     fig, axes = plt.subplots(1, len(lengths), figsize=(4.2 * len(lengths), 3.8), sharey=True,
                              squeeze=False)
     for ax, n in zip(axes[0], lengths):
@@ -55,19 +57,21 @@ def plot(results: dict, path: str) -> None:
         ax.axhline(1.15, color="grey", ls="--", lw=1, label="target 1.15")
         ax.set_xscale("log", base=2)
         ax.set_title(f"{n // 1024}K tokens")
-        ax.set_xlabel("context-parallel size N (fake CPU devices)")
+        ax.set_xlabel("context-parallel size N")
     axes[0][0].set_ylabel("prefill time / time at N=1 (lower is better)")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{results['model']} prefill on {results['cpu_count']} CPU cores: ring overhead")
+    fig.suptitle(f"{results['model']} {results['dtype']} prefill on {device_label(results)}: "
+                 f"ring overhead")
     save_figure(path, fig)
 
 
 def run_cp_overhead(lengths=(2048, 4096, 8192), contexts=(1, 2, 4, 8),
                     strategies=("pass_kv", "pass_q", "all_gather"), repeats=2,
-                    model="smollm2-135m", dtype="float32",
+                    model="smollm2-135m", dtype="float32", platform="cpu",
                     out=os.path.join(HERE, "results", "cp_overhead.json"),
                     figure=os.path.join(HERE, "figures", "cp_overhead.png")) -> dict:
-    """Time prefill for every (length, context, strategy); write JSON and a plot."""
+    """Time prefill for every (length, context, strategy) on ``platform`` ("cpu" or "gpu",
+    see ``experiments.devices``); write JSON and a plot."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -79,7 +83,9 @@ def run_cp_overhead(lengths=(2048, 4096, 8192), contexts=(1, 2, 4, 8),
     from cpjax.loaders import load_model
     from cpjax.parallel.comm import formula_bytes_per_layer
     from cpjax.parallel.mesh import make_mesh
+    from experiments.devices import check_devices
 
+    devices = check_devices(platform, contexts)
     config, params, _ = load_model(model)
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     elem = jnp.dtype(jdtype).itemsize
@@ -112,8 +118,7 @@ def run_cp_overhead(lengths=(2048, 4096, 8192), contexts=(1, 2, 4, 8),
             del engine
             jax.clear_caches()
     results = {"experiment": "cp_overhead", "model": config.name, "dtype": dtype,
-               "cpu_count": os.cpu_count(), "jax": jax.__version__,
-               "devices": len(jax.devices()), "repeats": repeats, "rows": rows, "out": out,
+               **devices, "jax": jax.__version__, "repeats": repeats, "rows": rows, "out": out,
                "figure": figure}
     write_json(out, results)
     plot(results, figure)

@@ -4,7 +4,8 @@
 ring pass-Q decode) on fake CPU meshes of 1..8 devices, next to the single-device engine. The
 cache is filled with synthetic keys/values (decode cost does not depend on their values), laid
 out as a context-parallel prefill would leave it, so long contexts need no long prefill.
-Run: ``python -m experiments.run experiments/configs/decode.gin``.
+Run: ``python -m experiments.run experiments/configs/decode.gin`` (on GPUs: ``decode_gpu.gin``,
+which binds ``platform = 'gpu'``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     from cpjax.io import save_figure
+    from experiments.devices import device_label
 
     rows = results["rows"]
     contexts = sorted({r["cached_tokens"] for r in rows})
@@ -62,19 +64,21 @@ def plot(results: dict, path: str) -> None:
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, label=strategy)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{p // 1024}K cached tokens")
-        ax.set_xlabel("context-parallel size N (fake CPU devices)")
+        ax.set_xlabel("context-parallel size N")
     axes[0][0].set_ylabel("ms per decoded token (lower is better)")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{results['model']} greedy decode, batch {results['batch']}, "
-                 f"{results['cpu_count']} CPU cores")
+    fig.suptitle(f"{results['model']} {results['dtype']} greedy decode, batch "
+                 f"{results['batch']}, {device_label(results)}")
     save_figure(path, fig)
 
 
 def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
                strategies=("allreduce", "ring_pass_q"), steps=16, batch=1,
-               model="smollm2-135m", dtype="float32",
+               model="smollm2-135m", dtype="float32", platform="cpu",
                out=os.path.join(HERE, "results", "decode.json"),
                figure=os.path.join(HERE, "figures", "decode.png")) -> dict:
+    """Time ``steps`` decode steps for every (context, strategy, cached length) on
+    ``platform`` ("cpu" or "gpu", see ``experiments.devices``); write JSON and a plot."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -85,7 +89,9 @@ def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
     from cpjax.io import write_json
     from cpjax.loaders import load_model
     from cpjax.parallel.mesh import make_mesh
+    from experiments.devices import check_devices
 
+    devices = check_devices(platform, contexts)
     config, params, _ = load_model(model)
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     jobs = [(c, s) for c in contexts for s in (strategies if c > 1 else ("single",))]
@@ -116,7 +122,7 @@ def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
             del engine, cache
             jax.clear_caches()
     results = {"experiment": "decode", "model": config.name, "dtype": dtype, "batch": batch,
-               "steps": steps, "cpu_count": os.cpu_count(), "jax": jax.__version__,
+               "steps": steps, **devices, "jax": jax.__version__,
                "rows": rows, "out": out, "figure": figure}
     write_json(out, results)
     plot(results, figure)

@@ -4,7 +4,8 @@ On the fake CPU mesh: for each cached length P, one cache is prefilled, then a p
 of T new tokens is timed with each ring (on a fresh copy of the cache each time). Records the
 faster ring and the heuristic's choice (``cpjax.parallel.heuristic`` with this machine's
 calibrated figures, ``cpjax.hardware.calibrate_cpu``) and the agreement rate.
-Run: ``python -m experiments.run experiments/configs/strategy_sweep.gin``.
+Run: ``python -m experiments.run experiments/configs/strategy_sweep.gin`` (on GPUs:
+``strategy_sweep_gpu.gin``, which binds ``platform = 'gpu'``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def plot(results: dict, path: str) -> None:
     import numpy as np
 
     from cpjax.io import save_figure
+    from experiments.devices import device_label
 
     rows = results["rows"]
     news = sorted({r["new_tokens"] for r in rows})
@@ -44,15 +46,19 @@ def plot(results: dict, path: str) -> None:
     ax.set_xlabel("new tokens T")
     ax.set_ylabel("cached tokens P")
     fig.colorbar(image, label="time pass-KV / time pass-Q (>1: pass-Q faster)")
-    ax.set_title(f"{results['model']}, CP{results['context']} fake CPU mesh; text = heuristic's "
-                 f"choice\nagreement {results['agreement']:.0%} (✗ = disagrees)", fontsize=9)
+    ax.set_title(f"{results['model']} {results['dtype']}, CP{results['context']} on "
+                 f"{device_label(results)}; text = heuristic's choice\n"
+                 f"agreement {results['agreement']:.0%} (✗ = disagrees)", fontsize=9)
     save_figure(path, fig)
 
 
 def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 1024, 6144), context=8,
                        repeats=2, model="smollm2-135m", dtype="float32", hardware="cpu",
-                       out=os.path.join(HERE, "results", "strategy_sweep.json"),
+                       platform="cpu", out=os.path.join(HERE, "results", "strategy_sweep.json"),
                        figure=os.path.join(HERE, "figures", "strategy_sweep.png")) -> dict:
+    """Time both rings for every (T, P) on ``context`` devices of ``platform`` ("cpu" or
+    "gpu", see ``experiments.devices``); ``hardware`` is the heuristic's preset or "cpu"
+    (calibrated here). Writes JSON and a plot."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -64,7 +70,9 @@ def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 1024, 6144)
     from cpjax.loaders import load_model
     from cpjax.parallel.heuristic import explain_strategy
     from cpjax.parallel.mesh import make_mesh
+    from experiments.devices import check_devices
 
+    devices = check_devices(platform, [context])
     config, params, _ = load_model(model)
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     engine = ContextParallelEngine(config, params, dtype=jdtype, mesh=make_mesh(context))
@@ -104,7 +112,7 @@ def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 1024, 6144)
                              "heuristic_reason": choice.reason})
     agreement = sum(r["faster"] == r["heuristic"] for r in rows) / len(rows)
     results = {"experiment": "strategy_sweep", "model": config.name, "dtype": dtype,
-               "context": context, "cpu_count": os.cpu_count(), "jax": jax.__version__,
+               "context": context, **devices, "jax": jax.__version__,
                "hardware": figures.__dict__, "repeats": repeats, "agreement": agreement,
                "rows": rows, "out": out, "figure": figure}
     write_json(out, results)

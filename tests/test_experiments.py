@@ -1,13 +1,19 @@
-"""Every gin-configured experiment runs end to end with a tiny setting and writes JSON + PNG."""
+"""Every gin-configured experiment runs end to end with a tiny setting and writes JSON + PNG;
+the GPU configs name the GPU platform (and run when a GPU is visible)."""
 
+import functools
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
+from cpjax.errors import CpjaxError
 from experiments import run as runner
 
-CONFIGS = os.path.join(os.path.dirname(__file__), "..", "experiments", "configs")
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+CONFIGS = os.path.join(ROOT, "experiments", "configs")
 
 TINY = {
     "cp_overhead": ["lengths = [64]", "contexts = [1, 2]", "strategies = ['pass_kv']",
@@ -16,24 +22,123 @@ TINY = {
                        "repeats = 1"],
     "decode": ["cached_tokens = [100]", "contexts = [1, 2]", "steps = 2"],
     "paper_model": ["model = 'llama3-405b'", "contexts = [8192, 131072]", "cp_sizes = [1, 4]"],
+    "strategy_map": ["cp = [4]", "new_tokens_range = [1024, 131072]",
+                     "cached_tokens_range = [4096, 131072]", "points_per_octave = 1"],
 }
+ANALYTICAL = {"paper_model", "strategy_map"}           # performance model only: no weights
+MEASURED_ON_GPU = ("cp_overhead", "decode", "strategy_sweep")   # each has a <name>_gpu.gin
+
+
+def _bindings(name, out, figure, settings):
+    model = [] if name in ANALYTICAL else [f"run_{name}.model = 'tiny'"]
+    return [*model, f"run_{name}.out = '{out}'", f"run_{name}.figure = '{figure}'",
+            *(f"run_{name}.{b}" for b in settings)]
+
+
+def _run_tiny(name, tmp_path):
+    out, figure = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
+    results = runner.run(os.path.join(CONFIGS, f"{name}.gin"),
+                         _bindings(name, out, figure, TINY[name]))
+    return results, out, figure
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_experiment_config_runs_with_a_tiny_setting(name, tmp_path):
-    out, figure = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
-    model = [] if name == "paper_model" else [f"run_{name}.model = 'tiny'"]
-    bindings = [*model, f"run_{name}.out = '{out}'",
-                f"run_{name}.figure = '{figure}'", *(f"run_{name}.{b}" for b in TINY[name])]
-    results = runner.run(os.path.join(CONFIGS, f"{name}.gin"), bindings)
+    results, out, figure = _run_tiny(name, tmp_path)
     assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(results["rows"]))
     assert figure.stat().st_size > 10_000
     assert results["rows"]
 
 
+def test_strategy_map_agrees_with_table_4_and_fills_the_grid(tmp_path):
+    results, _, _ = _run_tiny("strategy_map", tmp_path)
+    table4 = results["table4_summary"]
+    assert table4["rows"] == 14
+    # The model misses T = 3200, 4160, 6400, where the paper measured pass-Q 6, 1.5, 0.3 % faster.
+    assert table4["model_matches_measured"] >= 11
+    assert (table4["heuristic_matches_measured"], table4["refined_matches_measured"]) == (12, 11)
+    rows = results["rows"]
+    assert len(rows) == len(results["new_tokens"]) * len(results["cached_tokens"])
+    assert results["cached_tokens"][0] == 0
+    by_cell = {(r["new_tokens"], r["cached_tokens"]): r for r in rows}
+    news, cached = results["new_tokens"], results["cached_tokens"]
+    assert by_cell[news[0], cached[-1]]["faster"] == "pass_q"    # few new tokens, long cache
+    assert by_cell[news[-1], 0]["faster"] == "pass_kv"           # full prefill
+    assert results["agreement"]["all"]["heuristic"]["agreement"] >= 0.85
+    assert 1 <= results["agreement"]["all"]["heuristic"]["worst_slowdown"] < 1.5
+
+
+def test_strategy_map_rejects_a_context_parallel_size_without_a_ring(tmp_path):
+    with pytest.raises(CpjaxError, match=r"cp=\[1, 4\]: every size must be an int >= 2"):
+        runner.run(os.path.join(CONFIGS, "strategy_map.gin"),
+                   _bindings("strategy_map", tmp_path / "x.json", tmp_path / "x.png",
+                             ["cp = [1, 4]"]))
+
+
 def test_every_config_is_covered():
     names = {os.path.splitext(f)[0] for f in os.listdir(CONFIGS) if f.endswith(".gin")}
-    assert names == set(TINY)
+    assert names == set(TINY) | {f"{name}_gpu" for name in MEASURED_ON_GPU}
+
+
+@pytest.mark.parametrize("name", MEASURED_ON_GPU)
+def test_gpu_config_binds_the_gpu_platform_and_bfloat16(name):
+    import gin
+
+    path = os.path.join(CONFIGS, f"{name}_gpu.gin")
+    assert runner.experiment_name(path) == name
+    assert runner.bound_platform(path) == "gpu"
+    assert runner.bound_platform(path, [f"run_{name}.platform = 'cpu'"]) == "cpu"
+    runner.configurable(name)
+    gin.clear_config()
+    try:
+        gin.parse_config_file(path)
+        assert gin.query_parameter(f"run_{name}.platform") == "gpu"
+        assert gin.query_parameter(f"run_{name}.dtype") == "bfloat16"
+    finally:
+        gin.clear_config()
+
+
+def test_unknown_platform_is_a_clear_error():
+    with pytest.raises(SystemExit, match=r"run_decode.platform = 'tpu': choose one of 'cpu'"):
+        runner.bound_platform(os.path.join(CONFIGS, "decode.gin"),
+                              ["run_decode.platform = 'tpu'"])
+
+
+def test_devices_check_names_the_missing_platform_and_devices():
+    import jax
+
+    from experiments.devices import check_devices
+
+    if jax.devices()[0].platform == "cpu":
+        with pytest.raises(CpjaxError, match="platform='gpu': no GPU is visible to jax"):
+            check_devices("gpu", [1])
+    with pytest.raises(CpjaxError, match=r"contexts=\[1, 4096\]: a context-parallel size may "
+                                         "not exceed"):
+        check_devices(jax.devices()[0].platform, [1, 4096])
+    assert check_devices("cpu", [1])["device_count"] == len(jax.devices())
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_visible() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices('gpu')"],
+                           env={**os.environ, "JAX_PLATFORMS": runner.JAX_PLATFORMS["gpu"]},
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.parametrize("name", MEASURED_ON_GPU)
+def test_gpu_config_runs_with_a_tiny_setting(name, tmp_path):
+    if not _gpu_visible():
+        pytest.skip("no GPU visible to jax")
+    out, figure = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
+    settings = [b for b in TINY[name] if not b.startswith(("contexts ", "context "))]  # GPU: 1
+    bindings = _bindings(name, out, figure, settings)
+    subprocess.run([sys.executable, "-m", "experiments.run",
+                    os.path.join(CONFIGS, f"{name}_gpu.gin"),
+                    *(arg for b in bindings for arg in ("--gin", b))], cwd=ROOT, check=True)
+    results = json.loads(out.read_text())
+    assert results["platform"] == "gpu" and results["dtype"] == "bfloat16" and results["rows"]
+    assert figure.stat().st_size > 10_000
 
 
 def test_missing_config_is_a_clear_error(tmp_path):
