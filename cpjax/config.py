@@ -122,3 +122,34 @@ def get_preset(name: str) -> ModelConfig:
                          f"{', '.join(sorted(PRESETS))} (or pass a .gguf file or a "
                          f"safetensors directory)")
     return PRESETS[name]
+
+
+def config_to_dict(config: ModelConfig) -> dict:
+    """``config`` as a JSON-ready dict; :func:`config_from_dict` inverts it exactly."""
+    out = dataclasses.asdict(config)
+    out["eos_ids"] = list(config.eos_ids)
+    return out
+
+
+def _fields_of(cls, data: dict, where: str) -> dict:
+    """``data`` checked against the fields of dataclass ``cls``: no unknown or missing keys."""
+    require(isinstance(data, dict), f"{where}: expected a JSON object, got {data!r}")
+    fields = dataclasses.fields(cls)
+    unknown = sorted(set(data) - {f.name for f in fields})
+    missing = [f.name for f in fields if f.name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    require(not unknown, f"{where}: unknown field(s) {', '.join(unknown)}")
+    require(not missing, f"{where}: missing field(s) {', '.join(missing)}")
+    return dict(data)
+
+
+def config_from_dict(data: dict) -> ModelConfig:
+    """The :class:`ModelConfig` written by :func:`config_to_dict`; a :class:`CpjaxError` naming
+    any unknown or missing field."""
+    fields = _fields_of(ModelConfig, data, "model config")
+    rope = fields.get("rope_scaling")
+    if rope is not None:
+        fields["rope_scaling"] = RopeScaling(**_fields_of(RopeScaling, rope,
+                                                          "model config rope_scaling"))
+    fields["eos_ids"] = tuple(fields.get("eos_ids", ()))
+    return ModelConfig(**fields)

@@ -14,6 +14,17 @@ class ByteTokenizer:
     eos_ids: tuple[int, ...] = ()
     chat_template = None
 
+    def to_dict(self) -> dict:
+        """JSON-ready description (the byte tokenizer has no state)."""
+        return {"kind": "bytes"}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ByteTokenizer":
+        """The tokenizer that :meth:`to_dict` described."""
+        if data.get("kind") != "bytes":
+            raise CpjaxError(f"tokenizer kind {data.get('kind')!r}: expected 'bytes'")
+        return cls()
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
 

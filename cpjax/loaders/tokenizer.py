@@ -238,6 +238,25 @@ class Tokenizer:
                    chat_template=template, special_tokens=special,
                    add_bos_token=bool(config.get("add_bos_token", False)))
 
+    def to_dict(self) -> dict:
+        """Everything that rebuilds this tokenizer, JSON-ready (:meth:`from_dict` inverts it):
+        the ``tokenizers`` JSON of the backend, special ids and tokens, the chat template."""
+        return {"kind": "tokenizers", "backend": json.loads(self.backend.to_str()),
+                "bos_id": self.bos_id, "eos_ids": list(self.eos_ids),
+                "chat_template": self.chat_template, "special_tokens": self.special_tokens,
+                "add_bos_token": self.add_bos_token}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Tokenizer":
+        """The tokenizer that :meth:`to_dict` described."""
+        from tokenizers import Tokenizer as Backend
+
+        require(data.get("kind") == "tokenizers",
+                f"tokenizer kind {data.get('kind')!r}: expected 'tokenizers'")
+        return cls(Backend.from_str(json.dumps(data["backend"])), bos_id=data["bos_id"],
+                   eos_ids=data["eos_ids"], chat_template=data["chat_template"],
+                   special_tokens=data["special_tokens"], add_bos_token=data["add_bos_token"])
+
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of ``text`` (special tokens written in the text stay whole); BOS first
         if ``add_bos`` and the model has one."""
