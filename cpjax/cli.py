@@ -1,4 +1,4 @@
-"""Command line: ``python -m cpjax generate|score|chat``.
+"""Command line: ``python -m cpjax generate|score|chat|perfmodel|convert``.
 
 The flags are a stable contract (later features extend them, never break them). jax is imported
 only after the arguments are parsed, because ``--fake-devices`` and ``--platform`` must be set in
@@ -102,6 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--capacity", type=int, default=8192, metavar="TOKENS",
                       help="KV cache capacity of the conversation")
     _sampling_flags(chat)
+
+    convert = sub.add_parser("convert", help="convert a model once into a cpjax checkpoint "
+                                             "(orbax; load it with --model DIR on any mesh)")
+    convert.add_argument("--model", default="smollm2-135m",
+                         help="preset name, .gguf file or safetensors directory to convert")
+    convert.add_argument("--out", required=True,
+                         help="checkpoint directory (an existing checkpoint there is replaced "
+                              "atomically)")
+    convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                         help="dtype the parameters are stored in")
+    convert.add_argument("--platform", default=None, choices=("cpu", "gpu"),
+                         help="jax platform (default: jax's choice)")
+    convert.set_defaults(fake_devices=None)      # read by _configure_jax_environment
     return parser
 
 
@@ -125,6 +138,25 @@ def _fail(message: str) -> None:
     raise SystemExit(2)
 
 
+def _status(message: str) -> None:
+    """A status line on stderr (from process 0 only, in a multi-process run)."""
+    import jax
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr)
+
+
+def _start_distributed() -> None:
+    """Join a multi-process run when the environment describes one (``python -m
+    cpjax.launch`` sets it); only process 0 prints and writes files."""
+    from cpjax.parallel import distributed
+    group = distributed.process_group_from_env()
+    if group is None or group.num_processes == 1:
+        return
+    distributed.initialize(group)
+    if group.process_id != 0:
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")
+
+
 def _make_engine(args, config, params):
     """Single-device ``Engine``, or a ``ContextParallelEngine`` when a mesh is asked for."""
     import jax.numpy as jnp
@@ -134,15 +166,19 @@ def _make_engine(args, config, params):
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
     require(args.context >= 1, f"--context={args.context}: must be >= 1")
     require(args.tensor >= 1, f"--tensor={args.tensor}: must be >= 1")
-    if args.context == 1 and args.tensor == 1:
+    import jax
+    multi_process = jax.process_count() > 1
+    if args.context == 1 and args.tensor == 1 and not multi_process:
         return Engine(config, params, dtype=dtype, attention=args.attention_impl)
     from cpjax.engine.context_parallel import ContextParallelEngine
     from cpjax.hardware import get_hardware
+    from cpjax.parallel.distributed import global_mesh
     from cpjax.parallel.mesh import make_mesh
     if args.hardware is not None:
         get_hardware(args.hardware)           # an unknown name fails here, before any work
+    mesh = (global_mesh if multi_process else make_mesh)(args.context, args.tensor)
     return ContextParallelEngine(config, params, dtype=dtype, attention=args.attention_impl,
-                                 mesh=make_mesh(args.context, args.tensor),
+                                 mesh=mesh,
                                  strategy=args.strategy, decode_strategy=args.decode_strategy,
                                  hardware=args.hardware)
 
@@ -207,8 +243,8 @@ def _run_generate(args, engine, tokenizer) -> None:
     else:
         sys.stdout.write("\n")
         rate_text = f"{rate:.1f} tok/s" if rate is not None else "n/a"
-        print(f"[{len(ids)} prompt tokens, {len(new_ids)} new; time to first token "
-              f"{(ttft or 0):.2f} s incl. compilation, decode {rate_text}]", file=sys.stderr)
+        _status(f"[{len(ids)} prompt tokens, {len(new_ids)} new; time to first token "
+                f"{(ttft or 0):.2f} s incl. compilation, decode {rate_text}]")
 
 
 def _run_chat(args, engine, tokenizer) -> None:
@@ -216,7 +252,10 @@ def _run_chat(args, engine, tokenizer) -> None:
     from cpjax.engine.session import Session
     from cpjax.engine.textgen import stream_text
     from cpjax.errors import require
+    import jax
     sampling = _sampling(args)
+    require(jax.process_count() == 1, "chat reads its turns from stdin and runs in one "
+            "process; use generate or score for multi-process runs")
     require(tokenizer.chat_template is not None,
             f"model {args.model!r} has no chat template; use `generate` instead")
     session = Session(engine, args.capacity)
@@ -282,9 +321,31 @@ def _run_score(args, engine, tokenizer) -> None:
     logprobs = engine.score(ids, split_at=split_at)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     require(os.path.isdir(out_dir), f"--out {args.out!r}: directory {out_dir!r} does not exist")
-    save_npy(args.out, logprobs)
+    from cpjax.parallel.distributed import is_main_process
+    if is_main_process():
+        save_npy(args.out, logprobs)
     print(json.dumps({"tokens": int(ids.size), "out": args.out,
                       "mean_logprob": float(logprobs.mean())}))
+
+
+def _run_convert(args) -> None:
+    """Load ``--model``, cast it to ``--dtype`` and save it as a checkpoint at ``--out``."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from cpjax.checkpoint import save_checkpoint
+    from cpjax.loaders import load_model
+    start = time.perf_counter()
+    config, params, tokenizer = load_model(args.model)
+    dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    params = jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), params)
+    save_checkpoint(args.out, config, params, tokenizer)
+    leaves = jax.tree.leaves(params)
+    print(json.dumps({"path": os.path.abspath(args.out), "model": config.name,
+                      "dtype": args.dtype, "params": int(sum(x.size for x in leaves)),
+                      "bytes": int(sum(x.nbytes for x in leaves)),
+                      "seconds": round(time.perf_counter() - start, 3)}))
 
 
 def _run_perfmodel(args) -> None:
@@ -318,6 +379,9 @@ def main(argv=None) -> None:
             _fail(str(exc))
     _configure_jax_environment(args)
     try:
+        _start_distributed()
+        if args.command == "convert":
+            return _run_convert(args)
         from cpjax.loaders import load_model
         config, params, tokenizer = load_model(args.model)
         engine = _make_engine(args, config, params)

@@ -37,6 +37,7 @@ from cpjax.engine.sampling import GREEDY, Sampling
 from cpjax.errors import CpjaxError, require
 from cpjax.hardware import get_hardware
 from cpjax.model.llama import KV_AXES, PARAM_AXES, Llama
+from cpjax.parallel.distributed import fetch, put
 from cpjax.parallel.layout import Layout, balanced_layout
 from cpjax.parallel.mesh import CONTEXT, TENSOR
 from cpjax.parallel.heuristic import choose_strategy
@@ -140,8 +141,7 @@ class ContextParallelEngine(Engine):
         self.base_attend = get_attend(self.attention)
         self.param_specs = tree_specs(PARAM_AXES, self.params)
         self.sharded_params = jax.tree.map(
-            lambda x, s: jax.device_put(x, NamedSharding(self.mesh, s)), self.params,
-            self.param_specs)
+            lambda x, s: put(x, NamedSharding(self.mesh, s)), self.params, self.param_specs)
         row = P(CONTEXT)
         kv = spec(KV_AXES)
         self.cache_specs = KVCache(k=kv, v=kv, pos=row, seg=row, fill=row)
@@ -334,7 +334,7 @@ class ContextParallelEngine(Engine):
 
     def _place(self, *arrays):
         sharding = NamedSharding(self.mesh, P(CONTEXT))
-        return [jax.device_put(np.asarray(a), sharding) for a in arrays]
+        return [put(a, sharding) for a in arrays]
 
     # ----------------------------------------------------------------- public API
     def prefill_slots(self, n_tokens: int) -> int:
@@ -348,14 +348,15 @@ class ContextParallelEngine(Engine):
         """
         per_rank = round_up(-(-capacity // self.n_context) + 1, 64)
         hkv = self.config.n_kv_heads
-        cache = kv_cache.init_cache(self.config, per_rank * self.n_context, self.dtype, hkv)
-        cache = cache._replace(fill=jnp.zeros((self.n_context,), jnp.int32))
-        return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(self.mesh, s)), cache,
-                            self.cache_specs)
+        def empty() -> KVCache:
+            cache = kv_cache.init_cache(self.config, per_rank * self.n_context, self.dtype, hkv)
+            return cache._replace(fill=jnp.zeros((self.n_context,), jnp.int32))
+        shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), self.cache_specs)
+        return jax.jit(empty, out_shardings=shardings)()
 
     def rank_fill(self, cache: KVCache) -> list[int]:
         """Slots used on each rank."""
-        return [int(f) for f in np.asarray(cache.fill)]
+        return [int(f) for f in fetch(cache.fill)]
 
     def logits(self, ids, positions=None, segments=None) -> np.ndarray:
         ids = validate_token_ids(ids, self.config.vocab_size)
@@ -370,7 +371,7 @@ class ContextParallelEngine(Engine):
         layout = self._layout(*segment_runs(positions, segments))
         args = self._place(layout.shard(ids), layout.positions, layout.segments)
         logits = self._cp_logits[self.strategy_for(t, 0)](self.sharded_params, *args)
-        return layout.unshard(np.asarray(logits))
+        return layout.unshard(fetch(logits))
 
     def _score_whole(self, ids: np.ndarray) -> np.ndarray:
         per_chunk = round_up(SCORE_CHUNK, 2 * self.n_context) // (2 * self.n_context)
@@ -378,7 +379,7 @@ class ContextParallelEngine(Engine):
         args = self._place(layout.shard(ids[:-1]), layout.shard(ids[1:]), layout.positions,
                            layout.segments)
         lp = self._cp_score[self.strategy_for(ids.size - 1, 0)](self.sharded_params, *args)
-        return layout.unshard(np.asarray(lp, np.float32))
+        return layout.unshard(fetch(lp).astype(np.float32))
 
     def strategy_for(self, new_tokens: int, cached_tokens: int) -> str:
         """The prefill ring used for ``new_tokens`` after ``cached_tokens`` (see ``strategy``)."""
@@ -403,7 +404,7 @@ class ContextParallelEngine(Engine):
         hidden, cache = program(self.sharded_params, *args, cache)
         last = np.cumsum([x.size for x in ids]) - 1
         slots = np.array([np.flatnonzero(layout.source == i)[0] for i in last])
-        last_hidden = jax.device_put(hidden[slots], jax.devices()[0])
+        last_hidden = fetch(hidden[slots])
         return self._head(self.params, last_hidden), cache
 
     def prefill_logprobs(self, ids, targets, cache: KVCache, start_position: int = 0,
@@ -414,7 +415,7 @@ class ContextParallelEngine(Engine):
         args = self._place(layout.shard(ids), layout.shard(targets), layout.positions,
                            layout.segments)
         lp, cache = program(self.sharded_params, *args, cache)
-        return layout.unshard(np.asarray(lp, np.float32)), cache
+        return layout.unshard(fetch(lp).astype(np.float32)), cache
 
     prefill_logprobs.__doc__ = Engine.prefill_logprobs.__doc__
 
@@ -435,7 +436,7 @@ class ContextParallelEngine(Engine):
                                        for x in (tokens, positions, segments))
         self._check_decode_room(cache, tokens.size)
         replicated = NamedSharding(self.mesh, P())
-        args = [jax.device_put(x, replicated) for x in
+        args = [put(x, replicated) for x in
                 (tokens, positions, segments, np.int32(step), *sampling.as_arrays())]
         return self._cp_decode(self.sharded_params, *args[:4], cache, *args[4:])
 
