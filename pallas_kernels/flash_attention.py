@@ -92,7 +92,7 @@ def _flash_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_
     init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32),
             jnp.zeros((block_q,), jnp.float32))
     acc, m, l = lax.fori_loop(0, n_k, maybe_visit, init)
-    seen = l > 0
+    seen = l != 0      # NaN counts as seen: a NaN input must surface, not vanish
     safe_l = jnp.where(seen, l, 1.0)
     o_ref[...] = jnp.where(seen[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, (m + jnp.log2(safe_l)) * _LN2, -jnp.inf)

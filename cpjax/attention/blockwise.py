@@ -163,7 +163,7 @@ def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = Non
                 jnp.zeros((hkv, rows), jnp.float32),
                 jnp.zeros((hkv, rows, d), jnp.float32))
         m, l, acc = jax.lax.fori_loop(0, n_k, maybe_update, init)
-        seen = l > 0
+        seen = l != 0      # NaN counts as seen: a NaN input must surface, not vanish
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
         out = out.reshape(hkv, group, block_q, d).transpose(2, 0, 1, 3).reshape(block_q, hq, d)

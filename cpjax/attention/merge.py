@@ -7,7 +7,8 @@ normalised over its own set), attention over ``S_1 ∪ S_2`` is::
     out = exp(lse_1 - lse) * out_1 + exp(lse_2 - lse) * out_2
 
 A side that saw no key has ``lse = -inf`` and weight 0; when both are ``-inf`` the result is
-``out = 0, lse = -inf`` (never NaN). Accumulation is float32.
+``out = 0, lse = -inf`` (never NaN); a NaN partial stays NaN (it is not mistaken for an empty
+one). Accumulation is float32.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def merge(out_a, lse_a, out_b, lse_b):
     lse_b = lse_b.astype(jnp.float32)
     lse = jnp.logaddexp(lse_a, lse_b)
     safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    w_a = jnp.where(jnp.isfinite(lse_a), jnp.exp(lse_a - safe), 0.0)[..., None]
-    w_b = jnp.where(jnp.isfinite(lse_b), jnp.exp(lse_b - safe), 0.0)[..., None]
+    w_a = jnp.where(lse_a == -jnp.inf, 0.0, jnp.exp(lse_a - safe))[..., None]
+    w_b = jnp.where(lse_b == -jnp.inf, 0.0, jnp.exp(lse_b - safe))[..., None]
     out = w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32)
     return out, lse
 
@@ -43,9 +44,9 @@ def merge_stacked(outs, lses):
     lses = lses.astype(jnp.float32)
     top = jnp.max(lses, axis=0)
     safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
-    weights = jnp.where(jnp.isfinite(lses), jnp.exp(lses - safe_top), 0.0)   # [n, ...]
+    weights = jnp.where(lses == -jnp.inf, 0.0, jnp.exp(lses - safe_top))   # [n, ...]
     total = weights.sum(axis=0)
-    seen = total > 0
+    seen = total != 0
     out = (weights[..., None] * outs.astype(jnp.float32)).sum(axis=0)
     out = jnp.where(seen[..., None], out / jnp.where(seen, total, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, safe_top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)

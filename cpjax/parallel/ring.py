@@ -188,10 +188,10 @@ def allreduce_decode_attention(attend: Callable, axis: str, keep_new) -> Callabl
             out, lse = merge(out, lse, past_out, past_lse)
         top = jax.lax.pmax(lse, axis)
         safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
-        weight = jnp.where(jnp.isfinite(lse), jnp.exp(lse - safe_top), 0.0)
+        weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - safe_top))   # NaN stays NaN
         total = jax.lax.psum(weight, axis)
         summed = jax.lax.psum(weight[..., None] * out.astype(jnp.float32), axis)
-        seen = total > 0
+        seen = total != 0
         out = jnp.where(seen[..., None], summed / jnp.where(seen, total, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, safe_top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
         return out.astype(q.dtype), lse
