@@ -56,7 +56,8 @@ from cpjax.config import ModelConfig, config_from_dict, config_to_dict
 from cpjax.errors import CpjaxError, require
 from cpjax.loaders.byte_tokenizer import ByteTokenizer
 from cpjax.loaders.tokenizer import Tokenizer
-from cpjax.model.llama import PARAM_AXES, param_shapes
+from cpjax.model.llama import (PARAM_AXES, check_param_shapes, leaf_name, leaves_by_name,
+                               param_shapes)
 from cpjax.parallel.sharding import tree_specs
 
 FORMAT = "cpjax-checkpoint"
@@ -173,33 +174,16 @@ def _sync(tag: str) -> None:
 
 
 # ----------------------------------------------------------------------------- params manifest
-def _leaf_name(path) -> str:
-    """``"layers/wq"`` for the pytree path of ``params["layers"]["wq"]``."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
-def _flat(tree) -> dict:
-    """``{"layers/wq": leaf, ...}``: the leaves of a nested-dict pytree by name."""
-    return {_leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def manifest(params) -> dict:
     """``{leaf path: {"shape": [...], "dtype": name}}`` of a params pytree."""
     return {name: {"shape": list(np.shape(x)), "dtype": jnp.dtype(x.dtype).name}
-            for name, x in _flat(params).items()}
+            for name, x in leaves_by_name(params).items()}
 
 
 def check_manifest(config: ModelConfig, entries: dict, what: str) -> None:
     """Raise a :class:`CpjaxError` unless ``entries`` (a :func:`manifest`) has exactly the
-    leaves and shapes that ``config`` implies (``cpjax.model.llama.param_shapes``)."""
-    expected = {name: list(x.shape) for name, x in _flat(param_shapes(config)).items()}
-    got = {name: entry["shape"] for name, entry in entries.items()}
-    problems = ([f"{n} is missing" for n in expected if n not in got]
-                + [f"{n} is not a parameter of this model" for n in got if n not in expected]
-                + [f"{n} has shape {tuple(got[n])}, the config needs {tuple(s)}"
-                   for n, s in expected.items() if n in got and got[n] != s])
-    require(not problems, f"{what} do not match model config {config.name!r}: "
-                          f"{'; '.join(problems)}")
+    leaves and shapes that ``config`` implies."""
+    check_param_shapes(config, {name: e["shape"] for name, e in entries.items()}, what)
 
 
 def abstract_params(config: ModelConfig, entries: dict, what: str):
@@ -208,7 +192,7 @@ def abstract_params(config: ModelConfig, entries: dict, what: str):
     check_manifest(config, entries, what)
     return jax.tree_util.tree_map_with_path(
         lambda path, x: jax.ShapeDtypeStruct(x.shape,
-                                             jnp.dtype(entries[_leaf_name(path)]["dtype"])),
+                                             jnp.dtype(entries[leaf_name(path)]["dtype"])),
         param_shapes(config))
 
 
@@ -253,8 +237,8 @@ def _restore_targets(abstract, mesh, shardings):
     require(jax.tree.structure(shardings) == jax.tree.structure(abstract),
             f"load_checkpoint: shardings= must have the structure of the params "
             f"({jax.tree.structure(abstract)}), got {jax.tree.structure(shardings)}")
-    by_name = _flat(shardings)
-    for name, x in _flat(abstract).items():
+    by_name = leaves_by_name(shardings)
+    for name, x in leaves_by_name(abstract).items():
         _check_divisible(name, x.shape, by_name[name])
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract, shardings)

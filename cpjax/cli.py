@@ -40,6 +40,9 @@ def _common_flags() -> argparse.ArgumentParser:
                    help="context-parallel decode: allreduce (replicated query, one merge "
                         "collective; default, faster in experiments/decode.py) or ring_pass_q "
                         "(the paper's)")
+    p.add_argument("--check-finite", action="store_true",
+                   help="check every output for NaN/Inf and name the first layer where it "
+                        "appears (slower: keeps a host copy of the cache for a replay)")
     p.add_argument("--hardware", default=None,
                    help="figures for --strategy auto: h100-nvlink | h100-rdma | h100-tcp | cpu "
                         "(measured); default cpu, or h100-nvlink on GPU")
@@ -169,7 +172,8 @@ def _make_engine(args, config, params):
     import jax
     multi_process = jax.process_count() > 1
     if args.context == 1 and args.tensor == 1 and not multi_process:
-        return Engine(config, params, dtype=dtype, attention=args.attention_impl)
+        return Engine(config, params, dtype=dtype, attention=args.attention_impl,
+                      check_finite=args.check_finite)
     from cpjax.engine.context_parallel import ContextParallelEngine
     from cpjax.hardware import get_hardware
     from cpjax.parallel.distributed import global_mesh
@@ -180,7 +184,7 @@ def _make_engine(args, config, params):
     return ContextParallelEngine(config, params, dtype=dtype, attention=args.attention_impl,
                                  mesh=mesh,
                                  strategy=args.strategy, decode_strategy=args.decode_strategy,
-                                 hardware=args.hardware)
+                                 hardware=args.hardware, check_finite=args.check_finite)
 
 
 def _sampling(args):

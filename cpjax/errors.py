@@ -14,3 +14,8 @@ def require(condition: bool, message: str) -> None:
     """Raise :class:`CpjaxError` with ``message`` unless ``condition`` holds."""
     if not condition:
         raise CpjaxError(message)
+
+
+class NonFiniteError(CpjaxError):
+    """NaN/Inf in an output, found by the check mode (``check_finite=True``); the message names
+    the first layer where it appears."""

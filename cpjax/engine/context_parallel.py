@@ -346,6 +346,7 @@ class ContextParallelEngine(Engine):
         Each rank gets ``ceil(capacity / N) + 1`` slots (rounded up to 64): prefills fill every
         rank equally and decode places tokens round-robin, so no rank needs more.
         """
+        self._check_capacity(capacity)
         per_rank = round_up(-(-capacity // self.n_context) + 1, 64)
         hkv = self.config.n_kv_heads
         def empty() -> KVCache:
@@ -358,19 +359,10 @@ class ContextParallelEngine(Engine):
         """Slots used on each rank."""
         return [int(f) for f in fetch(cache.fill)]
 
-    def logits(self, ids, positions=None, segments=None) -> np.ndarray:
-        ids = validate_token_ids(ids, self.config.vocab_size)
-        t = ids.size
-        positions = np.arange(t, dtype=np.int32) if positions is None else np.asarray(positions)
-        segments = np.zeros(t, np.int32) if segments is None else np.asarray(segments)
-        require(positions.shape == (t,) and segments.shape == (t,),
-                f"positions/segments must have shape ({t},) like the ids, got "
-                f"{positions.shape} and {segments.shape}")
-        require(bool((segments >= 0).all()), "segments: padding (negative ids) is added by the "
-                "context-parallel layout itself; pass only real tokens")
+    def _run_logits(self, ids, positions, segments) -> np.ndarray:
         layout = self._layout(*segment_runs(positions, segments))
         args = self._place(layout.shard(ids), layout.positions, layout.segments)
-        logits = self._cp_logits[self.strategy_for(t, 0)](self.sharded_params, *args)
+        logits = self._cp_logits[self.strategy_for(ids.size, 0)](self.sharded_params, *args)
         return layout.unshard(fetch(logits))
 
     def _score_whole(self, ids: np.ndarray) -> np.ndarray:
@@ -391,13 +383,12 @@ class ContextParallelEngine(Engine):
                                get_hardware(self.hardware),
                                bytes_per_element=jnp.dtype(self.dtype).itemsize)
 
-    def prefill_batch(self, sequences, cache: KVCache, segments=None, start_positions=None):
+    def _run_prefill_batch(self, ids, segments, starts, cache: KVCache):
         """Context-parallel (partial) prefill of a fused batch (see ``Engine.prefill_batch``).
 
         The new tokens of each sequence are load-balanced over the ranks on their own (paper
         Fig. 2), wherever earlier turns put the cached ones, and stay where they land.
         """
-        ids, segments, starts = self._pack(sequences, segments, start_positions)
         layout, program = self._plan_prefill("prefill", [x.size for x in ids], starts, segments,
                                              cache)
         args = self._place(layout.shard(np.concatenate(ids)), layout.positions, layout.segments)
@@ -407,17 +398,14 @@ class ContextParallelEngine(Engine):
         last_hidden = fetch(hidden[slots])
         return self._head(self.params, last_hidden), cache
 
-    def prefill_logprobs(self, ids, targets, cache: KVCache, start_position: int = 0,
-                         segment: int = 0):
-        ids, targets = self._validate_scored(ids, targets)
+    def _run_prefill_logprobs(self, ids, targets, cache: KVCache, start_position: int,
+                              segment: int):
         layout, program = self._plan_prefill("logprobs", [ids.size], [start_position], [segment],
                                              cache)
         args = self._place(layout.shard(ids), layout.shard(targets), layout.positions,
                            layout.segments)
         lp, cache = program(self.sharded_params, *args, cache)
         return layout.unshard(fetch(lp).astype(np.float32)), cache
-
-    prefill_logprobs.__doc__ = Engine.prefill_logprobs.__doc__
 
     def prefill_prompt(self, ids, cache: KVCache, start_position: int = 0, segment: int = 0):
         """One context-parallel (partial) prefill of the whole prompt (the mesh bounds memory)."""
@@ -430,14 +418,9 @@ class ContextParallelEngine(Engine):
                 f"KV cache overflow: a rank has used {max(fills)} of its {per_rank} slots; "
                 f"create the cache with a larger capacity")
 
-    def decode(self, tokens, positions, segments, step: int, cache: KVCache,
-               sampling: Sampling = GREEDY):
-        tokens, positions, segments = (np.asarray(x, np.int32).reshape(-1)
-                                       for x in (tokens, positions, segments))
-        self._check_decode_room(cache, tokens.size)
+    def _run_decode(self, tokens, positions, segments, step: int, cache: KVCache,
+                    sampling: Sampling):
         replicated = NamedSharding(self.mesh, P())
         args = [put(x, replicated) for x in
                 (tokens, positions, segments, np.int32(step), *sampling.as_arrays())]
         return self._cp_decode(self.sharded_params, *args[:4], cache, *args[4:])
-
-    decode.__doc__ = Engine.decode.__doc__

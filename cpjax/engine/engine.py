@@ -22,8 +22,8 @@ from cpjax.engine import kv_cache
 from cpjax.engine import sampling as sampling_lib
 from cpjax.engine.kv_cache import KVCache
 from cpjax.engine.sampling import GREEDY, Sampling
-from cpjax.errors import CpjaxError, require
-from cpjax.model.llama import Llama
+from cpjax.errors import CpjaxError, NonFiniteError, require
+from cpjax.model.llama import Llama, PastKV, check_param_shapes, leaves_by_name
 
 SCORE_CHUNK = 256  # tokens per chunk when turning hidden states into log-probabilities
 PREFILL_CHUNK = 2048  # a long prompt is prefilled in chunks of this many tokens, with progress
@@ -48,6 +48,22 @@ def validate_token_ids(ids, vocab_size: int, *, name: str = "token ids") -> np.n
     return arr.astype(np.int32)
 
 
+def validate_int_array(values, length: int, name: str, *, low: int = 0,
+                       high: Optional[int] = None, rule: str = "") -> np.ndarray:
+    """``values`` as a ``[length]`` int32 array of integers in ``[low, high)``; a
+    :class:`CpjaxError` naming ``name``, the offending value and the rule otherwise."""
+    arr = np.asarray(values)
+    require(arr.shape == (length,), f"{name}: expected shape ({length},), got {arr.shape}")
+    require(np.issubdtype(arr.dtype, np.integer) or arr.size == 0,
+            f"{name}: must be integers, got dtype {arr.dtype}")
+    bad = np.flatnonzero((arr < low) | (arr >= (high if high is not None else np.inf)))
+    if bad.size:
+        allowed = f"is outside [{low}, {high})" if high is not None else f"is below {low}"
+        raise CpjaxError(f"{name}: value {arr[bad[0]]} at index {bad[0]} {allowed}"
+                         + (f" ({rule})" if rule else ""))
+    return arr.astype(np.int32)
+
+
 def _pad(x: np.ndarray, length: int, value: int) -> np.ndarray:
     return np.concatenate([x, np.full(length - x.size, value, np.int32)])
 
@@ -69,8 +85,24 @@ class Engine:
     dtype: object = jnp.float32
     attention: str = "auto"
     bucket: int = 64
+    check_finite: bool = False
 
     def __post_init__(self):
+        require(isinstance(self.config, ModelConfig),
+                f"config: expected a ModelConfig, got {type(self.config).__name__}")
+        try:
+            dtype = jnp.dtype(self.dtype)
+        except TypeError:
+            dtype = None
+        require(dtype in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)),
+                f"dtype={getattr(dtype, 'name', self.dtype)!r}: choose float32 or bfloat16")
+        require(isinstance(self.bucket, int) and self.bucket >= 1,
+                f"bucket={self.bucket!r}: must be an int >= 1")
+        require(isinstance(self.params, dict),
+                f"params: expected the parameter dict of a loader or init_params, got "
+                f"{type(self.params).__name__}")
+        check_param_shapes(self.config, {name: np.shape(x) for name, x in
+                                         leaves_by_name(self.params).items()})
         self.model = Llama(self.config, with_past(get_attend(self.attention)), self.dtype)
         self.params = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), self.params)
         self._prefill = jax.jit(self._prefill_impl)
@@ -147,19 +179,60 @@ class Engine:
 
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache with room for ``capacity`` tokens."""
+        self._check_capacity(capacity)
         return kv_cache.init_cache(self.config, capacity, self.dtype)
+
+    @staticmethod
+    def _check_capacity(capacity) -> None:
+        require(isinstance(capacity, (int, np.integer)) and capacity >= 1,
+                f"capacity={capacity!r}: a KV cache needs an integer capacity >= 1 (tokens)")
 
     def logits(self, ids, positions=None, segments=None) -> np.ndarray:
         """``[T, V]`` float32 logits of a packed row (positions default to 0..T-1, segment 0)."""
         ids = validate_token_ids(ids, self.config.vocab_size)
         t = ids.size
-        positions = np.arange(t, dtype=np.int32) if positions is None else np.asarray(positions)
-        segments = np.zeros(t, np.int32) if segments is None else np.asarray(segments)
-        require(positions.shape == (t,) and segments.shape == (t,),
-                f"positions/segments must have shape ({t},) like the ids, got "
-                f"{positions.shape} and {segments.shape}")
-        return np.asarray(self._logits(self.params, ids, positions.astype(np.int32),
-                                       segments.astype(np.int32)))
+        positions = np.arange(t, dtype=np.int32) if positions is None else positions
+        segments = np.zeros(t, np.int32) if segments is None else segments
+        positions = self._validate_positions(positions, t)
+        segments = self._validate_segments(segments, t)
+        out = self._run_logits(ids, positions, segments)
+        self._check_output("logits", out, ids, positions, segments)
+        return out
+
+    def _run_logits(self, ids, positions, segments) -> np.ndarray:
+        return np.asarray(self._logits(self.params, ids, positions, segments))
+
+    def _validate_positions(self, positions, length: int, name: str = "positions"):
+        return validate_int_array(positions, length, name, high=self.config.max_seq_len,
+                                  rule=f"the context window of model {self.config.name!r}")
+
+    @staticmethod
+    def _validate_segments(segments, length: int, name: str = "segments"):
+        return validate_int_array(segments, length, name, rule="segment ids are >= 0; "
+                                  "padding is added internally")
+
+    # ----------------------------------------------------------------- check mode
+    def _past_for_check(self, cache: KVCache) -> Optional[PastKV]:
+        """A host copy of ``cache`` for a replay, taken before a call donates it (check mode
+        only; ``None`` otherwise)."""
+        if not self.check_finite:
+            return None
+        from cpjax.parallel.distributed import fetch
+        return PastKV(*(fetch(x) for x in (cache.k, cache.v, cache.pos, cache.seg)))
+
+    def _check_output(self, what: str, values, tokens, positions, segments,
+                      past: Optional[PastKV] = None) -> None:
+        """In check mode, raise :class:`NonFiniteError` naming the first layer whose output
+        holds NaN/Inf if ``values`` (the output of ``what``) does."""
+        if not self.check_finite or np.isfinite(np.asarray(values, np.float32)).all():
+            return
+        from cpjax.model.diagnostics import first_nonfinite
+        where = first_nonfinite(self.config, self.params, tokens, positions, segments, past,
+                                self.dtype)
+        raise NonFiniteError(
+            f"{what}: the output holds NaN/Inf; "
+            + (f"it first appears in {where}" if where else
+               "a single-device replay of the same inputs stays finite (a parallel-path bug?)"))
 
     def score(self, ids, split_at=None) -> np.ndarray:
         """``[T-1]`` float32 log-probabilities of ``ids[1:]``, each given its prefix.
@@ -171,6 +244,12 @@ class Engine:
         ids = validate_token_ids(ids, self.config.vocab_size)
         require(ids.size >= 2, f"score needs at least 2 tokens, got {ids.size}")
         self.check_length(ids.size)
+        logprobs = self._score_pieces(ids, split_at)
+        n = ids.size - 1
+        self._check_output("score", logprobs, ids[:-1], np.arange(n), np.zeros(n, np.int32))
+        return logprobs
+
+    def _score_pieces(self, ids: np.ndarray, split_at) -> np.ndarray:
         if split_at is None:
             return self._score_whole(ids)
         splits = [int(k) for k in np.atleast_1d(split_at)]
@@ -201,6 +280,20 @@ class Engine:
         """Partial prefill of ``ids [n]`` that also scores ``targets [n]`` (the token after
         each): returns ``(log-probabilities [n] float32, cache)``."""
         ids, targets = self._validate_scored(ids, targets)
+        require(isinstance(segment, (int, np.integer)) and segment >= 0,
+                f"segment={segment!r}: must be an integer >= 0")
+        require(isinstance(start_position, (int, np.integer)) and start_position >= 0,
+                f"start_position={start_position!r}: must be an integer >= 0")
+        self.check_length(start_position + ids.size, "cached plus new tokens")
+        past = self._past_for_check(cache)
+        lp, cache = self._run_prefill_logprobs(ids, targets, cache, start_position, segment)
+        self._check_output("prefill_logprobs", lp, ids,
+                           start_position + np.arange(ids.size), np.full(ids.size, segment),
+                           past)
+        return lp, cache
+
+    def _run_prefill_logprobs(self, ids, targets, cache: KVCache, start_position: int,
+                              segment: int):
         self._check_turns(cache, [segment], [start_position])
         padded = self.prefill_slots(ids.size)
         self._check_prefill_room(cache, ids.size, padded)
@@ -269,6 +362,16 @@ class Engine:
         Returns ``(logits [B, V] of each sequence's last token, cache)``.
         """
         ids, segments, starts = self._pack(sequences, segments, start_positions)
+        past = self._past_for_check(cache)
+        logits, cache = self._run_prefill_batch(ids, segments, starts, cache)
+        if self.check_finite:   # replay every new token against the cache as it was
+            self._check_output(
+                "prefill", logits, np.concatenate(ids),
+                np.concatenate([p + np.arange(x.size) for x, p in zip(ids, starts)]),
+                np.concatenate([np.full(x.size, g) for x, g in zip(ids, segments)]), past)
+        return logits, cache
+
+    def _run_prefill_batch(self, ids, segments, starts, cache: KVCache):
         self._check_turns(cache, segments, starts)
         n = sum(x.size for x in ids)
         padded = self.prefill_slots(n)
@@ -306,9 +409,25 @@ class Engine:
             that stores each new K/V depend on it); one compiled step serves all steps.
         Returns ``(logits [B, V], next tokens [B] int32, cache)``.
         """
-        tokens, positions, segments = (np.asarray(x, np.int32).reshape(-1)
-                                       for x in (tokens, positions, segments))
+        tokens = validate_token_ids(np.asarray(tokens).reshape(-1), self.config.vocab_size,
+                                    name="decode tokens")
+        positions = self._validate_positions(np.asarray(positions).reshape(-1), tokens.size,
+                                             "decode positions")
+        segments = self._validate_segments(np.asarray(segments).reshape(-1), tokens.size,
+                                           "decode segments")
+        require(isinstance(step, (int, np.integer)) and step >= 0,
+                f"step={step!r}: must be an integer >= 0")
+        require(isinstance(sampling, Sampling),
+                f"sampling: expected a Sampling, got {type(sampling).__name__}")
         self._check_decode_room(cache, tokens.size)
+        past = self._past_for_check(cache)
+        logits, next_tokens, cache = self._run_decode(tokens, positions, segments, step, cache,
+                                                      sampling)
+        self._check_output("decode", logits, tokens, positions, segments, past)
+        return logits, next_tokens, cache
+
+    def _run_decode(self, tokens, positions, segments, step: int, cache: KVCache,
+                    sampling: Sampling):
         return self._decode(self.params, tokens, positions, segments, np.int32(step), cache,
                             *sampling.as_arrays())
 

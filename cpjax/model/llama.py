@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from cpjax.attention import reference, with_past
 from cpjax.config import ModelConfig, RopeScaling
+from cpjax.errors import require
 
 
 #: Logical axis names of every parameter (mapped to mesh axes by ``cpjax.parallel.sharding``).
@@ -150,6 +151,7 @@ class Block(nn.Module):
         attn = jnp.einsum("thk,hkd->td", out.astype(self.dtype),
                           param("wo", _init_weight, (hq, dh, d)))
         x = x + self._tensor_sum(attn)
+        self.sow("intermediates", "after_attention", x)   # kept only when asked (diagnostics)
 
         h = rms_norm(x, param("mlp_norm", nn.initializers.ones, (d,)), cfg.norm_eps)
         gate = h @ param("w_gate", _init_weight, (d, f))
@@ -233,3 +235,27 @@ def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32):
 def param_shapes(config: ModelConfig, dtype=jnp.float32):
     """The parameter pytree's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), no compute."""
     return jax.eval_shape(lambda: init_params(config, 0, dtype))
+
+
+def leaf_name(path) -> str:
+    """``"layers/wq"`` for the pytree path of ``params["layers"]["wq"]``."""
+    return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def leaves_by_name(tree) -> dict:
+    """``{"layers/wq": leaf, ...}``: the leaves of a nested-dict pytree by name."""
+    return {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_param_shapes(config: ModelConfig, shapes: dict, what: str = "params") -> None:
+    """Raise a :class:`CpjaxError` unless ``shapes`` (``{leaf name: shape}``) has exactly the
+    leaves and shapes that ``config`` implies (:func:`param_shapes`), naming every mismatch."""
+    expected = {name: tuple(x.shape) for name, x in leaves_by_name(param_shapes(config)).items()}
+    got = {name: tuple(shape) for name, shape in shapes.items()}
+    problems = ([f"{n} is missing" for n in expected if n not in got]
+                + [f"{n} is not a parameter of this model" for n in got if n not in expected]
+                + [f"{n} has shape {got[n]}, the config needs {s}"
+                   for n, s in expected.items() if n in got and got[n] != s])
+    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3
+                                       else "")
+    require(not problems, f"{what} do not match model config {config.name!r}: {shown}")
