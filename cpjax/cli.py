@@ -160,27 +160,34 @@ def _start_distributed() -> None:
         sys.stdout = open(os.devnull, "w", encoding="utf-8")
 
 
-def _make_engine(args, config, params):
-    """Single-device ``Engine``, or a ``ContextParallelEngine`` when a mesh is asked for."""
-    import jax.numpy as jnp
-
-    from cpjax.engine import Engine
-    from cpjax.errors import require
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-    require(args.context >= 1, f"--context={args.context}: must be >= 1")
-    require(args.tensor >= 1, f"--tensor={args.tensor}: must be >= 1")
+def _mesh(args):
+    """The ``(context, tensor)`` mesh the flags ask for, or None for one device."""
     import jax
-    multi_process = jax.process_count() > 1
-    if args.context == 1 and args.tensor == 1 and not multi_process:
-        return Engine(config, params, dtype=dtype, attention=args.attention_impl,
-                      check_finite=args.check_finite)
-    from cpjax.engine.context_parallel import ContextParallelEngine
+
+    from cpjax.errors import require
     from cpjax.hardware import get_hardware
     from cpjax.parallel.distributed import global_mesh
     from cpjax.parallel.mesh import make_mesh
+    require(args.context >= 1, f"--context={args.context}: must be >= 1")
+    require(args.tensor >= 1, f"--tensor={args.tensor}: must be >= 1")
+    multi_process = jax.process_count() > 1
+    if args.context == 1 and args.tensor == 1 and not multi_process:
+        return None
     if args.hardware is not None:
         get_hardware(args.hardware)           # an unknown name fails here, before any work
-    mesh = (global_mesh if multi_process else make_mesh)(args.context, args.tensor)
+    return (global_mesh if multi_process else make_mesh)(args.context, args.tensor)
+
+
+def _make_engine(args, config, params, mesh):
+    """Single-device ``Engine``, or a ``ContextParallelEngine`` on ``mesh``."""
+    import jax.numpy as jnp
+
+    from cpjax.engine import Engine
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    if mesh is None:
+        return Engine(config, params, dtype=dtype, attention=args.attention_impl,
+                      check_finite=args.check_finite)
+    from cpjax.engine.context_parallel import ContextParallelEngine
     return ContextParallelEngine(config, params, dtype=dtype, attention=args.attention_impl,
                                  mesh=mesh,
                                  strategy=args.strategy, decode_strategy=args.decode_strategy,
@@ -387,8 +394,9 @@ def main(argv=None) -> None:
         if args.command == "convert":
             return _run_convert(args)
         from cpjax.loaders import load_model
-        config, params, tokenizer = load_model(args.model)
-        engine = _make_engine(args, config, params)
+        mesh = _mesh(args)
+        config, params, tokenizer = load_model(args.model, mesh=mesh)
+        engine = _make_engine(args, config, params, mesh)
         {"generate": _run_generate, "score": _run_score, "chat": _run_chat}[args.command](
             args, engine, tokenizer)
     except CpjaxError as exc:

@@ -107,6 +107,7 @@ def _cases():
     from cpjax.engine import Engine
     from cpjax.engine.context_parallel import ContextParallelEngine
     from cpjax.engine.sampling import Sampling
+    from cpjax.engine.session import Session
     from cpjax.loaders import load_model
     from cpjax.parallel import distributed
     from cpjax.parallel.mesh import make_mesh
@@ -134,6 +135,8 @@ def _cases():
              lambda c: c.engine.decode([1, 2], [3], [0, 0], 0, c.engine.new_cache(64))),
         Case("Engine.decode", "a negative step", "step=-1: must be an integer >= 0",
              lambda c: c.engine.decode([1], [3], [0], -1, c.engine.new_cache(64))),
+        Case("Session.turn", "float token ids", "turn token ids: must be integers",
+             lambda c: list(Session(c.engine, 64).turn(np.array([1.5, 2.0]), 1))),
         Case("Engine.new_cache", "capacity 0", "capacity=0: a KV cache needs",
              lambda c: c.engine.new_cache(0)),
         Case("Engine.prefill", "more tokens than the cache holds", "KV cache overflow",

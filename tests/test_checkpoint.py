@@ -105,6 +105,8 @@ def test_restore_onto_a_mesh_reshards_and_scores_like_one_device(saved, single, 
     wq = params["layers"]["wq"]                   # [L, D, Hq, Dh], heads split over tensor
     assert wq.addressable_shards[0].data.shape == (2, 64, 4 // tensor, 16)
     engine = ContextParallelEngine(config, params, mesh=mesh)
+    # The engine keeps the restored arrays where they are: no gather onto one device.
+    assert all(a is b for a, b in zip(jax.tree.leaves(engine.params), jax.tree.leaves(params)))
     np.testing.assert_allclose(engine.score(IDS), single.score(IDS), atol=1e-5)
 
 

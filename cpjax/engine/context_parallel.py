@@ -139,9 +139,7 @@ class ContextParallelEngine(Engine):
         check_tensor_divisibility(self.config, self.n_tensor)
         super().__post_init__()
         self.base_attend = get_attend(self.attention)
-        self.param_specs = tree_specs(PARAM_AXES, self.params)
-        self.sharded_params = jax.tree.map(
-            lambda x, s: put(x, NamedSharding(self.mesh, s)), self.params, self.param_specs)
+        self._head_on_mesh = jax.jit(self._head)
         row = P(CONTEXT)
         kv = spec(KV_AXES)
         self.cache_specs = KVCache(k=kv, v=kv, pos=row, seg=row, fill=row)
@@ -166,6 +164,18 @@ class ContextParallelEngine(Engine):
                                       (ps, P(), P(), P(), P(), self.cache_specs, P(), P(), P(),
                                        P()),
                                       (P(), P(), self.cache_specs), donate=(5,))
+
+    def _place_params(self, params):
+        """The parameters in ``dtype``, sharded over the mesh by the rules table; never
+        gathered on one device (a checkpoint restored onto the mesh stays where it is)."""
+        self.param_specs = tree_specs(PARAM_AXES, params)
+        return jax.tree.map(lambda x, s: put(x, NamedSharding(self.mesh, s), self.dtype),
+                            params, self.param_specs)
+
+    @property
+    def sharded_params(self):
+        """The parameters as the mesh holds them (the same arrays as ``params``)."""
+        return self.params
 
     def _shard(self, fn, in_specs, out_specs, donate=()):
         """``jit(shard_map(fn))`` over the mesh.
@@ -396,7 +406,7 @@ class ContextParallelEngine(Engine):
         last = np.cumsum([x.size for x in ids]) - 1
         slots = np.array([np.flatnonzero(layout.source == i)[0] for i in last])
         last_hidden = fetch(hidden[slots])
-        return self._head(self.params, last_hidden), cache
+        return self._head_on_mesh(self.params, last_hidden), cache
 
     def _run_prefill_logprobs(self, ids, targets, cache: KVCache, start_position: int,
                               segment: int):

@@ -104,12 +104,16 @@ class Engine:
         check_param_shapes(self.config, {name: np.shape(x) for name, x in
                                          leaves_by_name(self.params).items()})
         self.model = Llama(self.config, with_past(get_attend(self.attention)), self.dtype)
-        self.params = jax.tree.map(lambda x: jnp.asarray(x, self.dtype), self.params)
+        self.params = self._place_params(self.params)
         self._prefill = jax.jit(self._prefill_impl)
         self._decode = jax.jit(self._decode_impl, donate_argnums=(5,))
         self._score = jax.jit(self._score_impl)
         self._prefill_logprobs = jax.jit(self._prefill_logprobs_impl, donate_argnums=(5,))
         self._logits = jax.jit(self._logits_impl)
+
+    def _place_params(self, params):
+        """The parameters in ``dtype`` on the default device."""
+        return jax.tree.map(lambda x: jnp.asarray(x, self.dtype), params)
 
     # ----------------------------------------------------------------- compiled bodies
     def _trunk(self, params, tokens, positions, segments, past=None):
@@ -227,8 +231,9 @@ class Engine:
         if not self.check_finite or np.isfinite(np.asarray(values, np.float32)).all():
             return
         from cpjax.model.diagnostics import first_nonfinite
-        where = first_nonfinite(self.config, self.params, tokens, positions, segments, past,
-                                self.dtype)
+        from cpjax.parallel.distributed import fetch
+        where = first_nonfinite(self.config, jax.tree.map(fetch, self.params), tokens,
+                                positions, segments, past, self.dtype)
         raise NonFiniteError(
             f"{what}: the output holds NaN/Inf; "
             + (f"it first appears in {where}" if where else

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
+from cpjax.engine.engine import validate_token_ids
 from cpjax.engine.sampling import GREEDY, Sampling
 from cpjax.errors import require
 
@@ -43,7 +44,10 @@ class Session:
 
     def prefill(self, ids) -> np.ndarray:
         """Partial prefill of ``ids`` (after the pending token, if any); returns logits [V]."""
-        ids = np.asarray(ids, np.int32).reshape(-1)
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size:
+            ids = validate_token_ids(ids, self.engine.config.vocab_size, name="turn token ids")
+        ids = ids.astype(np.int32)
         if self.pending is not None:
             ids = np.concatenate([np.array([self.pending], np.int32), ids])
         require(ids.size > 0, "a turn needs at least one new token")

@@ -20,11 +20,12 @@ from cpjax.config import PRESETS, get_preset
 from cpjax.errors import CpjaxError
 
 
-def load_model(name_or_path: str, seed: int = 0):
+def load_model(name_or_path: str, seed: int = 0, mesh=None):
     """Returns ``(ModelConfig, params, tokenizer)``; params are float32 numpy/jax arrays.
 
     The tokenizer is ``None`` for a safetensors directory without ``tokenizer.json`` (or a
-    checkpoint saved without a tokenizer); a cpjax checkpoint keeps its saved dtype.
+    checkpoint saved without a tokenizer); a cpjax checkpoint keeps its saved dtype and, given a
+    ``mesh``, is restored straight onto it (each device reads only its shards).
     """
     from cpjax.checkpoint import is_checkpoint, load_checkpoint
     from cpjax.loaders.byte_tokenizer import ByteTokenizer
@@ -45,7 +46,7 @@ def load_model(name_or_path: str, seed: int = 0):
                          f"'smollm2-135m' and 'tiny' do); pass --model with the path of a "
                          f".gguf file or an HF safetensors directory")
     if is_checkpoint(name_or_path):
-        return load_checkpoint(name_or_path)
+        return load_checkpoint(name_or_path, mesh=mesh)
     if name_or_path.endswith(".gguf") or os.path.isfile(name_or_path):
         if not os.path.exists(name_or_path):
             raise CpjaxError(f"model file {name_or_path!r} does not exist")

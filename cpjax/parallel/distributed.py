@@ -152,10 +152,19 @@ def global_mesh(context: int, tensor: int = 1):
     return make_mesh(context, tensor, devices)
 
 
-def put(value, sharding) -> jax.Array:
-    """The global array of host ``value`` (the same on every process) laid out by
-    ``sharding``; each process copies only the shards its devices hold."""
+def put(value, sharding, dtype=None) -> jax.Array:
+    """The global array of ``value`` laid out by ``sharding`` (cast to ``dtype`` if given).
+
+    A host value (the same on every process) is copied shard by shard, each process copying
+    only the shards its devices hold; a jax array already on the mesh is resharded on device
+    (never gathered onto one host).
+    """
+    if isinstance(value, jax.Array):
+        value = value if dtype is None or value.dtype == dtype else value.astype(dtype)
+        return value if value.sharding == sharding else jax.device_put(value, sharding)
     value = np.asarray(value)
+    if dtype is not None:
+        value = value.astype(dtype, copy=False)
     if getattr(sharding, "is_fully_addressable", True):
         return jax.device_put(value, sharding)
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
