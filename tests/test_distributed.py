@@ -80,18 +80,24 @@ def test_two_processes_equal_one_process_on_smollm2(tmp_path):
     np.testing.assert_array_equal(got["tokens"], want["tokens"])
 
 
-def test_cli_score_through_the_launcher_equals_one_process(tmp_path, tiny_params):
+def test_cli_score_from_a_checkpoint_on_context_4_x_tensor_2_across_processes(tmp_path,
+                                                                            tiny_params,
+                                                                            single):
+    """The checkpoint is restored straight onto the global mesh (tensor inside a process,
+    context across the two), through the launcher and the CLI."""
+    from cpjax.checkpoint import save_checkpoint
     from cpjax.config import PRESETS
+    save_checkpoint(tmp_path / "ckpt", PRESETS["tiny"], tiny_params)
     ids = np.random.default_rng(2).integers(0, 256, 97).astype(np.int32)
     np.save(tmp_path / "ids.npy", ids)
     rc, stdout, stderr, _ = launch("--num-processes", "2", "--devices-per-process", "4",
-                                   "--timeout", "120", "--", "score", "--model", "tiny",
-                                   "--context", "8", "--strategy", "pass_q", "--ids-file",
+                                   "--timeout", "120", "--", "score", "--model",
+                                   str(tmp_path / "ckpt"), "--context", "4", "--tensor", "2",
+                                   "--strategy", "pass_q", "--ids-file",
                                    str(tmp_path / "ids.npy"), "--out", str(tmp_path / "lp.npy"))
     assert rc == 0, stderr[-3000:]
     assert stdout.count('"mean_logprob"') == 1          # only process 0 prints
-    want = reference(PRESETS["tiny"], tiny_params, ids, 1)["pass_q"]
-    assert np.abs(np.load(tmp_path / "lp.npy") - want).max() < 1e-5
+    assert np.abs(np.load(tmp_path / "lp.npy") - single.score(ids)).max() < 1e-5
 
 
 def test_a_killed_process_stops_the_run_within_a_bounded_time(tmp_path):
