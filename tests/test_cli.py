@@ -79,13 +79,34 @@ def _bad_inputs(tmp_path):
     ]
 
 
-def test_user_mistakes_are_one_line_errors_with_status_2(tmp_path):
-    for args, message in _bad_inputs(tmp_path):
+def _assert_one_line_error(args, status, stderr, message):
+    assert status == 2, (args, stderr)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in lines[-1], (args, stderr)
+    assert "Traceback" not in stderr, stderr
+
+
+@pytest.fixture
+def kept_environment():
+    """``cli.main`` sets XLA/JAX variables for its own process; restore them afterwards."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_user_mistakes_are_one_line_errors_with_status_2(tmp_path, capsys, kept_environment):
+    """Every case through ``cli.main`` in this process (jax already has 8 CPU devices); the
+    first two also as real processes, to cover the interpreter's exit path."""
+    from cpjax.cli import main
+    cases = _bad_inputs(tmp_path)
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(list(args))
+        _assert_one_line_error(args, exit_info.value.code, capsys.readouterr().err, message)
+    for args, message in cases[:2]:
         result = run_cli(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = [l for l in result.stderr.splitlines() if l.strip()]
-        assert lines[-1].startswith("error: ") and message in lines[-1], (args, result.stderr)
-        assert "Traceback" not in result.stderr, result.stderr
+        _assert_one_line_error(args, result.returncode, result.stderr, message)
 
 
 def test_non_llama_gguf_is_rejected(tmp_path, tiny_params):
