@@ -115,7 +115,10 @@ def initialize(group: ProcessGroup) -> None:
             "jax.distributed is already initialized in this process")
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms in ("", "cpu") or platforms.startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        try:
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except (AttributeError, KeyError, ValueError):
+            pass    # a jax without the option chooses its CPU collectives itself
     try:
         jax.distributed.initialize(
             coordinator_address=group.coordinator, num_processes=group.num_processes,
