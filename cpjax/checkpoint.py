@@ -58,6 +58,7 @@ from cpjax.loaders.byte_tokenizer import ByteTokenizer
 from cpjax.loaders.tokenizer import Tokenizer
 from cpjax.model.llama import (PARAM_AXES, check_param_shapes, leaf_name, leaves_by_name,
                                param_shapes)
+from cpjax.parallel.distributed import is_main_process
 from cpjax.parallel.sharding import tree_specs
 
 FORMAT = "cpjax-checkpoint"
@@ -160,10 +161,6 @@ def _pause_point(stage: str) -> None:
         print(f"cpjax-checkpoint paused at {stage}", file=sys.stderr, flush=True)
         while True:
             time.sleep(60)
-
-
-def _primary() -> bool:
-    return jax.process_index() == 0
 
 
 def _sync(tag: str) -> None:
@@ -280,7 +277,7 @@ def save_checkpoint(path, config: ModelConfig, params, tokenizer=None) -> None:
     check_manifest(config, entries, "params")
     _check_replaceable(path)
     staging = staging_path(path)
-    if _primary():
+    if is_main_process():
         os.makedirs(os.path.dirname(path), exist_ok=True)
         _prepare(path)
         os.makedirs(staging)
@@ -288,7 +285,7 @@ def save_checkpoint(path, config: ModelConfig, params, tokenizer=None) -> None:
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(os.path.join(staging, PARAMS_DIR), params)
     _sync("params-written")
-    if _primary():
+    if is_main_process():
         if tokenizer is not None:
             _write_json(os.path.join(staging, TOKENIZER_FILE), tokenizer.to_dict())
         _fsync_tree(staging)

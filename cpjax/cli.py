@@ -143,8 +143,8 @@ def _fail(message: str) -> None:
 
 def _status(message: str) -> None:
     """A status line on stderr (from process 0 only, in a multi-process run)."""
-    import jax
-    if jax.process_index() == 0:
+    from cpjax.parallel.distributed import is_main_process
+    if is_main_process():
         print(message, file=sys.stderr)
 
 
@@ -178,12 +178,16 @@ def _mesh(args):
     return (global_mesh if multi_process else make_mesh)(args.context, args.tensor)
 
 
+def _dtype(args):
+    """The jax dtype ``--dtype`` names."""
+    import jax.numpy as jnp
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+
+
 def _make_engine(args, config, params, mesh):
     """Single-device ``Engine``, or a ``ContextParallelEngine`` on ``mesh``."""
-    import jax.numpy as jnp
-
     from cpjax.engine import Engine
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = _dtype(args)
     if mesh is None:
         return Engine(config, params, dtype=dtype, attention=args.attention_impl,
                       check_finite=args.check_finite)
@@ -342,14 +346,13 @@ def _run_score(args, engine, tokenizer) -> None:
 def _run_convert(args) -> None:
     """Load ``--model``, cast it to ``--dtype`` and save it as a checkpoint at ``--out``."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from cpjax.checkpoint import save_checkpoint
     from cpjax.loaders import load_model
     start = time.perf_counter()
     config, params, tokenizer = load_model(args.model)
-    dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    dtype = _dtype(args)
     params = jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), params)
     save_checkpoint(args.out, config, params, tokenizer)
     leaves = jax.tree.leaves(params)

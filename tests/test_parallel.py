@@ -99,7 +99,7 @@ def test_hlo_collectives_and_bytes_match_the_formula(engines, strategy):
     layout = engine._layout([128])
     args = engine._place(layout.shard(np.arange(128) % CFG.vocab_size), layout.positions,
                          layout.segments)
-    hlo = engine._cp_logits[strategy].lower(engine.sharded_params, *args).compile().as_text()
+    hlo = engine._cp_logits[strategy].lower(engine.params, *args).compile().as_text()
     sent = hlo_collective_bytes(hlo, 4)
     expected = formula_bytes_per_layer(strategy, 4, layout.local_len, layout.local_len,
                                        CFG.n_heads, CFG.n_kv_heads, CFG.head_dim, 4)

@@ -84,7 +84,7 @@ def test_ring_bytes_equal_those_of_the_compiled_hlo(strategy, tiny_params):
     layout = engine._layout([128])
     args = engine._place(layout.shard(np.arange(128) % tiny.vocab_size), layout.positions,
                          layout.segments)
-    hlo = engine._cp_logits[strategy].lower(engine.sharded_params, *args).compile().as_text()
+    hlo = engine._cp_logits[strategy].lower(engine.params, *args).compile().as_text()
     sent = sum(hlo_collective_bytes(hlo, 4).values())
     assert sent == ring_bytes_per_layer(strategy, tiny, 128, 0,
                                         Deployment(cp=4, tp=1, bytes_per_element=4))

@@ -31,9 +31,9 @@ from jax.sharding import PartitionSpec as P
 from cpjax.attention import get_attend
 from cpjax.engine import kv_cache
 from cpjax.engine import sampling as sampling_lib
-from cpjax.engine.engine import SCORE_CHUNK, Engine, round_up, validate_token_ids
+from cpjax.engine.engine import SCORE_CHUNK, Engine, round_up
 from cpjax.engine.kv_cache import KVCache
-from cpjax.engine.sampling import GREEDY, Sampling
+from cpjax.engine.sampling import Sampling
 from cpjax.errors import CpjaxError, require
 from cpjax.hardware import get_hardware
 from cpjax.model.llama import KV_AXES, PARAM_AXES, Llama
@@ -171,11 +171,6 @@ class ContextParallelEngine(Engine):
         self.param_specs = tree_specs(PARAM_AXES, params)
         return jax.tree.map(lambda x, s: put(x, NamedSharding(self.mesh, s), self.dtype),
                             params, self.param_specs)
-
-    @property
-    def sharded_params(self):
-        """The parameters as the mesh holds them (the same arrays as ``params``)."""
-        return self.params
 
     def _shard(self, fn, in_specs, out_specs, donate=()):
         """``jit(shard_map(fn))`` over the mesh.
@@ -372,7 +367,7 @@ class ContextParallelEngine(Engine):
     def _run_logits(self, ids, positions, segments) -> np.ndarray:
         layout = self._layout(*segment_runs(positions, segments))
         args = self._place(layout.shard(ids), layout.positions, layout.segments)
-        logits = self._cp_logits[self.strategy_for(ids.size, 0)](self.sharded_params, *args)
+        logits = self._cp_logits[self.strategy_for(ids.size, 0)](self.params, *args)
         return layout.unshard(fetch(logits))
 
     def _score_whole(self, ids: np.ndarray) -> np.ndarray:
@@ -380,7 +375,7 @@ class ContextParallelEngine(Engine):
         layout = balanced_layout([ids.size - 1], self.n_context, pad_multiple=per_chunk)
         args = self._place(layout.shard(ids[:-1]), layout.shard(ids[1:]), layout.positions,
                            layout.segments)
-        lp = self._cp_score[self.strategy_for(ids.size - 1, 0)](self.sharded_params, *args)
+        lp = self._cp_score[self.strategy_for(ids.size - 1, 0)](self.params, *args)
         return layout.unshard(fetch(lp).astype(np.float32))
 
     def strategy_for(self, new_tokens: int, cached_tokens: int) -> str:
@@ -402,7 +397,7 @@ class ContextParallelEngine(Engine):
         layout, program = self._plan_prefill("prefill", [x.size for x in ids], starts, segments,
                                              cache)
         args = self._place(layout.shard(np.concatenate(ids)), layout.positions, layout.segments)
-        hidden, cache = program(self.sharded_params, *args, cache)
+        hidden, cache = program(self.params, *args, cache)
         last = np.cumsum([x.size for x in ids]) - 1
         slots = np.array([np.flatnonzero(layout.source == i)[0] for i in last])
         last_hidden = fetch(hidden[slots])
@@ -414,7 +409,7 @@ class ContextParallelEngine(Engine):
                                              cache)
         args = self._place(layout.shard(ids), layout.shard(targets), layout.positions,
                            layout.segments)
-        lp, cache = program(self.sharded_params, *args, cache)
+        lp, cache = program(self.params, *args, cache)
         return layout.unshard(fetch(lp).astype(np.float32)), cache
 
     def prefill_prompt(self, ids, cache: KVCache, start_position: int = 0, segment: int = 0):
@@ -433,4 +428,4 @@ class ContextParallelEngine(Engine):
         replicated = NamedSharding(self.mesh, P())
         args = [put(x, replicated) for x in
                 (tokens, positions, segments, np.int32(step), *sampling.as_arrays())]
-        return self._cp_decode(self.sharded_params, *args[:4], cache, *args[4:])
+        return self._cp_decode(self.params, *args[:4], cache, *args[4:])

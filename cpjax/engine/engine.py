@@ -9,7 +9,7 @@ shape per cache capacity and never recompiles per token.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -34,34 +34,34 @@ def round_up(n: int, multiple: int) -> int:
     return max(multiple, -(-n // multiple) * multiple)
 
 
-def validate_token_ids(ids, vocab_size: int, *, name: str = "token ids") -> np.ndarray:
-    """``ids`` as a 1-D int32 array; a :class:`CpjaxError` naming the rule otherwise."""
-    arr = np.asarray(ids)
-    require(arr.ndim == 1, f"{name}: expected a 1-D sequence, got shape {arr.shape}")
-    require(arr.size > 0, f"{name}: empty (at least one token is needed)")
-    require(np.issubdtype(arr.dtype, np.integer),
-            f"{name}: must be integers, got dtype {arr.dtype}")
-    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
-    require(bad.size == 0,
-            f"{name}: token id {arr[bad[0]] if bad.size else 0} at index "
-            f"{bad[0] if bad.size else 0} is outside [0, {vocab_size}) (the vocabulary size)")
-    return arr.astype(np.int32)
-
-
-def validate_int_array(values, length: int, name: str, *, low: int = 0,
-                       high: Optional[int] = None, rule: str = "") -> np.ndarray:
-    """``values`` as a ``[length]`` int32 array of integers in ``[low, high)``; a
-    :class:`CpjaxError` naming ``name``, the offending value and the rule otherwise."""
+def validate_int_array(values, length: Optional[int], name: str, *, low: int = 0,
+                       high: Optional[int] = None, rule: str = "",
+                       item: str = "value") -> np.ndarray:
+    """``values`` as a 1-D int32 array (of ``length`` entries unless None) of integers in
+    ``[low, high)``; a :class:`CpjaxError` naming ``name``, the offending ``item`` and the rule
+    otherwise."""
     arr = np.asarray(values)
-    require(arr.shape == (length,), f"{name}: expected shape ({length},), got {arr.shape}")
+    if length is None:
+        require(arr.ndim == 1, f"{name}: expected a 1-D sequence, got shape {arr.shape}")
+    else:
+        require(arr.shape == (length,), f"{name}: expected shape ({length},), got {arr.shape}")
     require(np.issubdtype(arr.dtype, np.integer) or arr.size == 0,
             f"{name}: must be integers, got dtype {arr.dtype}")
     bad = np.flatnonzero((arr < low) | (arr >= (high if high is not None else np.inf)))
     if bad.size:
         allowed = f"is outside [{low}, {high})" if high is not None else f"is below {low}"
-        raise CpjaxError(f"{name}: value {arr[bad[0]]} at index {bad[0]} {allowed}"
+        raise CpjaxError(f"{name}: {item} {arr[bad[0]]} at index {bad[0]} {allowed}"
                          + (f" ({rule})" if rule else ""))
     return arr.astype(np.int32)
+
+
+def validate_token_ids(ids, vocab_size: int, *, name: str = "token ids") -> np.ndarray:
+    """``ids`` as a non-empty 1-D int32 array of ids in ``[0, vocab_size)``; a
+    :class:`CpjaxError` naming the rule otherwise."""
+    require(np.size(ids) > 0 or np.ndim(ids) != 1,
+            f"{name}: empty (at least one token is needed)")
+    return validate_int_array(ids, None, name, high=vocab_size, rule="the vocabulary size",
+                              item="token id")
 
 
 def _pad(x: np.ndarray, length: int, value: int) -> np.ndarray:
@@ -285,11 +285,7 @@ class Engine:
         """Partial prefill of ``ids [n]`` that also scores ``targets [n]`` (the token after
         each): returns ``(log-probabilities [n] float32, cache)``."""
         ids, targets = self._validate_scored(ids, targets)
-        require(isinstance(segment, (int, np.integer)) and segment >= 0,
-                f"segment={segment!r}: must be an integer >= 0")
-        require(isinstance(start_position, (int, np.integer)) and start_position >= 0,
-                f"start_position={start_position!r}: must be an integer >= 0")
-        self.check_length(start_position + ids.size, "cached plus new tokens")
+        (segment,), (start_position,) = self._turns([ids.size], [segment], [start_position])
         past = self._past_for_check(cache)
         lp, cache = self._run_prefill_logprobs(ids, targets, cache, start_position, segment)
         self._check_output("prefill_logprobs", lp, ids,
@@ -343,18 +339,22 @@ class Engine:
                 "sequences: expected a non-empty list of token id arrays")
         ids = [validate_token_ids(x, self.config.vocab_size, name=f"sequence {i} token ids")
                for i, x in enumerate(sequences)]
-        segments = list(range(len(ids))) if segments is None else [int(s) for s in segments]
-        require(len(segments) == len(ids) and len(set(segments)) == len(ids)
-                and min(segments) >= 0,
-                f"segments={segments}: need one distinct id >= 0 per sequence ({len(ids)})")
-        if start_positions is None:
-            start_positions = [0] * len(ids)
-        start_positions = [int(p) for p in start_positions]
-        require(len(start_positions) == len(ids),
-                f"start_positions: expected {len(ids)} values, got {len(start_positions)}")
-        for x, p in zip(ids, start_positions):
-            self.check_length(p + x.size, "cached plus new tokens")
-        return ids, segments, start_positions
+        return (ids, *self._turns([x.size for x in ids], segments, start_positions))
+
+    def _turns(self, lengths, segments, start_positions):
+        """Validated ``(segments, starts)`` (lists of ints) for new sequences of ``lengths``:
+        one distinct segment id >= 0 and one start position >= 0 each (defaults: ``0..B-1``
+        and 0), and room for each in the context window."""
+        n = len(lengths)
+        segments = validate_int_array(range(n) if segments is None else list(segments), n,
+                                      "segments", rule="segment ids are >= 0").tolist()
+        require(len(set(segments)) == n,
+                f"segments={segments}: need one distinct id >= 0 per sequence ({n})")
+        starts = validate_int_array([0] * n if start_positions is None else
+                                    list(start_positions), n, "start_positions").tolist()
+        for length, start in zip(lengths, starts):
+            self.check_length(start + length, "cached plus new tokens")
+        return segments, starts
 
     def prefill_batch(self, sequences, cache: KVCache, segments=None, start_positions=None):
         """(Partial) prefill of several sequences packed into one row of the cache.
