@@ -29,7 +29,8 @@ def _common_flags() -> argparse.ArgumentParser:
     p.add_argument("--fake-devices", type=int, default=None, metavar="K",
                    help="simulate K CPU devices (sets the XLA host device count)")
     p.add_argument("--attention-impl", default="auto",
-                   help="reference | blockwise | pallas | cudnn | auto (pallas on GPU, blockwise else)")
+                   help="reference | blockwise | pallas | pallas_mgpu | cudnn | auto (pallas on GPU, "
+                        "blockwise else)")
     p.add_argument("--context", type=int, default=1, metavar="N",
                    help="context-parallel mesh size")
     p.add_argument("--tensor", type=int, default=1, metavar="M",

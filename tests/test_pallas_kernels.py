@@ -1,5 +1,6 @@
 """Pallas kernels (interpret mode on CPU, compiled on GPU) against the reference attend."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -86,3 +87,120 @@ def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
     rows = json.loads((tmp_path / "k.json").read_text())["rows"]
     assert {r["impl"] for r in rows} >= {"pallas", "blockwise_xla", "pallas_decode"}
     assert all("error" not in r and r["seconds"] > 0 for r in rows)
+
+
+# ----------------------------------------------------------------------- compiled on a GPU
+# The kernels compiled by Triton (interpret=False) against the reference. They run where the
+# default backend is a GPU (experiments/gpu_check.sh) and are skipped elsewhere; the CPU-side
+# check of the same lowering is tests/test_kernel_lowering.py. Blocks are powers of two >= 16.
+#
+# Precision: a float32 jnp.dot inside a Pallas Triton kernel is a TF32 dot by default (the
+# lowering maps Precision.DEFAULT to `tt.dot ... inputPrecision = tf32`; seen in the lowered IR,
+# jax 0.10.2), and XLA's own fp32 matmuls on a GPU may use TF32 too. So each test fixes the
+# precision itself: "highest" (IEEE fp32, kernel and reference) keeps the CPU tolerance 1e-5;
+# the kernels' default, TF32, is compared with a "highest" reference at TF32_ATOL. A numpy
+# emulation of TF32 rounding in both dots (q.k and p.v) on these shapes gives a worst error of
+# about 1.2e-3 in |out - want| / (1 + |want|) and 1.1e-3 in the LSE; 4e-3 leaves a margin of 3.
+# bf16 inputs are compared with the reference on the same bf16-rounded values in float32
+# (emulated worst error 3.1e-3: p and the output are rounded to bf16).
+requires_gpu = pytest.mark.skipif(
+    jax.default_backend() != "gpu",
+    reason="compiles the kernels with Triton (interpret=False): needs a GPU backend "
+           "(run experiments/gpu_check.sh on a GPU machine)")
+TF32_ATOL = 4e-3
+BF16_ATOL = 1e-2
+
+
+def _on_gpu_reference(q, k, v, *layout, window=None):
+    """The reference in IEEE fp32 of the (possibly bf16) inputs."""
+    with jax.default_matmul_precision("highest"):
+        q, k, v = (jnp.asarray(x, jnp.float32) for x in (q, k, v))
+        return jax.device_get(reference.attend(q, k, v, *layout, window=window))
+
+
+@requires_gpu
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("blocks", [(16, 16), (64, 32)])
+def test_flash_attention_compiled_matches_reference_on_gpu(name, blocks):
+    q, k, v, layout = case_inputs(name)
+    with jax.default_matmul_precision("highest"):
+        got = flash_attention(q, k, v, *layout, block_q=blocks[0], block_k=blocks[1],
+                              interpret=False)
+    _check(*got, *_on_gpu_reference(q, k, v, *layout), atol=1e-5)
+
+
+@requires_gpu
+@pytest.mark.parametrize("tq, group, n_splits", [(1, 3, 4), (2, 4, 3), (4, 1, 16)])
+def test_decode_attention_compiled_matches_reference_on_gpu(tq, group, n_splits):
+    rng = np.random.default_rng(tq * 10 + group)
+    tk, hkv, d = 300, 2, 64
+    q, k, v = _random_qkv(rng, tq, tk, group * hkv, hkv, d)
+    layout = _decode_layout(tq, tk, filled=200)
+    with jax.default_matmul_precision("highest"):
+        got = decode_attention(q, k, v, *_decode_args(layout), n_splits=n_splits, block_k=32,
+                               interpret=False)
+    _check(*got, *_on_gpu_reference(q, k, v, *layout), atol=1e-5)
+
+
+def _decode_layout(tq, tk, filled):
+    """``[q_pos, kv_pos, q_seg, kv_seg]``: a cache with ``filled`` slots of sequence 0 (its
+    first 9 belong to another sequence), empty slots after them, and ``tq`` new queries."""
+    kv_pos = np.arange(tk, dtype=np.int32)
+    kv_seg = np.zeros(tk, np.int32)
+    kv_seg[filled:] = -1
+    kv_seg[:9] = 4
+    return [np.arange(filled - tq, filled, dtype=np.int32), kv_pos, np.zeros(tq, np.int32),
+            kv_seg]
+
+
+def _decode_args(layout):
+    """``attend`` layout order to ``decode_attention``'s (kv_pos, kv_seg, q_pos, q_seg)."""
+    q_pos, kv_pos, q_seg, kv_seg = layout
+    return kv_pos, kv_seg, q_pos, q_seg
+
+
+def _gpu_inputs(seed, tq, tk, hq, hkv, d, dtype):
+    q, k, v = _random_qkv(np.random.default_rng(seed), tq, tk, hq, hkv, d)
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def _check_at_dtype(got, want, dtype):
+    out, lse = got
+    assert out.dtype == dtype
+    _check(out, lse, *want, atol=BF16_ATOL if dtype == jnp.bfloat16 else TF32_ATOL)
+
+
+GPU_DTYPES = pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32],
+                                     ids=["bf16", "fp32_tf32"])
+GPU_HEADS = pytest.mark.parametrize("hq, hkv, d", [(32, 8, 128), (9, 3, 64)],
+                                    ids=["32q8kv_d128", "9q3kv_d64_smollm2"])
+
+
+@requires_gpu
+@GPU_DTYPES
+@GPU_HEADS
+@pytest.mark.parametrize("t, block_q, block_k, window", [
+    (1000, 128, 64, None), (1000, 64, 64, None), (1000, 64, 64, 256), (4097, 128, 64, None)])
+def test_flash_attention_compiled_at_model_shapes_on_gpu(dtype, hq, hkv, d, t, block_q,
+                                                         block_k, window):
+    """Causal prefill at the shapes and blocks the GPU runs, default (TF32) precision."""
+    q, k, v = _gpu_inputs(t, t, t, hq, hkv, d, dtype)
+    pos, seg = np.arange(t, dtype=np.int32), np.zeros(t, np.int32)
+    with jax.default_matmul_precision("default"):
+        got = flash_attention(q, k, v, pos, pos, seg, seg, block_q=block_q, block_k=block_k,
+                              window=window, interpret=False)
+    _check_at_dtype(got, _on_gpu_reference(q, k, v, pos, pos, seg, seg, window=window), dtype)
+
+
+@requires_gpu
+@GPU_DTYPES
+@GPU_HEADS
+@pytest.mark.parametrize("tq", [1, 4])
+def test_decode_attention_compiled_at_model_shapes_on_gpu(dtype, hq, hkv, d, tq):
+    """A few new tokens against a 5000-slot cache (4000 filled), 16 splits of 128-row tiles."""
+    q, k, v = _gpu_inputs(tq, tq, 5000, hq, hkv, d, dtype)
+    layout = _decode_layout(tq, 5000, filled=4000)
+    with jax.default_matmul_precision("default"):
+        got = decode_attention(q, k, v, *_decode_args(layout), n_splits=16, block_k=128,
+                               interpret=False)
+    _check_at_dtype(got, _on_gpu_reference(q, k, v, *layout), dtype)

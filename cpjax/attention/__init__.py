@@ -6,6 +6,8 @@
 * ``blockwise`` — online softmax over key blocks in plain XLA, skipping masked blocks;
 * ``pallas`` — the Pallas kernels of ``pallas_kernels`` (flash attention for prefill, split-K
   for a few queries against a long cache); interpreted on CPU, compiled (Triton) on GPU;
+* ``pallas_mgpu`` — like ``pallas``, with the Hopper flash kernel (Pallas Mosaic GPU: TMA,
+  ``wgmma``) for prefill; bf16/fp16, head_dim a multiple of 64; interpreted on CPU;
 * ``cudnn`` — ``jax.nn.dot_product_attention(implementation="cudnn")`` with the mask built from
   positions and segments (GPU only; bf16; for comparison);
 * ``auto`` — ``pallas`` on GPU, ``blockwise`` elsewhere.
@@ -23,7 +25,7 @@ from cpjax.errors import CpjaxError
 
 Attend = Callable  # (q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out, lse)
 
-IMPLEMENTATIONS = ("auto", "reference", "blockwise", "pallas", "cudnn")
+IMPLEMENTATIONS = ("auto", "reference", "blockwise", "pallas", "pallas_mgpu", "cudnn")
 DECODE_MAX_QUERIES = 16   # at most this many queries: the split-K decode kernel
 
 
@@ -34,6 +36,15 @@ def pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None):
     if q.shape[0] <= DECODE_MAX_QUERIES:
         return decode_attention(q, k, v, kv_pos, kv_seg, q_pos, q_seg, window=window)
     return flash_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
+
+
+def pallas_mgpu_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None):
+    """``attend`` with the Hopper (Mosaic GPU) flash kernel; split-K decode for few queries."""
+    from pallas_kernels import decode_attention, flash_attention_mgpu
+
+    if q.shape[0] <= DECODE_MAX_QUERIES:
+        return decode_attention(q, k, v, kv_pos, kv_seg, q_pos, q_seg, window=window)
+    return flash_attention_mgpu(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
 
 
 def with_past(attend: Attend) -> Callable:
@@ -63,10 +74,13 @@ def get_attend(impl: str = "auto") -> Attend:
         return reference.attend
     if impl == "pallas":
         return pallas_attend
+    if impl == "pallas_mgpu":
+        return pallas_mgpu_attend
     if impl == "cudnn":
         return cudnn.attend
     raise CpjaxError(f"unknown attention implementation {impl!r}: choose one of "
                      f"{', '.join(IMPLEMENTATIONS)}")
 
 
-__all__ = ["Attend", "IMPLEMENTATIONS", "get_attend", "merge", "pallas_attend", "with_past"]
+__all__ = ["Attend", "IMPLEMENTATIONS", "get_attend", "merge", "pallas_attend", "pallas_mgpu_attend",
+           "with_past"]

@@ -93,6 +93,28 @@ def _fully_visible(q: BlockBounds, kv: BlockBounds, window: Optional[int]):
     return ok
 
 
+def visible_block_schedule(q_pos, q_seg, kv_pos, kv_seg, block_q: int, block_k: int,
+                           window: Optional[int] = None):
+    """For each query block, the key blocks that some of its queries may see.
+
+    Args:
+      q_pos, q_seg: ``[Tq]`` int32 with ``Tq % block_q == 0`` (padding rows: segment -1).
+      kv_pos, kv_seg: ``[Tk]`` int32 with ``Tk % block_k == 0``.
+
+    Returns:
+      ``(blocks [n_q, n_k] int32, counts [n_q] int32)``: row ``i`` of ``blocks`` lists the key
+      blocks query block ``i`` may see in increasing order, then the others; ``counts[i]`` is how
+      many it may see. A kernel that visits ``blocks[i, :counts[i]]`` neither loads nor computes
+      a block the positions prove invisible (the same conservative test as :func:`attend`).
+    """
+    q_bounds = _block_bounds(q_pos, q_seg, block_q)
+    kv_bounds = _block_bounds(kv_pos, kv_seg, block_k)
+    visible = _may_overlap(BlockBounds(*(b[:, None] for b in q_bounds)),
+                           BlockBounds(*(b[None, :] for b in kv_bounds)), window)
+    blocks = jnp.argsort(~visible, axis=1, stable=True).astype(jnp.int32)
+    return blocks, visible.sum(axis=1, dtype=jnp.int32)
+
+
 def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = None,
            block_q: int = 256, block_k: int = 512):
     """Masked GQA attention by blocks; see ``reference.attend`` for shapes and semantics.
