@@ -95,6 +95,7 @@ def kept_environment():
     os.environ.update(saved)
 
 
+@pytest.mark.slow
 def test_user_mistakes_are_one_line_errors_with_status_2(tmp_path, capsys, kept_environment):
     """Every case through ``cli.main`` in this process (jax already has 8 CPU devices); the
     first two also as real processes, to cover the interpreter's exit path."""
@@ -137,6 +138,7 @@ def test_stop_string_ends_the_text_before_it():
     assert cut == free[:free.index(stop)]
 
 
+@pytest.mark.slow
 def test_chat_keeps_the_cache_between_turns_on_8_devices():
     """Two turns with the real SmolLM2 on a context-parallel mesh; the answers stay on topic."""
     result = subprocess.run(

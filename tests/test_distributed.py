@@ -57,6 +57,7 @@ def run_two_processes(tmp_path, model, ids, new_tokens):
     return dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_on_the_tiny_model(tmp_path, tiny_params):
     from cpjax.config import PRESETS
     ids = np.random.default_rng(1).integers(0, 256, 301).astype(np.int32)

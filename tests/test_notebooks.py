@@ -16,6 +16,7 @@ def test_there_are_notebooks():
             "03_scaling_model.ipynb"} <= set(NOTEBOOKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)      # the notebook sets its own devices
