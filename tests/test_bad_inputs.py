@@ -80,6 +80,13 @@ def _other_config_params(c: Context):
     return init_params(dataclasses.replace(c.config, n_layers=1), 0)
 
 
+def _float32_engine_with_the_hopper_kernel(c: Context):
+    from cpjax.engine import Engine
+    from cpjax.model.llama import init_params
+    config = dataclasses.replace(c.config, head_dim=64)       # a head_dim the kernel takes
+    return Engine(config, init_params(config, 0), attention="pallas_mgpu")
+
+
 def _truncated_gguf(c: Context) -> str:
     from cpjax.loaders.embedded import embedded_gguf_path
     with open(embedded_gguf_path(), "rb") as f:
@@ -155,6 +162,9 @@ def _cases():
              lambda c: Engine(c.config, _other_config_params(c))),
         Case("Engine", "dtype float16", "choose float32 or bfloat16",
              lambda c: Engine(c.config, c.params, dtype=np.float16)),
+        Case("Engine(attention='pallas_mgpu')", "a float32 model (the Hopper kernel is bf16/fp16)",
+             "takes bf16 or fp16 q/k/v",
+             lambda c: _float32_engine_with_the_hopper_kernel(c).score(ids)),
         Case("Engine(check_finite=True)", "a NaN weight in layer 1",
              "it first appears in layer 1 (attention)",
              lambda c: _nan_weight_engine(c).score(ids)),
