@@ -150,6 +150,15 @@ def _run_sizes(recorder, kind, size_key, sizes, make_case, metrics, repeats, max
         del args, reference
 
 
+def kernel_params(interpret: bool) -> dict:
+    """The block settings each Pallas implementation is called with (recorded in the JSON)."""
+    return {"pallas": ({"block_q": 16, "block_k": 16} if interpret
+                       else {"block_q": 128, "block_k": 64}),
+            "pallas_mgpu": {"block_k": 64, "slots": 2},
+            "pallas_mgpu_bk128": {"block_k": 128, "slots": 2},
+            "pallas_decode": {"block_k": 16 if interpret else 128}}
+
+
 def bench_prefill(recorder, lengths, hq, hkv, d, dtype, repeats, interpret, platform,
                   max_seconds=None):
     import jax
@@ -158,7 +167,7 @@ def bench_prefill(recorder, lengths, hq, hkv, d, dtype, repeats, interpret, plat
     from cpjax.attention import blockwise
     from pallas_kernels import flash_attention, flash_attention_mgpu
 
-    block_q, block_k = (16, 16) if interpret else (128, 64)
+    params = kernel_params(interpret)
 
     def make_case(t):
         kq, kk, kv = jax.random.split(jax.random.PRNGKey(t), 3)
@@ -172,11 +181,11 @@ def bench_prefill(recorder, lengths, hq, hkv, d, dtype, repeats, interpret, plat
             impls["cudnn"] = jax.jit(lambda q, k, v, *_: jax.nn.dot_product_attention(
                 q[None], k[None], v[None], is_causal=True, implementation="cudnn")[0])
         impls["pallas"] = jax.jit(lambda *a: flash_attention(
-            *a, block_q=block_q, block_k=block_k, interpret=interpret)[0])
+            *a, **params["pallas"], interpret=interpret)[0])
         impls["pallas_mgpu"] = jax.jit(lambda *a: flash_attention_mgpu(
-            *a, block_k=64, slots=2, interpret=interpret)[0])
+            *a, **params["pallas_mgpu"], interpret=interpret)[0])
         impls["pallas_mgpu_bk128"] = jax.jit(lambda *a: flash_attention_mgpu(
-            *a, block_k=128, slots=2, interpret=interpret)[0])
+            *a, **params["pallas_mgpu_bk128"], interpret=interpret)[0])
         if platform == "gpu" and t <= 16384:   # dense XLA materialises Hq x T x T scores
             impls["xla_dense"] = jax.jit(lambda q, k, v, *_: jax.nn.dot_product_attention(
                 q[None], k[None], v[None], is_causal=True, implementation="xla")[0])
@@ -208,7 +217,7 @@ def bench_decode(recorder, cache_lengths, hq, hkv, d, dtype, repeats, interpret,
         q_seg = jnp.zeros((1,), jnp.int32)
         impls = {
             "pallas_decode": jax.jit(lambda *a: decode_attention(
-                *a, block_k=16 if interpret else 128, interpret=interpret)[0]),
+                *a, **kernel_params(interpret)["pallas_decode"], interpret=interpret)[0]),
             "blockwise_xla": jax.jit(lambda q, k, v, kp, ks, qp, qs: blockwise.attend(
                 q, k, v, qp, kp, qs, ks)[0]),
         }
@@ -264,17 +273,16 @@ def main(argv=None) -> dict:
     hq, hkv, d = (4, 2, 64) if args.smoke else (32, 8, 128)
     out = args.out or os.path.join(HERE, "results", f"bench_kernels_{args.platform}"
                                    f"{'_smoke' if args.smoke else ''}.json")
-    block_q, block_k = (16, 16) if interpret else (128, 64)
+    from pallas_kernels.flash_attention_mgpu import BLOCK_Q as MGPU_BLOCK_Q
+
     meta = {"benchmark": "bench_kernels", "platform": args.platform,
             "device": str(jax.devices()[0]),
             "device_kind": getattr(jax.devices()[0], "device_kind", "unknown"),
             "jax": jax.__version__, "interpret": interpret, "dtype": "bfloat16",
             "heads": {"q": hq, "kv": hkv, "head_dim": d},
             "flops_formula": FLOPS_FORMULA, "vs_cudnn": VS_CUDNN,
-            "impl_params": {"pallas": {"block_q": block_q, "block_k": block_k},
-                            "pallas_mgpu": {"block_q": 64, "block_k": 64, "slots": 2},
-                            "pallas_mgpu_bk128": {"block_q": 64, "block_k": 128, "slots": 2},
-                            "pallas_decode": {"block_k": 16 if interpret else 128}},
+            "impl_params": {name: dict(p, block_q=MGPU_BLOCK_Q) if "mgpu" in name else p
+                            for name, p in kernel_params(interpret).items()},
             "lengths": [] if args.only_decode else args.lengths,
             "cache_lengths": [] if args.only_prefill else args.cache_lengths,
             "repeats": args.repeats, "max_seconds_per_call": args.max_seconds_per_call}

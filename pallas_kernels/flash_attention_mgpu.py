@@ -39,10 +39,8 @@ from jax.experimental import pallas as pl
 
 from cpjax.attention.blockwise import pad_kv_rows, pad_query_rows, visible_block_schedule
 from cpjax.errors import require
+from pallas_kernels.flash_attention import _LN2, _LOG2E, _MASKED, default_interpret
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: keeps exp2 differences NaN-free
-_LOG2E = math.log2(math.e)
-_LN2 = math.log(2.0)
 BLOCK_Q = 64                                         # rows of one warpgroup matmul
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _SWIZZLE_BYTES = 128
@@ -201,7 +199,7 @@ def flash_attention_mgpu(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block_k: int 
 
     check_inputs(q, k, block_k, slots)
     if interpret is None:
-        interpret = jax.default_backend() != "gpu"
+        interpret = default_interpret()
     if not interpret:
         _check_device()
     tq, hq, d = q.shape

@@ -17,7 +17,7 @@ from cpjax.attention import get_attend, reference
 from cpjax.attention.blockwise import visible_block_schedule
 from cpjax.errors import CpjaxError
 from pallas_kernels import flash_attention_mgpu
-from tests.test_attention import CASES, _layout, _random_qkv
+from tests.test_attention import CASES, _layout, _random_qkv, assert_attention_close
 
 OUT_TOL = 2e-2      # bf16 P and bf16 output: ~2^-8 relative each
 
@@ -29,12 +29,7 @@ def _rounded(dtype, *arrays):
 
 
 def _check(out, lse, want_out, want_lse):
-    out = np.asarray(out, np.float32)
-    assert not np.isnan(out).any()
-    np.testing.assert_allclose(out, want_out, atol=OUT_TOL, rtol=OUT_TOL)
-    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
-    finite = np.isfinite(want_lse)
-    np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], atol=2e-5, rtol=2e-5)
+    assert_attention_close(out, lse, want_out, want_lse, atol=OUT_TOL, lse_tol=2e-5)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -39,11 +39,12 @@ def pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None):
 
 
 def pallas_mgpu_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window=None):
-    """``attend`` with the Hopper (Mosaic GPU) flash kernel; split-K decode for few queries."""
-    from pallas_kernels import decode_attention, flash_attention_mgpu
-
+    """``attend`` with the Hopper (Mosaic GPU) flash kernel; few queries go to
+    :func:`pallas_attend` (its split-K decode kernel)."""
     if q.shape[0] <= DECODE_MAX_QUERIES:
-        return decode_attention(q, k, v, kv_pos, kv_seg, q_pos, q_seg, window=window)
+        return pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
+    from pallas_kernels import flash_attention_mgpu
+
     return flash_attention_mgpu(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
 
 
