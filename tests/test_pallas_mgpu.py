@@ -77,11 +77,12 @@ def test_visit_lists_hold_exactly_the_blocks_that_may_be_seen():
     np.testing.assert_array_equal(counts, [1, 1, 1, 1])
 
 
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
 @pytest.mark.parametrize("strategy", ["pass_kv", "pass_q"])
-def test_rings_with_the_mgpu_kernel_match_reference_on_8_ranks(strategy):
-    """pass-KV and pass-Q over 8 ranks of a load-balanced layout of two packed sequences.
+def test_rings_with_the_mgpu_kernel_match_reference_on_1_2_4_8_ranks(strategy, n):
+    """pass-KV and pass-Q over n ranks of a load-balanced layout of two packed sequences.
 
-    The 8 ranks are emulated by ``jax.vmap`` over the context axis name (``ppermute`` included):
+    The ranks are emulated by ``jax.vmap`` over the context axis name (``ppermute`` included):
     the Mosaic GPU interpreter keeps one global model of GPU memory and its end-of-kernel check
     fails when kernels run concurrently on fake CPU devices, so a ``shard_map`` mesh cannot run
     it. The ring code is the same; ``tests/test_pallas_kernels.py`` runs the Triton kernel on a
@@ -91,7 +92,6 @@ def test_rings_with_the_mgpu_kernel_match_reference_on_8_ranks(strategy):
     from cpjax.parallel.mesh import CONTEXT
     from cpjax.parallel.ring import ring_attention
 
-    n = 8
     layout = balanced_layout([200, 75], n)
     rng = np.random.default_rng(0)
     (q, k, v), (qf, kf, vf) = _rounded(jnp.bfloat16, *(rng.standard_normal((layout.total, h, 64))
