@@ -1,0 +1,38 @@
+"""The names a user chooses from, each defined once.
+
+Every module that accepts or lists one of these names imports it from here (the CLI's choices,
+the engine's checks, the performance model, the experiments), so adding a strategy or an
+attention implementation is one edit. The padding segment id lives with the masks
+(``cpjax.attention.masks``, a leaf the kernels may import) and is re-exported here.
+"""
+
+from __future__ import annotations
+
+from cpjax.attention.masks import PAD_SEGMENT
+from cpjax.errors import CpjaxError
+
+#: Context-parallel prefill rings (paper §3): K/V travel, queries travel, or gather all K/V.
+STRATEGIES = ("pass_kv", "pass_q", "all_gather")
+#: Let the paper's heuristic (``cpjax.parallel.heuristic``) pick a ring per (partial) prefill.
+AUTO = "auto"
+PREFILL_STRATEGIES = (*STRATEGIES, AUTO)
+#: Context-parallel decode: replicated queries merged by one all-reduce, or the paper's ring.
+DECODE_STRATEGIES = ("allreduce", "ring_pass_q")
+#: Attention implementations of the ``attend`` contract (``cpjax.dispatch``).
+ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "blockwise", "pallas", "pallas_mgpu", "cudnn")
+#: Hardware figures for the heuristic and the performance model (``cpjax.hardware``);
+#: ``cpu`` is a measurement of this machine.
+HARDWARE_PRESETS = ("h100-nvlink", "h100-rdma", "h100-tcp", "cpu")
+#: Activation / parameter dtypes the engine runs in.
+DTYPES = ("float32", "bfloat16")
+
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "AUTO", "DECODE_STRATEGIES", "DTYPES",
+           "HARDWARE_PRESETS", "PAD_SEGMENT", "PREFILL_STRATEGIES", "STRATEGIES", "check_choice"]
+
+
+def check_choice(what: str, value, choices) -> str:
+    """``value`` if it is one of ``choices``; otherwise a :class:`CpjaxError` such as
+    ``unknown decode strategy 'x': choose one of allreduce, ring_pass_q``."""
+    if value not in choices:
+        raise CpjaxError(f"unknown {what} {value!r}: choose one of {', '.join(choices)}")
+    return value
