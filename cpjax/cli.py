@@ -14,8 +14,7 @@ import os
 import sys
 import time
 
-STRATEGIES = ("pass_kv", "pass_q", "all_gather", "auto")
-DECODE_STRATEGIES = ("allreduce", "ring_pass_q")
+from cpjax.names import ATTENTION_IMPLEMENTATIONS, DECODE_STRATEGIES, DTYPES, PREFILL_STRATEGIES
 
 
 def _common_flags() -> argparse.ArgumentParser:
@@ -23,19 +22,18 @@ def _common_flags() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m",
                    help="preset name (smollm2-135m, tiny, ...), a .gguf file or a safetensors "
                         "directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--platform", default=None, choices=("cpu", "gpu"),
                    help="jax platform (default: jax's choice)")
     p.add_argument("--fake-devices", type=int, default=None, metavar="K",
                    help="simulate K CPU devices (sets the XLA host device count)")
-    p.add_argument("--attention-impl", default="auto",
-                   help="reference | blockwise | pallas | pallas_mgpu | cudnn | auto (pallas on GPU, "
-                        "blockwise else)")
+    p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLEMENTATIONS,
+                   help="attention implementation; auto = pallas on GPU, blockwise else")
     p.add_argument("--context", type=int, default=1, metavar="N",
                    help="context-parallel mesh size")
     p.add_argument("--tensor", type=int, default=1, metavar="M",
                    help="tensor-parallel mesh size")
-    p.add_argument("--strategy", default="auto", choices=STRATEGIES,
+    p.add_argument("--strategy", default="auto", choices=PREFILL_STRATEGIES,
                    help="context-parallel prefill ring; auto = the paper's heuristic per call")
     p.add_argument("--decode-strategy", default="allreduce", choices=DECODE_STRATEGIES,
                    help="context-parallel decode: allreduce (replicated query, one merge "
@@ -98,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--tp", type=int, default=8, help="tensor-parallel GPUs per node")
     perf.add_argument("--hardware", default="h100-rdma",
                       help="h100-rdma | h100-tcp | h100-nvlink")
-    perf.add_argument("--strategy", default="auto", choices=STRATEGIES)
+    perf.add_argument("--strategy", default="auto", choices=PREFILL_STRATEGIES)
 
     chat = sub.add_parser("chat", parents=[common],
                           help="interactive multi-turn chat with a persistent KV cache")
@@ -114,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True,
                          help="checkpoint directory (an existing checkpoint there is replaced "
                               "atomically)")
-    convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+    convert.add_argument("--dtype", default="float32", choices=DTYPES,
                          help="dtype the parameters are stored in")
     convert.add_argument("--platform", default=None, choices=("cpu", "gpu"),
                          help="jax platform (default: jax's choice)")
@@ -179,24 +177,14 @@ def _mesh(args):
     return (global_mesh if multi_process else make_mesh)(args.context, args.tensor)
 
 
-def _dtype(args):
-    """The jax dtype ``--dtype`` names."""
-    import jax.numpy as jnp
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
-
-
 def _make_engine(args, config, params, mesh):
-    """Single-device ``Engine``, or a ``ContextParallelEngine`` on ``mesh``."""
-    from cpjax.engine import Engine
-    dtype = _dtype(args)
-    if mesh is None:
-        return Engine(config, params, dtype=dtype, attention=args.attention_impl,
-                      check_finite=args.check_finite)
-    from cpjax.engine.context_parallel import ContextParallelEngine
-    return ContextParallelEngine(config, params, dtype=dtype, attention=args.attention_impl,
-                                 mesh=mesh,
-                                 strategy=args.strategy, decode_strategy=args.decode_strategy,
-                                 hardware=args.hardware, check_finite=args.check_finite)
+    """An ``Engine`` on one device, or context-parallel on ``mesh``."""
+    from cpjax.engine import ContextParallel, Engine, SingleDevice
+    placement = SingleDevice() if mesh is None else ContextParallel(
+        mesh, strategy=args.strategy, decode_strategy=args.decode_strategy,
+        hardware=args.hardware)
+    return Engine(config, params, placement, dtype=args.dtype, attention=args.attention_impl,
+                  check_finite=args.check_finite)
 
 
 def _sampling(args):
@@ -353,8 +341,7 @@ def _run_convert(args) -> None:
     from cpjax.loaders import load_model
     start = time.perf_counter()
     config, params, tokenizer = load_model(args.model)
-    dtype = _dtype(args)
-    params = jax.tree.map(lambda x: np.asarray(x).astype(dtype, copy=False), params)
+    params = jax.tree.map(lambda x: np.asarray(x).astype(args.dtype, copy=False), params)
     save_checkpoint(args.out, config, params, tokenizer)
     leaves = jax.tree.leaves(params)
     print(json.dumps({"path": os.path.abspath(args.out), "model": config.name,

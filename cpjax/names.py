@@ -2,13 +2,13 @@
 
 Every module that accepts or lists one of these names imports it from here (the CLI's choices,
 the engine's checks, the performance model, the experiments), so adding a strategy or an
-attention implementation is one edit. The padding segment id lives with the masks
-(``cpjax.attention.masks``, a leaf the kernels may import) and is re-exported here.
+attention implementation is one edit. It imports no jax (the CLI builds its flags from it
+before jax may start). The padding segment id is defined once with the masks it drives
+(``cpjax.attention.masks.PAD_SEGMENT``, a leaf the kernels import).
 """
 
 from __future__ import annotations
 
-from cpjax.attention.masks import PAD_SEGMENT
 from cpjax.errors import CpjaxError
 
 #: Context-parallel prefill rings (paper §3): K/V travel, queries travel, or gather all K/V.
@@ -27,7 +27,7 @@ HARDWARE_PRESETS = ("h100-nvlink", "h100-rdma", "h100-tcp", "cpu")
 DTYPES = ("float32", "bfloat16")
 
 __all__ = ["ATTENTION_IMPLEMENTATIONS", "AUTO", "DECODE_STRATEGIES", "DTYPES",
-           "HARDWARE_PRESETS", "PAD_SEGMENT", "PREFILL_STRATEGIES", "STRATEGIES", "check_choice"]
+           "HARDWARE_PRESETS", "PREFILL_STRATEGIES", "STRATEGIES", "check_choice"]
 
 
 def check_choice(what: str, value, choices) -> str:

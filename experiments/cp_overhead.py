@@ -78,7 +78,7 @@ def run_cp_overhead(lengths=(2048, 4096, 8192), contexts=(1, 2, 4, 8),
     from tqdm.auto import tqdm
 
     from cpjax.engine import Engine
-    from cpjax.engine.context_parallel import ContextParallelEngine
+    from cpjax.engine import ContextParallel, Engine
     from cpjax.io import write_json
     from cpjax.loaders import load_model
     from cpjax.parallel.comm import formula_bytes_per_layer
@@ -99,8 +99,7 @@ def run_cp_overhead(lengths=(2048, 4096, 8192), contexts=(1, 2, 4, 8),
     with tqdm(total=len(lengths) * len(jobs), desc="cp_overhead") as bar:
         for context, strategy in jobs:
             engine = (Engine(config, params, dtype=jdtype) if context == 1 else
-                      ContextParallelEngine(config, params, dtype=jdtype,
-                                            mesh=make_mesh(context), strategy=strategy))
+                      Engine(config, params, ContextParallel(mesh=make_mesh(context), strategy=strategy), dtype=jdtype))
             for n, ids in prompts.items():
                 seconds = _time_prefill(engine, ids, repeats)
                 if context == 1:

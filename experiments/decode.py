@@ -85,7 +85,7 @@ def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
     from tqdm.auto import tqdm
 
     from cpjax.engine import Engine
-    from cpjax.engine.context_parallel import ContextParallelEngine
+    from cpjax.engine import ContextParallel, Engine
     from cpjax.io import write_json
     from cpjax.loaders import load_model
     from cpjax.parallel.mesh import make_mesh
@@ -99,8 +99,7 @@ def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
     with tqdm(total=len(jobs) * len(cached_tokens), desc="decode") as bar:
         for context, strategy in jobs:
             engine = (Engine(config, params, dtype=jdtype) if context == 1 else
-                      ContextParallelEngine(config, params, dtype=jdtype,
-                                            mesh=make_mesh(context), decode_strategy=strategy))
+                      Engine(config, params, ContextParallel(mesh=make_mesh(context), decode_strategy=strategy), dtype=jdtype))
             for p in cached_tokens:
                 capacity = p + context * (steps + 2) * batch + 64
                 cache = filled_cache(engine, p, capacity)

@@ -64,7 +64,7 @@ def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 1024, 6144)
     import numpy as np
     from tqdm.auto import tqdm
 
-    from cpjax.engine.context_parallel import ContextParallelEngine
+    from cpjax.engine import ContextParallel, Engine
     from cpjax.hardware import get_hardware
     from cpjax.io import write_json
     from cpjax.loaders import load_model
@@ -75,7 +75,7 @@ def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 1024, 6144)
     devices = check_devices(platform, [context])
     config, params, _ = load_model(model)
     jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
-    engine = ContextParallelEngine(config, params, dtype=jdtype, mesh=make_mesh(context))
+    engine = Engine(config, params, ContextParallel(mesh=make_mesh(context)), dtype=jdtype)
     figures = get_hardware(hardware)
     rng = np.random.default_rng(0)
     capacity = max(engine.prefill_slots(p) if p else 0 for p in cached_tokens) + max(

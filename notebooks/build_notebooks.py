@@ -24,7 +24,7 @@ NOTEBOOKS = {
                "ask about it, and check that every ring strategy gives the same answer."),
         ("code", SETUP),
         ("code", '''from cpjax.loaders import load_model
-from cpjax.engine.context_parallel import ContextParallelEngine
+from cpjax.engine import ContextParallel, Engine
 from cpjax.engine.session import Session
 from cpjax.parallel.mesh import make_mesh
 
@@ -45,7 +45,7 @@ print(len(ids), "prompt tokens")'''),
         ("code", '''import time
 answers = {}
 for strategy in ("pass_kv", "pass_q", "all_gather"):
-    engine = ContextParallelEngine(config, params, mesh=mesh, strategy=strategy)
+    engine = Engine(config, params, ContextParallel(mesh=mesh, strategy=strategy))
     start = time.perf_counter()
     out = engine.generate(ids, 16, tokenizer.eos_ids)
     answers[strategy] = tokenizer.decode(out)
@@ -55,7 +55,7 @@ assert len(set(answers.values())) == 1, "every strategy gives the same greedy an
 assert "HERON" in answers["pass_kv"].upper()'''),
         ("md", "Each rank holds its share of the KV cache; a follow-up question is a *partial "
                "prefill* against it (persistent KV), decoded with the all-reduce decode."),
-        ("code", '''engine = ContextParallelEngine(config, params, mesh=mesh, strategy="auto")
+        ("code", '''engine = Engine(config, params, ContextParallel(mesh=mesh, strategy="auto"))
 session = Session(engine, capacity=4096)
 reply = tokenizer.decode(list(session.turn(ids, 16, tokenizer.eos_ids)))
 print("turn 1:", reply, "| per-rank cache fill:", engine.rank_fill(session.cache))
@@ -100,7 +100,7 @@ plt.show()'''),
                "every strategy, against the single-device forward (fp32)."),
         ("code", '''from cpjax.config import PRESETS
 from cpjax.engine import Engine
-from cpjax.engine.context_parallel import ContextParallelEngine
+from cpjax.engine import ContextParallel, Engine
 from cpjax.model.llama import init_params
 from cpjax.parallel.mesh import make_mesh
 
@@ -110,7 +110,7 @@ ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 101).astype(np.int32)
 want = Engine(cfg, params).logits(ids)
 for n in (1, 2, 4, 8):
     for strategy in ("pass_kv", "pass_q", "all_gather"):
-        got = ContextParallelEngine(cfg, params, mesh=make_mesh(n), strategy=strategy).logits(ids)
+        got = Engine(cfg, params, ContextParallel(mesh=make_mesh(n), strategy=strategy)).logits(ids)
         err = float(np.abs(got - want).max())
         print(f"N={n} {strategy:10s} max |logit error| = {err:.1e}")
         assert err < 1e-5'''),

@@ -27,14 +27,14 @@ def main() -> None:
 
     import jax
 
-    from cpjax.engine.context_parallel import ContextParallelEngine
+    from cpjax.engine import ContextParallel, Engine
     from cpjax.loaders import load_model
     config, params, _ = load_model(args.model)
     mesh = distributed.global_mesh(jax.device_count())
     ids = np.load(args.ids)
     results = {}
     for strategy in ("pass_kv", "pass_q"):
-        engine = ContextParallelEngine(config, params, mesh=mesh, strategy=strategy)
+        engine = Engine(config, params, ContextParallel(mesh=mesh, strategy=strategy))
         results[strategy] = engine.score(ids)
         if args.die:
             if jax.process_index() == 1:

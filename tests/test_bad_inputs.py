@@ -50,10 +50,9 @@ class Context:
 
     @property
     def cp_engine(self):
-        from cpjax.engine.context_parallel import ContextParallelEngine
+        from cpjax.engine import ContextParallel, Engine
         from cpjax.parallel.mesh import make_mesh
-        return self._once("cp", lambda: ContextParallelEngine(self.config, self.params,
-                                                              mesh=make_mesh(2)))
+        return self._once("cp", lambda: Engine(self.config, self.params, ContextParallel(mesh=make_mesh(2))))
 
     def path(self, name: str) -> str:
         return os.path.join(self.tmp, name)
@@ -112,7 +111,7 @@ def _load_incomplete_checkpoint(c: Context):
 def _cases():
     from cpjax.checkpoint import load_checkpoint  # noqa: F401  (import errors surface here)
     from cpjax.engine import Engine
-    from cpjax.engine.context_parallel import ContextParallelEngine
+    from cpjax.engine import ContextParallel, Engine
     from cpjax.engine.sampling import Sampling
     from cpjax.engine.session import Session
     from cpjax.loaders import load_model
@@ -135,7 +134,7 @@ def _cases():
              lambda c: c.engine.logits(ids, positions=[0.0, 1.0, 2.0])),
         Case("Engine.logits", "a position beyond the model's window", "outside [0, 16384)",
              lambda c: c.engine.logits(ids, positions=[0, 1, 16384])),
-        Case("ContextParallelEngine.logits", "a negative segment id", "segments: value -1",
+        Case("Engine(ContextParallel).logits", "a negative segment id", "segments: value -1",
              lambda c: c.cp_engine.logits(ids, segments=[0, -1, 0])),
         Case("Engine.decode", "positions shorter than the tokens",
              "decode positions: expected shape (2,)",
@@ -148,7 +147,7 @@ def _cases():
              lambda c: c.engine.new_cache(0)),
         Case("Engine.prefill", "more tokens than the cache holds", "KV cache overflow",
              lambda c: c.engine.prefill(np.arange(100), c.engine.new_cache(64))),
-        Case("ContextParallelEngine.prefill", "more tokens than the cache holds",
+        Case("Engine(ContextParallel).prefill", "more tokens than the cache holds",
              "KV cache overflow", lambda c: c.cp_engine.prefill(np.arange(300) % 256,
                                                                 c.cp_engine.new_cache(64))),
         Case("Engine.prefill", "a turn that skips positions of its segment",
@@ -171,13 +170,12 @@ def _cases():
         Case("make_mesh", "context 3 on 8 devices", "does not divide the 8 available devices",
              lambda c: make_mesh(3)),
         Case("make_mesh", "context 16 on 8 devices", "needs 16 devices", lambda c: make_mesh(16)),
-        Case("ContextParallelEngine", "tensor 4 for a model with 2 KV heads",
+        Case("Engine(ContextParallel)", "tensor 4 for a model with 2 KV heads",
              "does not divide n_kv_heads=2",
-             lambda c: ContextParallelEngine(c.config, c.params, mesh=make_mesh(2, 4))),
-        Case("ContextParallelEngine", "an unknown strategy",
+             lambda c: Engine(c.config, c.params, ContextParallel(mesh=make_mesh(2, 4)))),
+        Case("ContextParallel", "an unknown strategy",
              "unknown context-parallel strategy 'ring'",
-             lambda c: ContextParallelEngine(c.config, c.params, mesh=make_mesh(2),
-                                             strategy="ring")),
+             lambda c: Engine(c.config, c.params, ContextParallel(mesh=make_mesh(2), strategy="ring"))),
         Case("distributed.global_mesh", "a mesh that leaves devices out",
              "must use all 8 devices", lambda c: distributed.global_mesh(2, 2)),
         Case("distributed.process_group_from_env", "CPJAX_PROCESS_ID=2 of 2 processes",

@@ -6,7 +6,7 @@ import pytest
 
 from cpjax.config import PRESETS
 from cpjax.engine import Engine
-from cpjax.engine.context_parallel import ContextParallelEngine
+from cpjax.engine import ContextParallel, Engine
 from cpjax.errors import NonFiniteError
 from cpjax.parallel.mesh import make_mesh
 
@@ -23,7 +23,7 @@ def poisoned(params, name, layer, value):
 
 def engines(params, **kwargs):
     yield Engine(CONFIG, params, **kwargs)
-    yield ContextParallelEngine(CONFIG, params, mesh=make_mesh(4), strategy="pass_q", **kwargs)
+    yield Engine(CONFIG, params, ContextParallel(mesh=make_mesh(4), strategy="pass_q"), **kwargs)
 
 
 @pytest.mark.parametrize("name, layer, value, where", [

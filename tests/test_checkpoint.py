@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding
 from cpjax.checkpoint import (MARKER, PAUSE_ENV, backup_path, load_checkpoint, save_checkpoint,
                               staging_path)
 from cpjax.config import PRESETS, ModelConfig, config_from_dict, config_to_dict
-from cpjax.engine.context_parallel import ContextParallelEngine
+from cpjax.engine import ContextParallel, Engine
 from cpjax.errors import CpjaxError
 from cpjax.loaders import load_model
 from cpjax.loaders.byte_tokenizer import ByteTokenizer
@@ -104,7 +104,7 @@ def test_restore_onto_a_mesh_reshards_and_scores_like_one_device(saved, single, 
         assert x.sharding.is_equivalent_to(NamedSharding(mesh, s), x.ndim)
     wq = params["layers"]["wq"]                   # [L, D, Hq, Dh], heads split over tensor
     assert wq.addressable_shards[0].data.shape == (2, 64, 4 // tensor, 16)
-    engine = ContextParallelEngine(config, params, mesh=mesh)
+    engine = Engine(config, params, ContextParallel(mesh=mesh))
     # The engine keeps the restored arrays where they are: no gather onto one device.
     assert all(a is b for a, b in zip(jax.tree.leaves(engine.params), jax.tree.leaves(params)))
     np.testing.assert_allclose(engine.score(IDS), single.score(IDS), atol=1e-5)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cpjax.config import PRESETS
-from cpjax.engine.context_parallel import ContextParallelEngine
+from cpjax.engine import ContextParallel, Engine
 from cpjax.engine.sampling import Sampling
 from cpjax.parallel.mesh import make_mesh
 
@@ -24,7 +24,7 @@ SAMPLED = Sampling(temperature=0.8, seed=3)
 
 @pytest.fixture(scope="module")
 def cp_engines(tiny_params):
-    return {s: ContextParallelEngine(CFG, tiny_params, mesh=make_mesh(4), strategy=s)
+    return {s: Engine(CFG, tiny_params, ContextParallel(mesh=make_mesh(4), strategy=s))
             for s in ("pass_kv", "pass_q")}
 
 
@@ -60,14 +60,14 @@ SCRIPT = """
 import hashlib, numpy as np
 from cpjax.config import PRESETS
 from cpjax.engine import Engine
-from cpjax.engine.context_parallel import ContextParallelEngine
+from cpjax.engine import ContextParallel, Engine
 from cpjax.model.llama import init_params
 from cpjax.parallel.mesh import make_mesh
 cfg = PRESETS["tiny"]
 params = init_params(cfg, seed=0)
 ids = np.random.default_rng(11).integers(0, cfg.vocab_size, 150).astype(np.int32)
 for name, engine in (("single", Engine(cfg, params)),
-                     ("pass_kv4", ContextParallelEngine(cfg, params, mesh=make_mesh(4)))):
+                     ("pass_kv4", Engine(cfg, params, ContextParallel(mesh=make_mesh(4))))):
     lp = np.asarray(engine.score(ids), np.float32)
     print(name, hashlib.sha256(lp.tobytes()).hexdigest())
 """

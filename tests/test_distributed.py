@@ -36,11 +36,11 @@ def launch(*args, timeout=170, env=None):
 
 def reference(config, params, ids, new_tokens):
     """The same job in this process on 8 devices."""
-    from cpjax.engine.context_parallel import ContextParallelEngine
+    from cpjax.engine import ContextParallel, Engine
     from cpjax.parallel.mesh import make_mesh
     out = {}
     for strategy in ("pass_kv", "pass_q"):
-        engine = ContextParallelEngine(config, params, mesh=make_mesh(8), strategy=strategy)
+        engine = Engine(config, params, ContextParallel(mesh=make_mesh(8), strategy=strategy))
         out[strategy] = engine.score(ids)
     out["tokens"] = np.asarray(engine.generate(ids[:40], new_tokens), np.int32)
     return out

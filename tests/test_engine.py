@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cpjax.config import PRESETS
-from cpjax.engine import Engine
+from cpjax.engine import Engine, SingleDevice
 from cpjax.errors import CpjaxError
 
 CFG = PRESETS["tiny"]
@@ -38,7 +38,7 @@ def test_prefill_then_decode_logits_equal_full_forward(engine):
     for step, t in enumerate(range(31, 40)):
         logits, _, cache = engine.decode([ids[t]], [t], [0], step, cache)
         np.testing.assert_allclose(logits[0], want[t], atol=1e-5)
-    assert int(cache.fill) == 40
+    assert engine.rank_fill(cache) == [40]
 
 
 def test_score_equals_log_softmax_of_logits(engine):
@@ -54,10 +54,10 @@ def test_score_equals_log_softmax_of_logits(engine):
 def test_decode_step_compiles_once(engine):
     prompt = np.array([1, 2, 3], np.int32)
     engine.generate(prompt, 4)
-    before = engine._decode._cache_size()
+    before = engine._program("decode")._cache_size()
     engine.generate(prompt, 30)
     engine.generate(np.array([9, 8, 7, 6, 5], np.int32), 30)
-    assert engine._decode._cache_size() == before
+    assert engine._program("decode")._cache_size() == before
 
 
 def test_generation_stops_at_a_stop_id(engine):
@@ -93,9 +93,8 @@ def test_cache_overflow_is_a_clear_error(engine):
         engine.prefill(np.arange(40, dtype=np.int32), cache)
 
 
-def test_long_prompt_prefilled_in_chunks_gives_the_same_tokens(engine, monkeypatch):
-    import cpjax.engine.engine as engine_module
+def test_long_prompt_prefilled_in_chunks_gives_the_same_tokens(engine):
     prompt = np.random.default_rng(5).integers(0, CFG.vocab_size, 70).astype(np.int32)
     whole = engine.generate(prompt, 8)
-    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 16)   # 5 chunks, the last one short
-    assert engine.generate(prompt, 8) == whole
+    chunked = Engine(CFG, engine.params, SingleDevice(prefill_chunk=16))  # 5 chunks, 1 short
+    assert chunked.generate(prompt, 8) == whole

@@ -67,15 +67,14 @@ def test_decode_attention_matches_reference(tq, group, n_splits):
 def test_rings_with_pallas_match_reference_on_8_devices(tiny_params):
     from cpjax.config import PRESETS
     from cpjax.engine import Engine
-    from cpjax.engine.context_parallel import ContextParallelEngine
+    from cpjax.engine import ContextParallel, Engine
     from cpjax.parallel.mesh import make_mesh
 
     cfg = PRESETS["tiny"]
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 150).astype(np.int32)
     want = Engine(cfg, tiny_params, attention="reference").logits(ids)
     for strategy in ("pass_kv", "pass_q"):
-        engine = ContextParallelEngine(cfg, tiny_params, mesh=make_mesh(8), strategy=strategy,
-                                       attention="pallas")
+        engine = Engine(cfg, tiny_params, ContextParallel(mesh=make_mesh(8), strategy=strategy), attention="pallas")
         assert np.abs(engine.logits(ids) - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
 
 

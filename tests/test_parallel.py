@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cpjax.config import PRESETS
-from cpjax.engine.context_parallel import ContextParallelEngine
+from cpjax.engine import ContextParallel, Engine
 from cpjax.errors import CpjaxError
 from cpjax.parallel.comm import formula_bytes_per_layer, hlo_collective_bytes
 from cpjax.parallel.layout import balanced_layout, causal_work_per_rank
@@ -51,8 +51,7 @@ def engines(tiny_params):
     def get(context, tensor, strategy):
         key = (context, tensor, strategy)
         if key not in cache:
-            cache[key] = ContextParallelEngine(CFG, tiny_params, mesh=make_mesh(context, tensor),
-                                               strategy=strategy)
+            cache[key] = Engine(CFG, tiny_params, ContextParallel(mesh=make_mesh(context, tensor), strategy=strategy))
         return cache[key]
     return get
 
@@ -96,10 +95,9 @@ def test_greedy_generation_after_cp_prefill_is_identical(engines, single, mesh, 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_hlo_collectives_and_bytes_match_the_formula(engines, strategy):
     engine = engines(4, 1, strategy)
-    layout = engine._layout([128])
-    args = engine._place(layout.shard(np.arange(128) % CFG.vocab_size), layout.positions,
-                         layout.segments)
-    hlo = engine._cp_logits[strategy].lower(engine.params, *args).compile().as_text()
+    layout = engine.placement.row_layout(np.arange(128), np.zeros(128, np.int32), engine.bucket)
+    args = engine._rows(layout, np.arange(128) % CFG.vocab_size)
+    hlo = engine._program("logits", strategy).lower(engine.params, *args).compile().as_text()
     sent = hlo_collective_bytes(hlo, 4)
     expected = formula_bytes_per_layer(strategy, 4, layout.local_len, layout.local_len,
                                        CFG.n_heads, CFG.n_kv_heads, CFG.head_dim, 4)
@@ -120,6 +118,6 @@ def test_bad_parallel_configurations_are_clear_errors(tiny_params):
     with pytest.raises(CpjaxError, match="needs 16 devices, but only 8"):
         make_mesh(16, 1)
     with pytest.raises(CpjaxError, match="tensor=4 does not divide n_kv_heads=2"):
-        ContextParallelEngine(CFG, tiny_params, mesh=make_mesh(2, 4))
+        Engine(CFG, tiny_params, ContextParallel(mesh=make_mesh(2, 4)))
     with pytest.raises(CpjaxError, match="unknown context-parallel strategy 'ring'"):
-        ContextParallelEngine(CFG, tiny_params, mesh=make_mesh(2, 1), strategy="ring")
+        Engine(CFG, tiny_params, ContextParallel(mesh=make_mesh(2, 1), strategy="ring"))

@@ -76,11 +76,11 @@ def test_decode_is_memory_bound_and_scales_with_the_cache():
 
 @pytest.mark.parametrize("strategy", ["pass_kv", "pass_q", "all_gather"])
 def test_ring_bytes_equal_those_of_the_compiled_hlo(strategy, tiny_params):
-    from cpjax.engine.context_parallel import ContextParallelEngine
+    from cpjax.engine import ContextParallel, Engine
     from cpjax.parallel.comm import hlo_collective_bytes
     from cpjax.parallel.mesh import make_mesh
     tiny = PRESETS["tiny"]
-    engine = ContextParallelEngine(tiny, tiny_params, mesh=make_mesh(4), strategy=strategy)
+    engine = Engine(tiny, tiny_params, ContextParallel(mesh=make_mesh(4), strategy=strategy))
     layout = engine._layout([128])
     args = engine._place(layout.shard(np.arange(128) % tiny.vocab_size), layout.positions,
                          layout.segments)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from cpjax.config import PRESETS
-from cpjax.engine.context_parallel import ContextParallelEngine
+from cpjax.engine import ContextParallel, Engine
 from cpjax.engine.sampling import Sampling
 from cpjax.engine.session import Session
 from cpjax.errors import CpjaxError
@@ -20,8 +20,7 @@ def engines(tiny_params):
     def get(context, strategy="pass_kv", decode="allreduce"):
         key = (context, strategy, decode)
         if key not in cache:
-            cache[key] = ContextParallelEngine(CFG, tiny_params, mesh=make_mesh(context),
-                                               strategy=strategy, decode_strategy=decode)
+            cache[key] = Engine(CFG, tiny_params, ContextParallel(mesh=make_mesh(context), strategy=strategy, decode_strategy=decode))
         return cache[key]
     return get
 
@@ -105,12 +104,12 @@ def test_decode_step_compiles_once_and_cache_stays_balanced(engines, decode):
     engine = engines(4, "pass_kv", decode)
     session = Session(engine, capacity=256)
     list(session.turn(_ids(64, 9), 3))             # 2N chunks of 8: a balanced prefill
-    compiled = engine._cp_decode._cache_size()
+    compiled = engine._program("decode")._cache_size()
     fills = []
     for steps in range(1, 14):
         list(session.turn(_ids(1, steps), 2))      # each turn: one prefill, one decode step
         fills.append(engine.rank_fill(session.cache))
-    assert engine._cp_decode._cache_size() == compiled
+    assert engine._program("decode")._cache_size() == compiled
     prefilled = engine.rank_fill(Session(engine, 256).cache)
     assert prefilled == [0, 0, 0, 0]
     for fill in fills:
@@ -127,7 +126,7 @@ def test_decode_step_compiles_once_and_cache_stays_balanced(engines, decode):
 def test_decode_owners_are_the_papers_round_robin_when_fills_are_equal():
     import jax.numpy as jnp
 
-    from cpjax.engine.context_parallel import decode_owners
+    from cpjax.parallel.decode import decode_owners
     for n, batch, step in [(4, 1, 0), (4, 1, 5), (4, 3, 2), (2, 5, 1), (8, 11, 3)]:
         owners = np.asarray(decode_owners(jnp.full((n,), 7, jnp.int32), step, batch))
         np.testing.assert_array_equal(owners, (np.arange(batch) + step) % n)
@@ -213,7 +212,7 @@ def test_bad_split_points_are_clear_errors(single, split_at):
 def test_bad_engine_and_batch_arguments_are_clear_errors(engines, single, tiny_params):
     from cpjax.parallel.mesh import make_mesh as mesh_of
     with pytest.raises(CpjaxError, match="unknown decode strategy 'ring'"):
-        ContextParallelEngine(CFG, tiny_params, mesh=mesh_of(2), decode_strategy="ring")
+        Engine(CFG, tiny_params, ContextParallel(mesh=mesh_of(2), decode_strategy="ring"))
     cache = single.new_cache(256)
     with pytest.raises(CpjaxError, match="sequences: expected a non-empty list"):
         single.prefill_batch([], cache)

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 from cpjax.attention.merge import merge, merge_stacked
 from cpjax.attention import reference
 from cpjax.config import PRESETS
-from cpjax.engine.context_parallel import ContextParallelEngine
+from cpjax.engine import ContextParallel, Engine
 from cpjax.parallel.layout import PAD_SEGMENT, balanced_layout, causal_work_per_rank
 from cpjax.parallel.mesh import CONTEXT, make_mesh
 from cpjax.parallel.ring import STRATEGIES, ring_attention
@@ -355,8 +355,7 @@ ROW = 192           # packed rows in 64-token buckets fill exactly 3 buckets: on
 
 def _engine(tiny_params, n, strategy):
     if (n, strategy) not in _ENGINES:
-        _ENGINES[n, strategy] = ContextParallelEngine(CFG, tiny_params, mesh=make_mesh(n),
-                                                      strategy=strategy)
+        _ENGINES[n, strategy] = Engine(CFG, tiny_params, ContextParallel(mesh=make_mesh(n), strategy=strategy))
     return _ENGINES[n, strategy]
 
 
@@ -402,4 +401,5 @@ def test_engine_layout_of_packed_rows_stays_in_one_shape_bucket(tiny_params, n):
     example would recompile)."""
     engine = _engine(tiny_params, n, "pass_kv")
     for lengths in ([1, 1, 1], [64, 64, 64], [65, 1], [192], [129]):
-        assert engine._layout(lengths).source.size == ROW
+        assert engine.placement.prefill_layout(lengths, [0] * len(lengths), range(len(lengths)),
+                                               [0] * n, engine.bucket).source.size == ROW

@@ -36,18 +36,31 @@ def merge(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
+def merge_reduced(out, lse, reduce_max, reduce_sum):
+    """Merge partials spread along an axis that ``reduce_max`` / ``reduce_sum`` reduce: an
+    array axis (:func:`merge_stacked`) or a mesh axis (``pmax`` / ``psum`` across ranks).
+
+    Args:
+      out: ``[..., Tq, H, D]`` partial outputs; lse: ``[..., Tq, H]`` their log-sum-exps.
+      reduce_max, reduce_sum: reductions over the partials' axis (broadcastable results).
+
+    Returns ``(out, lse)`` float32 over the union; rows no partial saw get 0 / -inf.
+    """
+    lse = lse.astype(jnp.float32)
+    top = reduce_max(lse)
+    safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
+    weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - safe_top))   # a NaN stays NaN
+    total = reduce_sum(weight)
+    summed = reduce_sum(weight[..., None] * out.astype(jnp.float32))
+    seen = total != 0
+    out = jnp.where(seen[..., None], summed / jnp.where(seen, total, 1.0)[..., None], 0.0)
+    lse = jnp.where(seen, safe_top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+    return out, lse
+
+
 def merge_stacked(outs, lses):
     """Merge ``n`` partials stacked on axis 0: ``outs [n, ..., D]``, ``lses [n, ...]``.
 
     Returns ``(out [..., D] float32, lse [...] float32)``; rows no partial saw get 0 / -inf.
     """
-    lses = lses.astype(jnp.float32)
-    top = jnp.max(lses, axis=0)
-    safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
-    weights = jnp.where(lses == -jnp.inf, 0.0, jnp.exp(lses - safe_top))   # [n, ...]
-    total = weights.sum(axis=0)
-    seen = total != 0
-    out = (weights[..., None] * outs.astype(jnp.float32)).sum(axis=0)
-    out = jnp.where(seen[..., None], out / jnp.where(seen, total, 1.0)[..., None], 0.0)
-    lse = jnp.where(seen, safe_top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
-    return out, lse
+    return merge_reduced(outs, lses, lambda x: x.max(axis=0), lambda x: x.sum(axis=0))

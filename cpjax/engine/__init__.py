@@ -1,6 +1,7 @@
-"""Inference engine: KV cache, prefill, decode, generation, scoring."""
+"""Inference engine: one ``Engine`` over a placement (one device or a context-parallel mesh)."""
 
-from cpjax.engine.engine import Engine, validate_token_ids
-from cpjax.engine.kv_cache import KVCache, init_cache
+from cpjax.engine.engine import Engine
+from cpjax.engine.kv_cache import KVCache
+from cpjax.engine.placement import ContextParallel, SingleDevice
 
-__all__ = ["Engine", "KVCache", "init_cache", "validate_token_ids"]
+__all__ = ["ContextParallel", "Engine", "KVCache", "SingleDevice"]

@@ -1,7 +1,7 @@
 """A fixed-capacity KV cache pytree: keys, values and the positions/segments that mask them.
 
 The cache has a static capacity ``C`` so one compiled decode step serves every token. Slots
-``[0, fill)`` hold tokens; empty slots carry segment ``-1`` and are invisible to every query, so
+``[0, fill)`` hold tokens; empty slots carry ``PAD_SEGMENT`` and are invisible to every query, so
 attention may always run over the whole capacity.
 """
 
@@ -12,14 +12,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from cpjax.attention.masks import PAD_SEGMENT
 from cpjax.config import ModelConfig
 from cpjax.model.llama import PastKV
 
-EMPTY_SEGMENT = -1
-
 
 class KVCache(NamedTuple):
-    """k, v: ``[L, C, Hkv, Dh]``; pos, seg: ``[C]`` int32; fill: ``[]`` int32 (slots used)."""
+    """k, v: ``[L, C, Hkv, Dh]``; pos, seg: ``[C]`` int32; fill: int32 slots used.
+
+    ``fill`` is ``[ranks]`` (one count per cache shard; ``[1]`` on one device) as the engine
+    holds it, and a scalar inside a step body, which sees one shard.
+    """
 
     k: jax.Array
     v: jax.Array
@@ -36,14 +39,14 @@ class KVCache(NamedTuple):
         return PastKV(self.k, self.v, self.pos, self.seg)
 
 
-def init_cache(config: ModelConfig, capacity: int, dtype=jnp.float32, kv_heads=None) -> KVCache:
-    """An empty cache of ``capacity`` slots (``kv_heads`` defaults to ``config.n_kv_heads``)."""
-    hkv = config.n_kv_heads if kv_heads is None else kv_heads
-    shape = (config.n_layers, capacity, hkv, config.head_dim)
+def init_cache(config: ModelConfig, capacity: int, dtype=jnp.float32, ranks: int = 1) -> KVCache:
+    """An empty cache of ``capacity`` slots in all, cut into ``ranks`` equal shards (each
+    rank's shard is a contiguous block of slots; ``fill`` is ``[ranks]``)."""
+    shape = (config.n_layers, capacity, config.n_kv_heads, config.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    pos=jnp.zeros((capacity,), jnp.int32),
-                   seg=jnp.full((capacity,), EMPTY_SEGMENT, jnp.int32),
-                   fill=jnp.zeros((), jnp.int32))
+                   seg=jnp.full((capacity,), PAD_SEGMENT, jnp.int32),
+                   fill=jnp.zeros((ranks,), jnp.int32))
 
 
 def append(cache: KVCache, k, v, pos, seg, n_real) -> KVCache:

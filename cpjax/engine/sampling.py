@@ -47,10 +47,6 @@ class Sampling:
         require(isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2 ** 32,
                 f"seed={self.seed!r}: must be an integer in [0, 2**32)")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
     def as_arrays(self) -> tuple:
         """``(key, temperature, top_k, top_p)`` for the compiled samplers."""
         return (jax.random.PRNGKey(self.seed), jnp.float32(self.temperature),

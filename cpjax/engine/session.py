@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from cpjax.engine.engine import validate_token_ids
+from cpjax.engine import validation as check
 from cpjax.engine.sampling import GREEDY, Sampling
 from cpjax.errors import require
 
@@ -20,7 +20,7 @@ from cpjax.errors import require
 class Session:
     """One sequence (segment ``segment``) with a persistent cache of ``capacity`` tokens.
 
-    Works with ``Engine`` and ``ContextParallelEngine`` alike. Attributes after a turn:
+    Works with an ``Engine`` on any placement. Attributes after a turn:
     ``position`` (tokens in the sequence so far, the pending one included), ``step`` (decode
     steps taken, which also places new K/V round-robin over context-parallel ranks),
     ``last_ttft_s`` and ``last_decode_tok_s``.
@@ -46,7 +46,7 @@ class Session:
         """Partial prefill of ``ids`` (after the pending token, if any); returns logits [V]."""
         ids = np.asarray(ids).reshape(-1)
         if ids.size:
-            ids = validate_token_ids(ids, self.engine.config.vocab_size, name="turn token ids")
+            ids = check.token_ids(ids, self.engine.config.vocab_size, name="turn token ids")
         ids = ids.astype(np.int32)
         if self.pending is not None:
             ids = np.concatenate([np.array([self.pending], np.int32), ids])

@@ -153,3 +153,38 @@ def causal_work_per_rank(layout: Layout) -> np.ndarray:
             k = np.sort(layout.positions[layout.segments == s])
             work[r] += np.searchsorted(k, q, side="right").sum()
     return work
+
+
+def padded_layout(positions, segments, rows_multiple: int) -> Layout:
+    """One-rank layout of a packed row as it is (any positions), padded at the end to a
+    multiple of ``rows_multiple`` rows (shape bucketing; padding rows get PAD_SEGMENT)."""
+    positions = np.asarray(positions, np.int32)
+    total = positions.size
+    size = max(rows_multiple, -(-total // rows_multiple) * rows_multiple)
+    pad = size - total
+    return Layout(source=np.concatenate([np.arange(total), np.full(pad, -1)]).astype(np.int64),
+                  positions=np.concatenate([positions, np.zeros(pad, np.int32)]),
+                  segments=np.concatenate([np.asarray(segments, np.int32),
+                                           np.full(pad, PAD_SEGMENT, np.int32)]),
+                  n_ranks=1, local_len=size, total=total)
+
+
+def segment_runs(positions: np.ndarray, segments: np.ndarray):
+    """Split a packed row into its sequences: ``(lengths, start_positions, segment_ids)``.
+
+    Each run of equal segment ids must hold consecutive positions (a CpjaxError otherwise), as
+    the balanced layout cuts each sequence into chunks by position.
+    """
+    starts = np.flatnonzero(np.diff(segments, prepend=segments[0] - 1) != 0)
+    ends = np.append(starts[1:], segments.size)
+    lengths, first_positions, ids = [], [], []
+    for a, b in zip(starts, ends):
+        run = positions[a:b]
+        require(np.array_equal(run, run[0] + np.arange(b - a)),
+                f"positions of segment {segments[a]} (rows {a}..{b - 1}) must be consecutive "
+                f"for context-parallel sharding")
+        lengths.append(int(b - a))
+        first_positions.append(int(run[0]))
+        ids.append(int(segments[a]))
+    require(len(set(ids)) == len(ids), f"segment ids {ids}: each segment must be one run")
+    return lengths, first_positions, ids

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Optional
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from cpjax.errors import require
@@ -41,3 +44,28 @@ def make_mesh(context: int = 1, tensor: int = 1, devices=None) -> Mesh:
     auto = (jax.sharding.AxisType.Auto,) * 2
     return jax.make_mesh((context, tensor), (CONTEXT, TENSOR), axis_types=auto,
                          devices=devices[:need])
+
+
+@dataclasses.dataclass(frozen=True)
+class Ranks:
+    """The ranks of the ``context`` axis as one rank's program sees them.
+
+    ``axis=None`` is a single rank without collectives (plain ``jit``, no ``shard_map``), so the
+    same step body serves one device and a mesh.
+    """
+
+    axis: Optional[str]
+    size: int
+
+    def index(self):
+        """This rank's index (int32 scalar; 0 without an axis)."""
+        return jnp.int32(0) if self.axis is None else jax.lax.axis_index(self.axis)
+
+    def all_gather(self, x, tiled: bool = False):
+        """Every rank's ``x``: ``[N, ...]`` (``tiled``: concatenated along axis 0)."""
+        if self.axis is None:
+            return x if tiled else x[None]
+        return jax.lax.all_gather(x, self.axis, tiled=tiled)
+
+
+SINGLE_RANK = Ranks(axis=None, size=1)

@@ -168,31 +168,3 @@ def ring_attention(strategy: str, attend: Callable, axis: str, n: int) -> Callab
             return out.astype(q.dtype), lse
         return _RINGS[strategy](step_attend, axis, n, q, positions, segments, parts)
     return plan
-
-
-def allreduce_decode_attention(attend: Callable, axis: str, keep_new) -> Callable:
-    """Attention plan for replicated-query decode (beyond the paper).
-
-    Every rank holds the same new queries/keys/values (the linear layers ran replicated) and its
-    own cache shard in ``past``. Each rank attends its shard, plus the new keys if ``keep_new``
-    (true on exactly one rank, the one that will store them), and the partials merge across the
-    ``axis`` in one step: ``pmax`` of the LSE, then ``psum`` of weighted outputs and weights.
-    No ring and no all-to-all.
-    """
-    def plan(q, k, v, positions, segments, past):
-        new_seg = jnp.where(keep_new, segments, -1)
-        out, lse = attend(q, k, v, positions, positions, segments, new_seg)
-        if past is not None:
-            past_out, past_lse = attend(q, past[0], past[1], positions, past[2], segments,
-                                        past[3])
-            out, lse = merge(out, lse, past_out, past_lse)
-        top = jax.lax.pmax(lse, axis)
-        safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
-        weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - safe_top))   # NaN stays NaN
-        total = jax.lax.psum(weight, axis)
-        summed = jax.lax.psum(weight[..., None] * out.astype(jnp.float32), axis)
-        seen = total != 0
-        out = jnp.where(seen[..., None], summed / jnp.where(seen, total, 1.0)[..., None], 0.0)
-        lse = jnp.where(seen, safe_top + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
-        return out.astype(q.dtype), lse
-    return plan
