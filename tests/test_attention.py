@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpjax.attention import blockwise, cudnn, get_attend, merge, reference
+from cpjax.attention import blockwise, cudnn, masks, merge, reference
+from cpjax.dispatch import get_attend
 from cpjax.errors import CpjaxError
 
 
@@ -41,7 +42,7 @@ def test_reference_equals_naive_definition():
     kv_pos = np.arange(13, dtype=np.int32)
     q_seg = np.array([0, 0, 0, 1, 1, 1, 1, -1, 0], np.int32)
     kv_seg = np.array([0] * 6 + [1] * 6 + [-1], np.int32)
-    mask = np.asarray(reference.visibility_mask(q_pos, kv_pos, q_seg, kv_seg))
+    mask = np.asarray(masks.visibility_mask(q_pos, kv_pos, q_seg, kv_seg))
     out, lse = reference.attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     want_out, want_lse = _naive(q, k, v, mask)
     np.testing.assert_allclose(out, want_out, atol=1e-5)

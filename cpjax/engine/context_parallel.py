@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from cpjax.attention import get_attend
+from cpjax.dispatch import get_attention as get_attend
 from cpjax.engine import kv_cache
 from cpjax.engine import sampling as sampling_lib
 from cpjax.engine.engine import SCORE_CHUNK, Engine, round_up

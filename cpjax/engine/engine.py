@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cpjax.attention import get_attend, with_past
+from cpjax.attention import with_past
 from cpjax.config import ModelConfig
+from cpjax.dispatch import get_attend
 from cpjax.engine import kv_cache
 from cpjax.engine import sampling as sampling_lib
 from cpjax.engine.kv_cache import KVCache
