@@ -67,7 +67,7 @@ def flash_shapes(t, hq, hkv, d, dtype):
 
 def decode_shapes(tq, cache, hq, hkv, d, dtype):
     kv, slots, new = S((cache, hkv, d), dtype), S((cache,), I32), S((tq,), I32)
-    return S((tq, hq, d), dtype), kv, kv, slots, slots, new, new
+    return S((tq, hq, d), dtype), kv, kv, new, slots, new, slots
 
 
 DTYPES = pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
