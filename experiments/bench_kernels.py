@@ -218,10 +218,9 @@ def bench_decode(recorder, cache_lengths, hq, hkv, d, dtype, repeats, interpret,
         impls = {
             "pallas_decode": jax.jit(lambda *a: decode_attention(
                 *a, **kernel_params(interpret)["pallas_decode"], interpret=interpret)[0]),
-            "blockwise_xla": jax.jit(lambda q, k, v, kp, ks, qp, qs: blockwise.attend(
-                q, k, v, qp, kp, qs, ks)[0]),
+            "blockwise_xla": jax.jit(lambda *a: blockwise.attend(*a)[0]),
         }
-        args = (q, k, v, kv_pos, kv_seg, q_pos, q_seg)
+        args = (q, k, v, q_pos, kv_pos, q_seg, kv_seg)
         return jax.block_until_ready(args), impls
 
     def metrics(_length, args, seconds):

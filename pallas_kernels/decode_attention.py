@@ -5,7 +5,9 @@ The cache is cut into ``n_splits`` chunks processed by parallel programs (grid
 ``pallas_kernels.flash_attention`` over its chunk for all ``G * Tq`` query rows that share one
 KV head (the G query heads of a KV head reuse each K/V tile they load), and writes a partial
 ``(out, lse)``. The partials are merged by log-sum-exp (``cpjax.attention.merge``). Empty cache
-slots carry segment -1; chunks the positions prove invisible are skipped.
+slots carry segment ``PAD_SEGMENT``; key blocks the positions prove invisible are skipped (the
+flash kernel's ``masks.may_overlap`` test). Arguments in the ``attend`` order:
+``decode_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg)``.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from cpjax.attention.blockwise import pad_kv_rows
+from cpjax.attention.masks import PAD_SEGMENT, check_attend_inputs
 from cpjax.attention.merge import merge_stacked
+from cpjax.attention.padding import pad_kv_rows
 from pallas_kernels.flash_attention import _flash_kernel, default_interpret
 
 _MIN_ROWS = 16   # Triton dots need at least 16 rows
@@ -27,21 +30,22 @@ _MIN_ROWS = 16   # Triton dots need at least 16 rows
 
 @functools.partial(jax.jit, static_argnames=("n_splits", "block_k", "window", "interpret",
                                              "num_warps", "num_stages"))
-def decode_attention(q, k_cache, v_cache, kv_pos, kv_seg, q_pos, q_seg, *, n_splits: int = 16,
+def decode_attention(q, k_cache, v_cache, q_pos, kv_pos, q_seg, kv_seg, *, n_splits: int = 16,
                      block_k: int = 128, window: Optional[int] = None,
                      interpret: Optional[bool] = None, num_warps: int = 4,
                      num_stages: int = 2):
     """Attention of ``q [Tq, Hq, D]`` (Tq small) over a cache ``k_cache, v_cache [Tk, Hkv, D]``.
 
     Args:
-      kv_pos, kv_seg: ``[Tk]`` int32 positions / segments of the cache slots (-1 = empty).
       q_pos, q_seg: ``[Tq]`` int32 positions / segments of the new tokens.
+      kv_pos, kv_seg: ``[Tk]`` int32 positions / segments of the cache slots (negative = empty).
       n_splits: cache chunks computed in parallel (reduced if the cache is short).
       block_k: K/V tile inside a chunk.
 
     Returns:
       ``(out [Tq, Hq, D] in q.dtype, lse [Tq, Hq] float32)``.
     """
+    check_attend_inputs(q, k_cache, v_cache, q_pos, kv_pos, q_seg, kv_seg)
     if interpret is None:
         interpret = default_interpret()
     tq, hq, d = q.shape
@@ -58,7 +62,7 @@ def decode_attention(q, k_cache, v_cache, kv_pos, kv_seg, q_pos, q_seg, *, n_spl
     q_rows = jnp.pad(q_rows, ((0, 0), (0, rows_p - rows), (0, 0)))
     row_pos = jnp.pad(jnp.tile(q_pos.astype(jnp.int32), group), (0, rows_p - rows))
     row_seg = jnp.pad(jnp.tile(q_seg.astype(jnp.int32), group), (0, rows_p - rows),
-                      constant_values=-1)
+                      constant_values=PAD_SEGMENT)
 
     kernel = functools.partial(_flash_kernel, block_k=block_k, n_k=chunk // block_k,
                                scale=1.0 / math.sqrt(d), window=window)

@@ -10,12 +10,14 @@ Kernel structure (Pallas GPU / Triton lowering; ``interpret=True`` runs it on CP
   ``h // G`` (GQA without repeating K/V in memory: the G programs of one KV head read the same
   K/V tiles, which the L2 cache shares);
 * a loop over K/V blocks keeps float32 online-softmax statistics in base 2;
-* a K/V block is skipped (``lax.cond``) when the min/max of its positions and segments prove it
-  invisible to the whole query block, so causal attention costs about half of full attention
-  and a ring step against a block that lies entirely in the future costs almost nothing;
+* the mask of a loaded block is ``cpjax.attention.masks.visibility_mask``; a K/V block is
+  skipped (``lax.cond``) when ``masks.may_overlap`` on the bounds of its positions and segments
+  proves it invisible to the whole query block, so causal attention costs about half of full
+  attention and a ring step against a block that lies entirely in the future costs almost
+  nothing;
 * rows that see no key return ``out = 0`` and ``lse = -inf`` (no NaN); ``lse`` is natural-log.
 
-Any ``Tq``, ``Tk`` (padded internally with segment -1), fp32 or bf16 inputs.
+Any ``Tq``, ``Tk`` (padded internally with segment ``PAD_SEGMENT``), fp32 or bf16 inputs.
 """
 
 from __future__ import annotations
@@ -29,10 +31,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from cpjax.attention.blockwise import pad_kv_rows, pad_query_rows
+from cpjax.attention.masks import bounds, check_attend_inputs, may_overlap, visibility_mask
+from cpjax.attention.padding import pad_kv_rows, pad_query_rows
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: keeps exp2 differences NaN-free
-_BIG = 2 ** 30
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
@@ -42,20 +44,13 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def _bounds(pos, seg):
-    """(min_pos, max_pos, min_seg, max_seg) over the real (seg >= 0) rows of one block."""
-    real = seg >= 0
-    return (jnp.min(jnp.where(real, pos, _BIG)), jnp.max(jnp.where(real, pos, -_BIG)),
-            jnp.min(jnp.where(real, seg, _BIG)), jnp.max(jnp.where(real, seg, -1)))
-
-
 def _flash_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
                   o_ref, lse_ref, *, block_k: int, n_k: int, scale: float,
                   window: Optional[int]):
     q = q_ref[...]                                        # [bq, D]
     q_pos = q_pos_ref[...]
     q_seg = q_seg_ref[...]
-    q_min_pos, q_max_pos, q_min_seg, q_max_seg = _bounds(q_pos, q_seg)
+    q_bounds = bounds(q_pos, q_seg)
     block_q, d = q.shape
 
     def visit(j, carry):
@@ -66,10 +61,7 @@ def _flash_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_
         kv_pos = kv_pos_ref[span]
         kv_seg = kv_seg_ref[span]
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * (scale * _LOG2E)
-        mask = (q_seg[:, None] == kv_seg[None, :]) & (q_seg[:, None] >= 0) & (
-            kv_pos[None, :] <= q_pos[:, None])
-        if window is not None:
-            mask &= (q_pos[:, None] - kv_pos[None, :]) < window
+        mask = visibility_mask(q_pos, kv_pos, q_seg, kv_seg, window)
         s = jnp.where(mask, s, _MASKED)
         m_next = jnp.maximum(m, jnp.max(s, axis=1))
         correction = jnp.exp2(m - m_next)
@@ -81,12 +73,7 @@ def _flash_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_
 
     def maybe_visit(j, carry):
         span = pl.ds(j * block_k, block_k)
-        kv_min_pos, kv_max_pos, kv_min_seg, kv_max_seg = _bounds(kv_pos_ref[span],
-                                                                 kv_seg_ref[span])
-        visible = (kv_min_pos <= q_max_pos) & (kv_min_seg <= q_max_seg) & (
-            q_min_seg <= kv_max_seg)
-        if window is not None:
-            visible &= (q_min_pos - kv_max_pos) < window
+        visible = may_overlap(q_bounds, bounds(kv_pos_ref[span], kv_seg_ref[span]), window)
         return lax.cond(visible, lambda c: visit(j, c), lambda c: c, carry)
 
     init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32),
@@ -117,6 +104,7 @@ def flash_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block_q: int = 64,
     Returns:
       ``(out [Tq, Hq, D] in q.dtype, lse [Tq, Hq] float32 natural-log)``.
     """
+    check_attend_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     if interpret is None:
         interpret = default_interpret()
     tq, hq, d = q.shape

@@ -7,15 +7,16 @@ it differs in how the work reaches the tensor cores:
 * grid ``(query blocks of 64 rows, query heads)``; one warpgroup per program (a 64-row ``wgmma``
   tile); query head ``h`` reads K/V head ``h // G`` (GQA without repeating K/V);
 * the wrapper computes, with XLA, each query block's *visit list*: the key blocks its
-  positions and segments may see (``cpjax.attention.blockwise.visible_block_schedule``). The
+  positions and segments may see (``cpjax.attention.masks.visible_block_schedule``). The
   kernel loops over that list only, so an invisible block is neither loaded nor computed: causal
   attention does half the work and a ring step against a block wholly in the future costs one
   empty loop;
 * K, V and their positions/segments stream from global to shared memory by TMA into ``slots``
   buffers (the next blocks load while the current one computes); ``Q K^T`` and ``P V`` are
   ``wgmma`` ops on swizzled shared-memory tiles (``P`` from registers);
-* float32 online-softmax statistics in base 2; a row that sees no key returns ``out = 0`` and
-  ``lse = -inf``.
+* the mask of a loaded block is ``cpjax.attention.masks.visible`` on the broadcast position
+  and segment tiles; float32 online-softmax statistics in base 2; a row that sees no key
+  returns ``out = 0`` and ``lse = -inf``.
 
 Inputs: bf16 or fp16, head_dim a multiple of 64, any ``Tq``, ``Tk`` (padded to the blocks).
 
@@ -37,7 +38,9 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from cpjax.attention.blockwise import pad_kv_rows, pad_query_rows, visible_block_schedule
+from cpjax.attention.masks import (PAD_SEGMENT, check_attend_inputs, visible,
+                                   visible_block_schedule)
+from cpjax.attention.padding import pad_kv_rows, pad_query_rows, pad_rows
 from cpjax.errors import require
 from pallas_kernels.flash_attention import _LN2, _LOG2E, _MASKED, default_interpret
 
@@ -54,8 +57,6 @@ def check_inputs(q, k, block_k: int, slots: int) -> None:
     require(q.shape[-1] % 64 == 0,
             f"flash_attention_mgpu needs head_dim a multiple of 64, got {q.shape[-1]}: use "
             f"'pallas'")
-    require(q.shape[1] % k.shape[1] == 0,
-            f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
     require(block_k > 0 and block_k % 64 == 0,
             f"block_k={block_k}: must be a positive multiple of 64")
     require(slots >= 1, f"slots={slots}: must be >= 1")
@@ -139,9 +140,7 @@ def _kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k
         plgpu.barrier_wait(kv_seg_barriers.at[slot])
         kv_pos = lax.broadcast_in_dim(cast(kv_pos_smem[slot], cols_layout), scores_shape, [1])
         kv_seg = lax.broadcast_in_dim(cast(kv_seg_smem[slot], cols_layout), scores_shape, [1])
-        mask = (q_seg == kv_seg) & (q_seg >= 0) & (kv_pos <= q_pos)
-        if window is not None:
-            mask &= (q_pos - kv_pos) < window
+        mask = visible(q_pos, kv_pos, q_seg, kv_seg, window)
         plgpu.barrier_wait(k_barriers.at[slot])
         s = jnp.where(mask, scores(slot) * scale, _MASKED)
         m_next = jnp.maximum(m, s.max(axis=1))
@@ -172,6 +171,19 @@ def _kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k
     plgpu.wait_smem_to_gmem(0)
 
 
+def visit_lists(q_pos, kv_pos, q_seg, kv_seg, block_k: int = 64,
+                window: Optional[int] = None):
+    """The key blocks the kernel visits: ``(blocks [n_q, n_k], counts [n_q])`` int32 for query
+    blocks of ``BLOCK_Q`` rows and key blocks of ``block_k`` rows; query block ``i`` visits
+    ``blocks[i, :counts[i]]`` (``masks.visible_block_schedule``).
+
+    ``q_pos, q_seg [Tq]``, ``kv_pos, kv_seg [Tk]`` int32, padded here as the kernel pads them.
+    """
+    q_pos, q_seg = pad_rows(q_pos, BLOCK_Q, 0), pad_rows(q_seg, BLOCK_Q, PAD_SEGMENT)
+    kv_pos, kv_seg = pad_rows(kv_pos, block_k, 0), pad_rows(kv_seg, block_k, PAD_SEGMENT)
+    return visible_block_schedule(q_pos, kv_pos, q_seg, kv_seg, BLOCK_Q, block_k, window)
+
+
 def _interpret_params():
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     return InterpretGPUParams()
@@ -197,6 +209,7 @@ def flash_attention_mgpu(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block_k: int 
     """
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
+    check_attend_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     check_inputs(q, k, block_k, slots)
     if interpret is None:
         interpret = default_interpret()
@@ -207,8 +220,7 @@ def flash_attention_mgpu(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block_k: int 
     qp, q_pos_p, q_seg_p = pad_query_rows(q, q_pos, q_seg, BLOCK_Q)
     kp, vp, kv_pos_p, kv_seg_p = pad_kv_rows(k, v, kv_pos, kv_seg, block_k)
     tq_p = qp.shape[0]
-    blocks, counts = visible_block_schedule(q_pos_p, q_seg_p, kv_pos_p, kv_seg_p, BLOCK_Q,
-                                            block_k, window)
+    blocks, counts = visit_lists(q_pos_p, kv_pos_p, q_seg_p, kv_seg_p, block_k, window)
 
     tiles = (plgpu.TilingTransform((8, _SWIZZLE_BYTES // q.dtype.itemsize)),
              plgpu.SwizzleTransform(_SWIZZLE_BYTES))

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpjax.attention import blockwise, cudnn, get_attend, merge, reference
+from cpjax.attention import blockwise, cudnn, masks, merge, reference
+from cpjax.dispatch import get_attend
 from cpjax.errors import CpjaxError
 
 
@@ -41,7 +42,7 @@ def test_reference_equals_naive_definition():
     kv_pos = np.arange(13, dtype=np.int32)
     q_seg = np.array([0, 0, 0, 1, 1, 1, 1, -1, 0], np.int32)
     kv_seg = np.array([0] * 6 + [1] * 6 + [-1], np.int32)
-    mask = np.asarray(reference.visibility_mask(q_pos, kv_pos, q_seg, kv_seg))
+    mask = np.asarray(masks.visibility_mask(q_pos, kv_pos, q_seg, kv_seg))
     out, lse = reference.attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     want_out, want_lse = _naive(q, k, v, mask)
     np.testing.assert_allclose(out, want_out, atol=1e-5)
@@ -166,3 +167,14 @@ def test_cudnn_without_gpu_is_a_clear_error():
     pos, seg = np.arange(2, dtype=np.int32), np.zeros(2, np.int32)
     with pytest.raises(CpjaxError, match="'cudnn' needs an NVIDIA GPU"):
         get_attend("cudnn")(q, q, q, pos, pos, seg, seg)
+
+
+@pytest.mark.parametrize("name", ["reference", "blockwise", "pallas"])
+def test_attend_inputs_in_another_order_are_a_clear_error(name):
+    """The contract order is (q, k, v, q_pos, kv_pos, q_seg, kv_seg): key positions where the
+    query positions go are caught at the entry point (chex), named as a ``CpjaxError``."""
+    q, k, v, (q_pos, kv_pos, q_seg, kv_seg) = case_inputs("gqa4_tq_ne_tk")
+    with pytest.raises(CpjaxError, match="attention inputs"):
+        get_attend(name)(q, k, v, kv_pos, kv_seg, q_pos, q_seg)
+    with pytest.raises(CpjaxError, match="attention inputs"):
+        get_attend(name)(q, k, v, q_pos.astype(np.float32), kv_pos, q_seg, kv_seg)

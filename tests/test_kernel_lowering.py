@@ -67,7 +67,7 @@ def flash_shapes(t, hq, hkv, d, dtype):
 
 def decode_shapes(tq, cache, hq, hkv, d, dtype):
     kv, slots, new = S((cache, hkv, d), dtype), S((cache,), I32), S((tq,), I32)
-    return S((tq, hq, d), dtype), kv, kv, slots, slots, new, new
+    return S((tq, hq, d), dtype), kv, kv, new, slots, new, slots
 
 
 DTYPES = pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
@@ -122,7 +122,7 @@ def test_benchmark_decode_shapes_lower(cache):
 
 @pytest.fixture
 def compiled_kernels(monkeypatch):
-    """``cpjax.attention.pallas_attend`` as on a GPU: the kernels with ``interpret=False`` and
+    """``cpjax.dispatch.pallas_attend`` as on a GPU: the kernels with ``interpret=False`` and
     their default block sizes (it imports them from ``pallas_kernels`` at each call)."""
     monkeypatch.setattr(pallas_kernels, "flash_attention",
                         functools.partial(flash_attention, interpret=False))
@@ -136,7 +136,8 @@ def test_model_forward_with_pallas_attention_lowers(compiled_kernels, preset, dt
     """One layer of a preset model, ``attention="pallas"`` as the engine builds it: a 1000-token
     prefill (flash kernel), then 1, 16 (decode kernel) and 17 (flash) new tokens against a
     5000-slot cache -- one kernel for the new rows, one for the cache."""
-    from cpjax.attention import pallas_attend, with_past
+    from cpjax.attention import with_past
+    from cpjax.dispatch import pallas_attend
     from cpjax.config import PRESETS
     from cpjax.model.llama import Llama, PastKV, param_shapes
 
@@ -215,7 +216,8 @@ def test_benchmark_mgpu_prefill_shapes_lower(t):
 @pytest.mark.parametrize("preset", ["smollm2-135m", "llama3-8b"])
 def test_model_forward_with_pallas_mgpu_attention_lowers(monkeypatch, preset):
     """One bf16 layer, ``attention="pallas_mgpu"``: a 1000-token prefill is one Mosaic GPU call."""
-    from cpjax.attention import pallas_mgpu_attend, with_past
+    from cpjax.attention import with_past
+    from cpjax.dispatch import pallas_mgpu_attend
     from cpjax.config import PRESETS
     from cpjax.model.llama import Llama, param_shapes
 

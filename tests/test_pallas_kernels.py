@@ -59,7 +59,7 @@ def test_decode_attention_matches_reference(tq, group, n_splits):
     q_pos = np.arange(200 - tq, 200, dtype=np.int32)
     q_seg = np.zeros(tq, np.int32)
     want = reference.attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    got = decode_attention(q, k, v, kv_pos, kv_seg, q_pos, q_seg, n_splits=n_splits,
+    got = decode_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, n_splits=n_splits,
                            block_k=32, interpret=True)
     _check(*got, *want, atol=1e-5)
 
@@ -136,7 +136,7 @@ def test_decode_attention_compiled_matches_reference_on_gpu(tq, group, n_splits)
     q, k, v = _random_qkv(rng, tq, tk, group * hkv, hkv, d)
     layout = _decode_layout(tq, tk, filled=200)
     with jax.default_matmul_precision("highest"):
-        got = decode_attention(q, k, v, *_decode_args(layout), n_splits=n_splits, block_k=32,
+        got = decode_attention(q, k, v, *layout, n_splits=n_splits, block_k=32,
                                interpret=False)
     _check(*got, *_on_gpu_reference(q, k, v, *layout), atol=1e-5)
 
@@ -150,12 +150,6 @@ def _decode_layout(tq, tk, filled):
     kv_seg[:9] = 4
     return [np.arange(filled - tq, filled, dtype=np.int32), kv_pos, np.zeros(tq, np.int32),
             kv_seg]
-
-
-def _decode_args(layout):
-    """``attend`` layout order to ``decode_attention``'s (kv_pos, kv_seg, q_pos, q_seg)."""
-    q_pos, kv_pos, q_seg, kv_seg = layout
-    return kv_pos, kv_seg, q_pos, q_seg
 
 
 def _gpu_inputs(seed, tq, tk, hq, hkv, d, dtype):
@@ -200,6 +194,6 @@ def test_decode_attention_compiled_at_model_shapes_on_gpu(dtype, hq, hkv, d, tq)
     q, k, v = _gpu_inputs(tq, tq, 5000, hq, hkv, d, dtype)
     layout = _decode_layout(tq, 5000, filled=4000)
     with jax.default_matmul_precision("default"):
-        got = decode_attention(q, k, v, *_decode_args(layout), n_splits=16, block_k=128,
+        got = decode_attention(q, k, v, *layout, n_splits=16, block_k=128,
                                interpret=False)
     _check_at_dtype(got, _on_gpu_reference(q, k, v, *layout), dtype)

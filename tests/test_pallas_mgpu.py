@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpjax.attention import get_attend, reference
-from cpjax.attention.blockwise import visible_block_schedule
+from cpjax.attention import reference
+from cpjax.attention.masks import visible_block_schedule
+from cpjax.dispatch import get_attention
 from cpjax.errors import CpjaxError
 from pallas_kernels import flash_attention_mgpu
 from tests.test_attention import CASES, _layout, _random_qkv, assert_attention_close
@@ -65,15 +66,15 @@ def test_visit_lists_hold_exactly_the_blocks_that_may_be_seen():
     """Causal: query block i visits key blocks 0..i; a block wholly in the future: none."""
     pos = np.arange(256, dtype=np.int32)
     seg = np.zeros(256, np.int32)
-    blocks, counts = visible_block_schedule(pos, seg, pos, seg, 64, 64)
+    blocks, counts = visible_block_schedule(pos, pos, seg, seg, 64, 64)
     np.testing.assert_array_equal(counts, [1, 2, 3, 4])
     for i in range(4):
         np.testing.assert_array_equal(blocks[i, :i + 1], np.arange(i + 1))
         assert sorted(np.asarray(blocks[i])) == [0, 1, 2, 3]
-    _, counts = visible_block_schedule(pos, seg, pos + 1000, seg, 64, 64)
+    _, counts = visible_block_schedule(pos, pos + 1000, seg, seg, 64, 64)
     np.testing.assert_array_equal(counts, [0, 0, 0, 0])
     padded = np.where(pos < 64, 0, -1).astype(np.int32)      # only the first block is real
-    _, counts = visible_block_schedule(pos + 1000, seg, pos, padded, 64, 64)
+    _, counts = visible_block_schedule(pos + 1000, pos, seg, padded, 64, 64)
     np.testing.assert_array_equal(counts, [1, 1, 1, 1])
 
 
@@ -99,7 +100,7 @@ def test_rings_with_the_mgpu_kernel_match_reference_on_1_2_4_8_ranks(strategy, n
     pos, seg = layout.unshard(layout.positions), layout.unshard(layout.segments)
     want = reference.attend(qf, kf, vf, pos, pos, seg, seg)
 
-    plan = ring_attention(strategy, get_attend("pallas_mgpu"), CONTEXT, n)
+    plan = ring_attention(strategy, get_attention("pallas_mgpu"), CONTEXT, n)
     per_rank = lambda x: jnp.asarray(layout.shard(x)).reshape(n, -1, *x.shape[1:])  # noqa: E731
     out, lse = jax.jit(jax.vmap(lambda *a: plan(*a, None), axis_name=CONTEXT))(
         per_rank(q), per_rank(k), per_rank(v), layout.positions.reshape(n, -1),

@@ -95,7 +95,8 @@ def test_greedy_generation_after_cp_prefill_is_identical(engines, single, mesh, 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_hlo_collectives_and_bytes_match_the_formula(engines, strategy):
     engine = engines(4, 1, strategy)
-    layout = engine.placement.row_layout(np.arange(128), np.zeros(128, np.int32), engine.bucket)
+    layout = engine.placement.row_layout(np.arange(128), np.zeros(128, np.int32), engine.bucket,
+                                         engine.forward.attention)
     args = engine._rows(layout, np.arange(128) % CFG.vocab_size)
     hlo = engine._program("logits", strategy).lower(engine.params, *args).compile().as_text()
     sent = hlo_collective_bytes(hlo, 4)

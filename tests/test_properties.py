@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
 from cpjax.attention.merge import merge, merge_stacked
-from cpjax.attention import reference
+from cpjax.attention import masks, reference
 from cpjax.config import PRESETS
+from cpjax.dispatch import get_attention
 from cpjax.engine import ContextParallel, Engine
 from cpjax.parallel.layout import PAD_SEGMENT, balanced_layout, causal_work_per_rank
 from cpjax.parallel.mesh import CONTEXT, make_mesh
@@ -204,7 +205,7 @@ def test_merging_partials_over_disjoint_key_sets_equals_attention_over_the_union
     stacked = merge_stacked(jnp.stack([p[0] for p in parts]),
                                       jnp.stack([p[1] for p in parts]))
     _assert_same(stacked, want)
-    blind = ~np.asarray(reference.visibility_mask(q_pos, kv_pos, q_seg, kv_seg)).any(axis=1)
+    blind = ~np.asarray(masks.visibility_mask(q_pos, kv_pos, q_seg, kv_seg)).any(axis=1)
     for got_out, got_lse in ((out, lse), stacked):
         assert (np.asarray(got_out)[blind] == 0).all()
         assert np.isneginf(np.asarray(got_lse)[blind]).all()
@@ -253,7 +254,7 @@ def _ring_fn(n, strategy):
     """jit(shard_map(ring_attention)) with the reference attend, one compile per (N, ring)."""
     key = (n, strategy)
     if key not in _RING_FNS:
-        plan = ring_attention(strategy, reference.attend, CONTEXT, n)
+        plan = ring_attention(strategy, get_attention("reference"), CONTEXT, n)
 
         def local(q, k, v, pos, seg, pk, pv, ppos, pseg):
             return plan(q, k, v, pos, seg, (pk, pv, ppos, pseg))
@@ -402,4 +403,5 @@ def test_engine_layout_of_packed_rows_stays_in_one_shape_bucket(tiny_params, n):
     engine = _engine(tiny_params, n, "pass_kv")
     for lengths in ([1, 1, 1], [64, 64, 64], [65, 1], [192], [129]):
         assert engine.placement.prefill_layout(lengths, [0] * len(lengths), range(len(lengths)),
-                                               [0] * n, engine.bucket).source.size == ROW
+                                               [0] * n, engine.bucket,
+                                               engine.forward.attention).source.size == ROW

@@ -12,126 +12,44 @@ the portable fallback everywhere.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from cpjax.attention.reference import visibility_mask
+from cpjax.attention.masks import (BlockBounds, block_bounds, check_attend_inputs,
+                                   fully_visible, may_overlap, visibility_mask)
+from cpjax.attention.padding import pad_kv_rows, pad_query_rows
 
-_BIG = jnp.iinfo(jnp.int32).max
-
-
-def pad_rows(x, multiple: int, value):
-    """Pad axis 0 of ``x`` up to a multiple of ``multiple`` with ``value``."""
-    x = jnp.asarray(x)
-    pad = (-x.shape[0]) % multiple
-    if pad == 0:
-        return x
-    widths = [(0, pad)] + [(0, 0)] * (x.ndim - 1)
-    return jnp.pad(x, widths, constant_values=value)
+#: Default blocks: large enough to amortise the loop on CPU, multiples of the 64-row tile.
+BLOCK_Q = 256
+BLOCK_K = 512
 
 
-def pad_kv_rows(k, v, kv_pos, kv_seg, multiple: int):
-    """Keys/values with their int32 positions and segments padded to a multiple of rows;
-    padding rows carry segment -1 (invisible)."""
-    return (pad_rows(k, multiple, 0), pad_rows(v, multiple, 0),
-            pad_rows(kv_pos.astype(jnp.int32), multiple, 0),
-            pad_rows(kv_seg.astype(jnp.int32), multiple, -1))
-
-
-def pad_query_rows(q, q_pos, q_seg, multiple: int):
-    """Queries with their int32 positions and segments padded to a multiple of rows; padding
-    rows carry segment -1 (they see nothing)."""
-    return (pad_rows(q, multiple, 0), pad_rows(q_pos.astype(jnp.int32), multiple, 0),
-            pad_rows(q_seg.astype(jnp.int32), multiple, -1))
-
-
-class BlockBounds(NamedTuple):
-    """Per-block summaries of positions and segments over the real (``seg >= 0``) rows.
-
-    An all-padding block gets empty ranges (min > max) so it overlaps nothing.
-    """
-
-    min_pos: jax.Array
-    max_pos: jax.Array
-    min_seg: jax.Array
-    max_seg: jax.Array
-    all_real: jax.Array   # no padding row in the block
-
-
-def _block_bounds(pos, seg, block: int) -> BlockBounds:
-    """``BlockBounds`` of each consecutive ``block`` rows of ``pos, seg [T]``."""
-    pos = pos.reshape(-1, block)
-    seg = seg.reshape(-1, block)
-    real = seg >= 0
-    return BlockBounds(min_pos=jnp.where(real, pos, _BIG).min(axis=1),
-                       max_pos=jnp.where(real, pos, -_BIG).max(axis=1),
-                       min_seg=jnp.where(real, seg, _BIG).min(axis=1),
-                       max_seg=jnp.where(real, seg, -1).max(axis=1),
-                       all_real=real.all(axis=1))
-
-
-def _may_overlap(q: BlockBounds, kv: BlockBounds, window: Optional[int]):
-    """Whether some query of the block may see some key of the block (conservative)."""
-    ok = (kv.min_pos <= q.max_pos) & (kv.min_seg <= q.max_seg) & (q.min_seg <= kv.max_seg)
-    if window is not None:
-        ok &= (q.min_pos - kv.max_pos) < window
-    return ok
-
-
-def _fully_visible(q: BlockBounds, kv: BlockBounds, window: Optional[int]):
-    """Whether every query of the block sees every key of the block (no mask needed).
-
-    True only when both blocks are free of padding and hold one and the same segment, and every
-    key position is at or before every query position (and inside the window).
-    """
-    ok = (q.all_real & kv.all_real & (q.min_seg == q.max_seg) & (kv.min_seg == kv.max_seg)
-          & (q.min_seg == kv.min_seg) & (kv.max_pos <= q.min_pos))
-    if window is not None:
-        ok &= (q.max_pos - kv.min_pos) < window
-    return ok
-
-
-def visible_block_schedule(q_pos, q_seg, kv_pos, kv_seg, block_q: int, block_k: int,
-                           window: Optional[int] = None):
-    """For each query block, the key blocks that some of its queries may see.
-
-    Args:
-      q_pos, q_seg: ``[Tq]`` int32 with ``Tq % block_q == 0`` (padding rows: segment -1).
-      kv_pos, kv_seg: ``[Tk]`` int32 with ``Tk % block_k == 0``.
-
-    Returns:
-      ``(blocks [n_q, n_k] int32, counts [n_q] int32)``: row ``i`` of ``blocks`` lists the key
-      blocks query block ``i`` may see in increasing order, then the others; ``counts[i]`` is how
-      many it may see. A kernel that visits ``blocks[i, :counts[i]]`` neither loads nor computes
-      a block the positions prove invisible (the same conservative test as :func:`attend`).
-    """
-    q_bounds = _block_bounds(q_pos, q_seg, block_q)
-    kv_bounds = _block_bounds(kv_pos, kv_seg, block_k)
-    visible = _may_overlap(BlockBounds(*(b[:, None] for b in q_bounds)),
-                           BlockBounds(*(b[None, :] for b in kv_bounds)), window)
-    blocks = jnp.argsort(~visible, axis=1, stable=True).astype(jnp.int32)
-    return blocks, visible.sum(axis=1, dtype=jnp.int32)
+def block_sizes(tq: int, tk: int, block_q: int, block_k: int) -> tuple[int, int]:
+    """The blocks :func:`attend` uses for ``Tq`` queries and ``Tk`` keys: the requested sizes
+    clipped to the lengths (one block covers a short input)."""
+    return min(block_q, max(tq, 1)), min(block_k, max(tk, 1))
 
 
 def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = None,
-           block_q: int = 256, block_k: int = 512):
+           block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
     """Masked GQA attention by blocks; see ``reference.attend`` for shapes and semantics.
 
     Args:
       q: ``[Tq, Hq, D]``; k, v: ``[Tk, Hkv, D]``; positions and segments ``[Tq]`` / ``[Tk]`` int32.
       window: optional sliding window.
-      block_q, block_k: block sizes (clipped to the padded lengths).
+      block_q, block_k: block sizes (any >= 1; clipped to the lengths, see
+        :func:`block_sizes`).
 
     Returns:
       ``(out [Tq, Hq, D] in q.dtype, lse [Tq, Hq] float32)``.
     """
+    check_attend_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     group = hq // hkv
-    block_q = min(block_q, max(tq, 1))
-    block_k = min(block_k, max(tk, 1))
+    block_q, block_k = block_sizes(tq, tk, block_q, block_k)
     scale = 1.0 / float(d) ** 0.5
 
     qp, q_pos_p, q_seg_p = pad_query_rows(q, q_pos, q_seg, block_q)
@@ -145,8 +63,8 @@ def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = Non
     v_blocks = vp.reshape(n_k, block_k, hkv, d).transpose(0, 2, 1, 3)
     kv_pos_blocks = kv_pos_p.reshape(n_k, block_k)
     kv_seg_blocks = kv_seg_p.reshape(n_k, block_k)
-    q_bounds = _block_bounds(q_pos_p, q_seg_p, block_q)
-    kv_bounds = _block_bounds(kv_pos_p, kv_seg_p, block_k)
+    q_bounds = block_bounds(q_pos_p, q_seg_p, block_q)
+    kv_bounds = block_bounds(kv_pos_p, kv_seg_p, block_k)
 
     def one_query_block(i):
         qb = q_blocks[i].astype(jnp.float32) * scale            # [Hkv, G*bq, D]
@@ -172,8 +90,8 @@ def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = Non
 
         def maybe_update(j, carry):
             kvb_bounds = BlockBounds(*(b[j] for b in kv_bounds))
-            visible = _may_overlap(qb_bounds, kvb_bounds, window)
-            full = _fully_visible(qb_bounds, kvb_bounds, window)
+            visible = may_overlap(qb_bounds, kvb_bounds, window)
+            full = fully_visible(qb_bounds, kvb_bounds, window)
             branch = jnp.where(visible, jnp.where(full, 2, 1), 0)
             return jax.lax.switch(branch, [
                 lambda _, c: c,

@@ -15,14 +15,17 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from cpjax.attention.reference import visibility_mask
+from cpjax.attention.masks import check_attend_inputs, visibility_mask
 from cpjax.errors import CpjaxError
 
 
 def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = None,
+           block_q: Optional[int] = None, block_k: Optional[int] = None,
            implementation: str = "cudnn"):
     """Same contract as ``cpjax.attention.reference.attend`` (``q [Tq, Hq, D]``,
-    ``k, v [Tk, Hkv, D]``; returns ``out [Tq, Hq, D]``, ``lse [Tq, Hq]`` float32)."""
+    ``k, v [Tk, Hkv, D]``; returns ``out [Tq, Hq, D]``, ``lse [Tq, Hq]`` float32); cuDNN picks
+    its own tiles, so ``block_q, block_k`` are ignored."""
+    check_attend_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     if implementation == "cudnn" and jax.default_backend() != "gpu":
         raise CpjaxError("attention implementation 'cudnn' needs an NVIDIA GPU (backend is "
                          f"{jax.default_backend()!r}); use 'auto', 'blockwise' or 'pallas'")

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from cpjax.attention import get_attend
 from cpjax.config import ModelConfig
+from cpjax.dispatch import get_attention
 from cpjax.engine import sampling as sampling_lib
 from cpjax.engine import steps
 from cpjax.engine import validation as check
@@ -87,7 +87,7 @@ class Engine:
                                          leaves_by_name(self.params).items()})
         self.placement.check_model(self.config)
         self.forward = self.placement.forward(self.config, self.dtype,
-                                              get_attend(self.attention))
+                                              get_attention(self.attention))
         self.params = self.placement.place_params(self.params, self.dtype)
         self._programs: dict = {}
         self._head = jax.jit(functools.partial(steps.head, Llama(self.config, None, self.dtype)))
@@ -129,7 +129,7 @@ class Engine:
     def prefill_slots(self, n_tokens: int) -> int:
         """Cache slots (over all ranks) a prefill of ``n_tokens`` occupies (its padded length)."""
         return self.placement.prefill_layout([n_tokens], [0], [0], [0] * self.placement.n_ranks,
-                                             self.bucket).source.size
+                                             self.bucket, self.forward.attention).source.size
 
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache with room for ``capacity`` tokens (sharded like the placement)."""
@@ -154,7 +154,8 @@ class Engine:
         positions = check.positions(np.arange(t) if positions is None else positions, t,
                                     self.config)
         segments = check.segments(np.zeros(t, np.int32) if segments is None else segments, t)
-        layout = self.placement.row_layout(positions, segments, self.bucket)
+        layout = self.placement.row_layout(positions, segments, self.bucket,
+                                           self.forward.attention)
         program = self._program("logits", self.strategy_for(t, 0))
         out = layout.unshard(fetch(program(self.params, *self._rows(layout, ids))))
         self._check_output("logits", out, ids, positions, segments)
@@ -181,7 +182,8 @@ class Engine:
     def _score_whole(self, ids: np.ndarray) -> np.ndarray:
         n = ids.size - 1
         layout = self.placement.row_layout(np.arange(n), np.zeros(n, np.int32),
-                                           max(self.bucket, steps.SCORE_CHUNK))
+                                           max(self.bucket, steps.SCORE_CHUNK),
+                                           self.forward.attention)
         program = self._program("score", self.strategy_for(n, 0))
         lp = program(self.params, *self._rows(layout, ids[:-1], ids[1:]))
         return layout.unshard(fetch(lp).astype(np.float32))
@@ -203,7 +205,8 @@ class Engine:
         check.continues_cache({s: self.next_position(cache, s) for s in segments}, segments,
                               starts)
         fills = self.rank_fill(cache)
-        layout = self.placement.prefill_layout(lengths, starts, segments, fills, self.bucket)
+        layout = self.placement.prefill_layout(lengths, starts, segments, fills, self.bucket,
+                                               self.forward.attention)
         self.placement.check_prefill_room(cache, fills, layout)
         strategy = self.strategy_for(sum(lengths), sum(fills))
         return layout, self._program(name, strategy, self.placement.cache_window(cache, fills))

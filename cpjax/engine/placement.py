@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from cpjax.config import ModelConfig
 from cpjax.engine import kv_cache
+from cpjax.dispatch import AttentionImpl
 from cpjax.engine.kv_cache import KVCache
 from cpjax.engine.steps import Forward
 from cpjax.errors import require
@@ -35,6 +36,7 @@ from cpjax.parallel.distributed import fetch, put
 from cpjax.parallel.heuristic import choose_strategy
 from cpjax.parallel.layout import Layout, balanced_layout, padded_layout, segment_runs
 from cpjax.parallel.mesh import CONTEXT, SINGLE_RANK, TENSOR, Ranks
+from cpjax.parallel.ring import chunk_rows_multiple
 from cpjax.parallel.sharding import spec, tree_specs
 
 WINDOW_ROWS = 256    # granularity of the cache window a context-parallel prefill attends
@@ -64,8 +66,8 @@ class SingleDevice:
     def check_model(self, config: ModelConfig) -> None:
         """Nothing to check: any model runs on one device."""
 
-    def forward(self, config: ModelConfig, dtype, attend: Callable) -> Forward:
-        return Forward(config, dtype, attend, SINGLE_RANK)
+    def forward(self, config: ModelConfig, dtype, attention: AttentionImpl) -> Forward:
+        return Forward(config, dtype, attention, SINGLE_RANK)
 
     def place_params(self, params, dtype):
         """The parameters in ``dtype`` on the default device."""
@@ -84,11 +86,12 @@ class SingleDevice:
     def rank_fills(self, cache: KVCache) -> list[int]:
         return [int(f) for f in np.asarray(cache.fill)]
 
-    def row_layout(self, positions, segments, rows: int) -> Layout:
+    def row_layout(self, positions, segments, rows: int, attention: AttentionImpl) -> Layout:
         """A packed row as it is, padded at the end to a multiple of ``rows``."""
         return padded_layout(positions, segments, rows)
 
-    def prefill_layout(self, lengths, starts, segments, fills, rows: int) -> Layout:
+    def prefill_layout(self, lengths, starts, segments, fills, rows: int,
+                       attention: AttentionImpl) -> Layout:
         positions = np.concatenate([s + np.arange(n) for n, s in zip(lengths, starts)])
         segs = np.concatenate([np.full(n, g) for n, g in zip(lengths, segments)])
         return padded_layout(positions, segs, rows)
@@ -161,8 +164,8 @@ class ContextParallel:
                     f"{config.name!r}; choose a tensor size that divides the number of heads "
                     f"and KV heads")
 
-    def forward(self, config: ModelConfig, dtype, attend: Callable) -> Forward:
-        return Forward(config, dtype, attend, Ranks(CONTEXT, self.n_ranks), TENSOR,
+    def forward(self, config: ModelConfig, dtype, attention: AttentionImpl) -> Forward:
+        return Forward(config, dtype, attention, Ranks(CONTEXT, self.n_ranks), TENSOR,
                        self.n_tensor)
 
     # ----------------------------------------------------------------- placing arrays
@@ -217,23 +220,23 @@ class ContextParallel:
         return [int(f) for f in fetch(cache.fill)]
 
     # ----------------------------------------------------------------- layouts and room
-    def _chunk_multiple(self, rows: int) -> int:
-        """Rows each of the 2N layout chunks is padded to a multiple of, so that the per-rank
-        row count is a multiple of ``rows`` (shape bucketing)."""
-        return max(1, round_up(rows, 2 * self.n_ranks) // (2 * self.n_ranks))
+    def _balanced(self, lengths, starts, segment_ids, rows: int,
+                  attention: AttentionImpl) -> Layout:
+        """Balanced layout whose chunks are padded so ``rows`` bucket the shapes and
+        ``attention``'s tiles never straddle two chunks (``ring.chunk_rows_multiple``)."""
+        pad = chunk_rows_multiple(attention, self.n_ranks, rows, max(lengths))
+        return balanced_layout(lengths, self.n_ranks, starts, segment_ids, pad_multiple=pad)
 
-    def row_layout(self, positions, segments, rows: int) -> Layout:
+    def row_layout(self, positions, segments, rows: int, attention: AttentionImpl) -> Layout:
         """The balanced layout of a packed row (each segment's positions consecutive)."""
-        lengths, starts, segment_ids = segment_runs(positions, segments)
-        return balanced_layout(lengths, self.n_ranks, starts, segment_ids,
-                               pad_multiple=self._chunk_multiple(rows))
+        return self._balanced(*segment_runs(positions, segments), rows, attention)
 
-    def prefill_layout(self, lengths, starts, segments, fills, rows: int) -> Layout:
+    def prefill_layout(self, lengths, starts, segments, fills, rows: int,
+                       attention: AttentionImpl) -> Layout:
         """Each new sequence balanced over the ranks on its own, the whole rotated so the
         fullest cache shard stays as small as it can (a short turn's tokens go to the ranks
         that hold the fewest)."""
-        layout = balanced_layout(lengths, self.n_ranks, starts, segments,
-                                 pad_multiple=self._chunk_multiple(rows))
+        layout = self._balanced(lengths, starts, segments, rows, attention)
         real = layout.real_per_rank()
         fills = np.asarray(fills)
         best = min(range(layout.n_ranks),

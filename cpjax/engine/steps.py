@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from cpjax.attention.masks import PAD_SEGMENT
 from cpjax.config import ModelConfig
+from cpjax.dispatch import AttentionImpl
 from cpjax.engine import kv_cache
 from cpjax.engine import sampling as sampling_lib
 from cpjax.engine.kv_cache import KVCache
@@ -37,7 +38,7 @@ class Forward:
 
     config: ModelConfig
     dtype: Any
-    attend: Callable
+    attention: AttentionImpl
     ranks: Ranks
     tensor_axis: Optional[str] = None
     tensor_size: int = 1
@@ -49,7 +50,7 @@ class Forward:
 
     def ring(self, strategy: str) -> Llama:
         """The model whose attention is the prefill ring ``strategy`` over the ranks."""
-        return self.model(ring_attention(strategy, self.attend, self.ranks.axis,
+        return self.model(ring_attention(strategy, self.attention, self.ranks.axis,
                                          self.ranks.size))
 
 
@@ -153,7 +154,7 @@ def replicated_decode(fwd: Forward, params, tokens, positions, segments, step, c
     local = _local(cache)
     batch, rank = tokens.shape[0], fwd.ranks.index()
     owners = decode_lib.decode_owners(fwd.ranks.all_gather(local.fill), step, batch)
-    model = fwd.model(decode_lib.replicated_decode_attention(fwd.attend, fwd.ranks,
+    model = fwd.model(decode_lib.replicated_decode_attention(fwd.attention.attend, fwd.ranks,
                                                              owners == rank))
     out = run(model, params, tokens, positions, segments, local.as_past())
     logits_ = head(model, params, out.hidden)

@@ -16,7 +16,6 @@ Only KV heads travel (GQA heads are never repeated). Partials are merged in floa
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 from typing import Callable
 
@@ -24,9 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from cpjax.attention.merge import merge, merge_stacked
-from cpjax.errors import CpjaxError
-
-STRATEGIES = ("pass_kv", "pass_q", "all_gather")
+from cpjax.dispatch import AttentionImpl
+from cpjax.names import STRATEGIES, check_choice
 
 
 def _ring_shift(tree, axis: str, n: int):
@@ -110,56 +108,64 @@ def all_gather(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts):
 _RINGS = {"pass_kv": pass_kv, "pass_q": pass_q, "all_gather": all_gather}
 
 
-def _check_strategy(strategy: str) -> None:
-    if strategy not in _RINGS:
-        raise CpjaxError(f"unknown context-parallel strategy {strategy!r}: choose one of "
-                         f"{', '.join(STRATEGIES)}")
-
-
-MIN_ALIGNED_BLOCK = 64
-
-
-def chunk_aligned(attend: Callable, local_rows: int) -> Callable:
-    """``attend`` with query/key blocks that tile one layout chunk (``local_rows / 2`` rows),
-    when it takes ``block_q``/``block_k``.
+def chunk_blocks(impl: AttentionImpl, local_rows: int) -> dict:
+    """The ``block_q``/``block_k`` keywords with which ``impl.attend`` cuts a rank's
+    ``local_rows`` into blocks that tile one layout chunk (``local_rows // 2`` rows); ``{}``
+    (its defaults) when the chunk is not a positive multiple of ``impl.tile`` or ``impl`` does
+    not work by blocks.
 
     A rank's rows are chunks ``r`` and ``2N-1-r`` (``cpjax.parallel.layout``); a block that
     straddles both spans positions from both ends of the sequence, so its causal bounds prove
-    nothing and it is computed in full. Blocks that tile the chunk let the kernel skip the
-    chunk pairs that are fully masked and drop the mask where they are fully visible, halving
-    the causal work of every ring step. Each block is the largest divisor of the chunk shared
-    with the kernel's default (``gcd``), or the chunk itself when that would be under 64 rows.
+    nothing and it is computed in full. Blocks that tile the chunk let the implementation skip
+    the chunk pairs that are fully masked, halving the causal work of every ring step. Each
+    block is the largest divisor of the chunk shared with the implementation's default
+    (``gcd``: a multiple of the tile). With several sequences packed in one row the chunks are
+    per sequence; the blocks then tile them only when the gcd also divides each.
     """
     chunk = local_rows // 2
-    if local_rows % 2 or chunk < MIN_ALIGNED_BLOCK:
-        return attend
-    try:
-        params = inspect.signature(attend).parameters
-    except (TypeError, ValueError):
-        return attend
-    if "block_q" not in params or "block_k" not in params:
-        return attend
-
-    def tile(default: int) -> int:
-        block = math.gcd(chunk, default)
-        return block if block >= MIN_ALIGNED_BLOCK else chunk
-    return functools.partial(attend, block_q=tile(params["block_q"].default),
-                             block_k=tile(params["block_k"].default))
+    if impl.block_q is None or local_rows % 2 or chunk == 0 or chunk % impl.tile:
+        return {}
+    return {"block_q": math.gcd(chunk, impl.block_q), "block_k": math.gcd(chunk, impl.block_k)}
 
 
-def ring_attention(strategy: str, attend: Callable, axis: str, n: int) -> Callable:
+def chunk_rows_multiple(impl: AttentionImpl, n_ranks: int, bucket: int, length: int) -> int:
+    """The multiple of rows each layout chunk is padded to (``balanced_layout(...,
+    pad_multiple=...)``) so that ``impl``'s blocks never straddle two chunks.
+
+    Args:
+      impl: the attention implementation of the ring.
+      n_ranks: context-parallel size N (``2N`` chunks per sequence).
+      bucket: shape bucketing of the whole sequence: each chunk is padded to a multiple of
+        ``bucket // 2N`` rows (at least 1), so lengths share compiled shapes.
+      length: tokens of the longest sequence laid out.
+
+    Rule: once a chunk holds at least one tile (``ceil(length / 2N) >= impl.tile``) it is padded
+    to a multiple of the tile as well (less than one tile of padding per chunk, which the causal
+    skip repays). A shorter chunk is not: a rank's row is then under two tiles, so straddling
+    costs at most one block pair per step, while padding to a tile would multiply every layer's
+    rows (not only attention) by up to ``tile / chunk``.
+    """
+    per_chunk = max(1, bucket // (2 * n_ranks))
+    if -(-length // (2 * n_ranks)) < impl.tile:
+        return per_chunk
+    return math.lcm(per_chunk, impl.tile)
+
+
+def ring_attention(strategy: str, impl: AttentionImpl, axis: str, n: int) -> Callable:
     """The model's attention plan (see ``cpjax.model.llama``) for a context-parallel forward.
 
-    ``past`` is this rank's shard of the KV cache. It takes part in the ring next to the rank's
-    new keys/values, as a separate part: pass-KV circulates both (the paper's message of
-    ``max_j P_j + T/N`` rows: here the local cache window plus the new rows), pass-Q keeps both
-    in place and circulates the new queries. Exact for any cache placement, because masks come
-    from the positions and segments that travel with the rows.
+    Each ring step calls ``impl.attend`` with blocks that tile one layout chunk
+    (:func:`chunk_blocks`; lay the rows out with :func:`chunk_rows_multiple`). ``past`` is this
+    rank's shard of the KV cache. It takes part in the ring next to the rank's new keys/values,
+    as a separate part: pass-KV circulates both (the paper's message of ``max_j P_j + T/N``
+    rows: here the local cache window plus the new rows), pass-Q keeps both in place and
+    circulates the new queries. Exact for any cache placement, because masks come from the
+    positions and segments that travel with the rows.
     """
-    _check_strategy(strategy)
+    check_choice("context-parallel strategy", strategy, STRATEGIES)
 
     def plan(q, k, v, positions, segments, past):
-        step_attend = chunk_aligned(attend, q.shape[0])
+        step_attend = functools.partial(impl.attend, **chunk_blocks(impl, q.shape[0]))
         parts = ((k, v, positions, segments),)
         if past is not None:
             parts += ((past[0].astype(k.dtype), past[1].astype(v.dtype), past[2], past[3]),)
