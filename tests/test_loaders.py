@@ -10,8 +10,8 @@ from cpjax.config import PRESETS
 from cpjax.errors import CpjaxError
 from cpjax.loaders import embedded_gguf_path, load_gguf, load_model, load_safetensors, \
     save_safetensors
-from cpjax.loaders.gguf import unpermute_rope_rows
 from cpjax.loaders.tokenizer import Tokenizer
+from cpjax.model.llama import unpermute_rope_rows
 
 CFG = PRESETS["tiny"]
 

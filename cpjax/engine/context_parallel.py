@@ -36,7 +36,7 @@ from cpjax.engine.kv_cache import KVCache
 from cpjax.engine.sampling import Sampling
 from cpjax.errors import CpjaxError, require
 from cpjax.hardware import get_hardware
-from cpjax.model.llama import KV_AXES, PARAM_AXES, Llama
+from cpjax.model.llama import KV_AXES, Llama, param_axes
 from cpjax.parallel.distributed import fetch, put
 from cpjax.parallel.layout import Layout, balanced_layout
 from cpjax.parallel.mesh import CONTEXT, TENSOR
@@ -168,7 +168,7 @@ class ContextParallelEngine(Engine):
     def _place_params(self, params):
         """The parameters in ``dtype``, sharded over the mesh by the rules table; never
         gathered on one device (a checkpoint restored onto the mesh stays where it is)."""
-        self.param_specs = tree_specs(PARAM_AXES, params)
+        self.param_specs = tree_specs(param_axes(self.config), params)
         return jax.tree.map(lambda x, s: put(x, NamedSharding(self.mesh, s), self.dtype),
                             params, self.param_specs)
 
@@ -183,8 +183,8 @@ class ContextParallelEngine(Engine):
                        donate_argnums=donate)
 
     def _model(self, attention) -> Llama:
-        return Llama(self.config, attention, self.dtype, tensor_axis=TENSOR,
-                     tensor_size=self.n_tensor)
+        return Llama(self.config, attention, self.dtype,
+                     mesh_axis_sizes=tuple(self.mesh.shape.items()))
 
     def _ring_model(self, strategy=None) -> Llama:
         return self._model(ring_attention(strategy or self.strategy, self.base_attend, CONTEXT,
