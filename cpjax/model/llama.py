@@ -167,7 +167,6 @@ def rms_norm(x, weight, eps: float):
     return (weight.astype(jnp.float32) * normed).astype(x.dtype)
 
 
-
 def check_layout(mesh_axis_sizes: MeshAxisSizes) -> None:
     """Raise a :class:`CpjaxError` unless the sharding RULES give a layout this forward can run
     inside a ``shard_map`` over ``mesh_axis_sizes``: :data:`WHOLE_AXES` unsplit, and query and
