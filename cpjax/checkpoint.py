@@ -56,7 +56,7 @@ from cpjax.config import ModelConfig, config_from_dict, config_to_dict
 from cpjax.errors import CpjaxError, require
 from cpjax.loaders.byte_tokenizer import ByteTokenizer
 from cpjax.loaders.tokenizer import Tokenizer
-from cpjax.model.llama import (PARAM_AXES, check_param_shapes, leaf_name, leaves_by_name,
+from cpjax.model.llama import (check_param_shapes, leaf_name, leaves_by_name, param_axes,
                                param_shapes)
 from cpjax.parallel.distributed import is_main_process
 from cpjax.parallel.sharding import tree_specs
@@ -216,20 +216,22 @@ def _check_divisible(name: str, shape: tuple, sharding) -> None:
                     f"of {n}")
 
 
-def mesh_shardings(mesh, abstract):
+def mesh_shardings(config: ModelConfig, mesh, abstract):
     """``NamedSharding``s on ``mesh`` for the leaves of ``abstract`` (``ShapeDtypeStruct``s),
-    from the model's logical axes (``PARAM_AXES``) and ``cpjax.parallel.sharding.RULES``."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s), tree_specs(PARAM_AXES, abstract))
+    from the model's logical axes (``param_axes(config)``) and
+    ``cpjax.parallel.sharding.RULES``."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s),
+                        tree_specs(param_axes(config), abstract))
 
 
-def _restore_targets(abstract, mesh, shardings):
+def _restore_targets(config: ModelConfig, abstract, mesh, shardings):
     """``abstract`` with a sharding on each leaf: ``shardings``, the mesh's, or the first
     local device; each checked to divide the dimensions it splits."""
     require(mesh is None or shardings is None,
             "load_checkpoint: pass mesh= or shardings=, not both")
     if shardings is None:
         first = SingleDeviceSharding(jax.local_devices()[0])
-        shardings = (mesh_shardings(mesh, abstract) if mesh is not None else
+        shardings = (mesh_shardings(config, mesh, abstract) if mesh is not None else
                      jax.tree.map(lambda _: first, abstract))
     require(jax.tree.structure(shardings) == jax.tree.structure(abstract),
             f"load_checkpoint: shardings= must have the structure of the params "
@@ -348,7 +350,7 @@ def load_checkpoint(path, mesh=None, shardings=None, expected_config: ModelConfi
                 f"checkpoint {path!r} is for another model config than the expected "
                 f"{expected_config.name!r}: {'; '.join(differences)}")
     abstract = abstract_params(config, meta["params"], f"checkpoint {path!r}: params")
-    targets = _restore_targets(abstract, mesh, shardings)
+    targets = _restore_targets(config, abstract, mesh, shardings)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(os.path.join(directory, PARAMS_DIR), targets)

@@ -1,8 +1,9 @@
 """Model configuration: one frozen dataclass and the published presets.
 
-A :class:`ModelConfig` fully determines the shapes of the parameter pytree (see
-``cpjax.model.llama.param_shapes``) and the numerics of the forward pass. Presets use the exact
-published shapes; ``tiny`` is a small random model for fast tests.
+A :class:`ModelConfig` fully determines the shapes of the parameter pytree (see the parameter
+table ``cpjax.model.llama.PARAMS``, which also gives the parameter count) and the numerics of
+the forward pass. Presets use the exact published shapes; ``tiny`` is a small random model for
+fast tests.
 """
 
 from __future__ import annotations
@@ -70,19 +71,6 @@ class ModelConfig:
                 f"ModelConfig: n_heads={self.n_heads} must be a multiple of "
                 f"n_kv_heads={self.n_kv_heads} (grouped-query attention)")
 
-    @property
-    def q_per_kv(self) -> int:
-        """Query heads that share one KV head."""
-        return self.n_heads // self.n_kv_heads
-
-    def param_count(self) -> int:
-        """Number of parameters (embedding counted once when tied)."""
-        d, f, l = self.dim, self.ffn_dim, self.n_layers
-        attn = d * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
-        per_layer = attn + 3 * d * f + 2 * d
-        head = 0 if self.tie_embeddings else d * self.vocab_size
-        return self.vocab_size * d + l * per_layer + d + head
-
 
 _LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                original_max_position_embeddings=8192)
@@ -110,10 +98,6 @@ PRESETS: dict[str, ModelConfig] = {
                                max_seq_len=131072, bos_id=128000,
                                eos_ids=(128001, 128008, 128009)),
 }
-
-#: Presets whose weights ship with cpjax's dependencies (the rest are shapes only).
-EMBEDDED_DEFAULT = "smollm2-135m"
-
 
 def get_preset(name: str) -> ModelConfig:
     """The preset called ``name``; a :class:`CpjaxError` listing the known names otherwise."""

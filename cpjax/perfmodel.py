@@ -29,6 +29,7 @@ import math
 from cpjax.config import ModelConfig
 from cpjax.errors import require
 from cpjax.hardware import Hardware
+from cpjax.model.llama import param_count
 from cpjax.parallel.comm import formula_bytes_per_layer
 from cpjax.parallel.heuristic import choose_strategy
 
@@ -124,7 +125,7 @@ def decode_time(config: ModelConfig, context_tokens: int, deployment: Deployment
     """Memory-bound time per decoded token: each GPU reads its weight share and KV share."""
     n, tp, e = deployment.cp, deployment.tp, deployment.bytes_per_element
     _, hkv = _heads_per_gpu(config, tp)
-    weights = config.param_count() * weight_bytes_per_param / tp
+    weights = param_count(config) * weight_bytes_per_param / tp
     kv = (2 * math.ceil(context_tokens / n) * hkv * config.head_dim * e * config.n_layers
           * batch)
     return {"tpot_s": (weights + kv) / hardware.memory_bandwidth,

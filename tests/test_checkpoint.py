@@ -24,7 +24,7 @@ from cpjax.engine import ContextParallel, Engine
 from cpjax.errors import CpjaxError
 from cpjax.loaders import load_model
 from cpjax.loaders.byte_tokenizer import ByteTokenizer
-from cpjax.model.llama import PARAM_AXES, param_shapes
+from cpjax.model.llama import param_axes, param_count, param_shapes
 from cpjax.parallel.mesh import make_mesh
 from cpjax.parallel.sharding import tree_specs
 
@@ -99,7 +99,7 @@ def test_restore_onto_a_mesh_reshards_and_scores_like_one_device(saved, single, 
                                                                  tensor):
     mesh = make_mesh(context, tensor)
     config, params, _ = load_checkpoint(saved, mesh=mesh)
-    specs = tree_specs(PARAM_AXES, params)
+    specs = tree_specs(param_axes(config), params)
     for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(specs)):
         assert x.sharding.is_equivalent_to(NamedSharding(mesh, s), x.ndim)
     wq = params["layers"]["wq"]                   # [L, D, Hq, Dh], heads split over tensor
@@ -273,7 +273,7 @@ def test_cli_convert_then_score_from_the_checkpoint(tmp_path, single):
     result = run_cli("convert", "--model", "tiny", "--out", str(tmp_path / "c"))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["params"] == CFG.param_count() and summary["bytes"] == 4 * CFG.param_count()
+    assert summary["params"] == param_count(CFG) and summary["bytes"] == 4 * param_count(CFG)
     assert summary["path"] == str(tmp_path / "c") and summary["seconds"] > 0
     np.save(tmp_path / "ids.npy", IDS)
     result = run_cli("score", "--model", str(tmp_path / "c"), "--ids-file",
@@ -286,7 +286,7 @@ def test_cli_convert_to_bfloat16(tmp_path):
     result = run_cli("convert", "--model", "tiny", "--out", str(tmp_path / "c"), "--dtype",
                      "bfloat16")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["bytes"] == 2 * CFG.param_count()
+    assert json.loads(result.stdout)["bytes"] == 2 * param_count(CFG)
     _, params, _ = load_checkpoint(tmp_path / "c")
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 

@@ -10,8 +10,8 @@ from cpjax.config import PRESETS
 from cpjax.errors import CpjaxError
 from cpjax.loaders import embedded_gguf_path, load_gguf, load_model, load_safetensors, \
     save_safetensors
-from cpjax.loaders.gguf import unpermute_rope_rows
 from cpjax.loaders.tokenizer import Tokenizer
+from cpjax.model.llama import unpermute_rope_rows
 
 CFG = PRESETS["tiny"]
 
@@ -117,6 +117,35 @@ def test_safetensors_round_trip_and_errors(tmp_path, tiny_params):
     (bert / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(CpjaxError, match="model_type 'bert'"):
         load_safetensors(bert)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_table_round_trips_through_safetensors_export_and_load(tmp_path, tied):
+    """Export writes exactly the table's HF names and ``[out, in]`` shapes; loading them back
+    gives the params bit for bit (tied models have no ``lm_head``)."""
+    import dataclasses
+
+    import jax
+    from safetensors.numpy import load_file
+
+    from cpjax.model import params as table
+    from cpjax.model.llama import PARAMS, init_params
+
+    config = dataclasses.replace(CFG, tie_embeddings=tied)
+    params = jax.tree.map(np.asarray, init_params(config, seed=1))
+    save_safetensors(tmp_path / "ckpt", config, params)
+    tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
+    assert sorted(tensors) == sorted(table.tensor_names(PARAMS, config, "hf"))
+    assert ("lm_head.weight" in tensors) == (not tied)
+    q = tensors["model.layers.1.self_attn.q_proj.weight"]
+    assert q.shape == (CFG.n_heads * CFG.head_dim, CFG.dim)
+    np.testing.assert_array_equal(q.T.reshape(CFG.dim, CFG.n_heads, CFG.head_dim),
+                                  params["layers"]["wq"][1])
+    loaded_config, loaded = load_safetensors(tmp_path / "ckpt")
+    assert loaded_config.tie_embeddings is tied
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
 
 
 def test_safetensors_bf16_checkpoint_loads(tmp_path, tiny_params):

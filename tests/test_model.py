@@ -6,10 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from cpjax.attention import blockwise, reference, with_past
 from cpjax.config import PRESETS, RopeScaling
-from cpjax.model.llama import Llama, apply_rope, init_params, param_shapes, rope_inv_freq
+from cpjax.errors import CpjaxError
+from cpjax.model.llama import (Llama, apply_rope, check_layout, init_params, param_count,
+                               param_shapes, rope_inv_freq)
+from cpjax.parallel import sharding
+from cpjax.parallel.mesh import make_mesh
 
 CFG = PRESETS["tiny"]
 
@@ -34,8 +39,63 @@ def test_param_shapes_follow_the_documented_layout(tiny_params):
     smol = param_shapes(PRESETS["smollm2-135m"])
     assert "lm_head" not in smol   # tied embeddings
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(smol))
-    assert n == PRESETS["smollm2-135m"].param_count()
+    assert n == param_count(PRESETS["smollm2-135m"])
     assert abs(n - 134.5e6) < 0.5e6
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_param_count_is_the_size_of_init_params_and_of_the_model(name):
+    """The table's count = the leaves of ``init_params`` = the parameters the Flax model declares
+    (abstractly: no allocation for the big presets)."""
+    config = PRESETS[name]
+    size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
+    from_init = jax.eval_shape(lambda: init_params(config, 0))
+    tokens = jnp.zeros((1,), jnp.int32)
+    declared = jax.eval_shape(Llama(config, with_past(reference.attend)).init,
+                              jax.random.key(0), tokens, tokens, tokens)["params"]
+    assert jax.tree.map(lambda x: x.shape, declared) == jax.tree.map(lambda x: x.shape,
+                                                                     param_shapes(config))
+    assert param_count(config) == size(from_init) == size(declared)
+
+
+def test_param_count_matches_the_published_counts():
+    assert param_count(PRESETS["llama3-8b"]) == 8_030_261_248
+    assert param_count(PRESETS["smollm2-135m"]) == 134_515_008
+
+
+def test_inside_a_mesh_the_model_declares_the_local_shards():
+    """With ``mesh_axis_sizes``, parameters are the shards that RULES imply (heads and FFN
+    split over ``tensor``; ``context`` splits no parameter)."""
+    mesh = make_mesh(4, 2)
+    model = Llama(CFG, with_past(reference.attend), mesh_axis_sizes=tuple(mesh.shape.items()))
+    tokens = jnp.zeros((1,), jnp.int32)
+    local_init = jax.shard_map(lambda: model.init(jax.random.key(0), tokens, tokens,
+                                                  tokens)["params"],
+                               mesh=mesh, in_specs=(), out_specs=P(), check_vma=False)
+    shapes = jax.eval_shape(local_init)     # out_specs=P(): the global shape is one shard's
+    l, d, dh, f = CFG.n_layers, CFG.dim, CFG.head_dim, CFG.ffn_dim
+    layers = jax.tree.map(lambda x: x.shape, shapes["layers"])
+    assert layers["wq"] == (l, d, CFG.n_heads // 2, dh)
+    assert layers["wk"] == layers["wv"] == (l, d, CFG.n_kv_heads // 2, dh)
+    assert layers["wo"] == (l, CFG.n_heads // 2, dh, d)
+    assert layers["w_up"] == layers["w_gate"] == (l, d, f // 2)
+    assert layers["w_down"] == (l, f // 2, d)
+    assert shapes["embed"].shape == (CFG.vocab_size, d)
+
+
+def test_a_layout_the_forward_cannot_run_is_a_clear_error(monkeypatch):
+    mesh = (("context", 2), ("tensor", 2))
+    check_layout(mesh)
+    monkeypatch.setitem(sharding.RULES, "embed", "tensor")
+    with pytest.raises(CpjaxError, match="logical axis 'embed' to mesh axis 'tensor' of size 2, "
+                                         "but the Llama forward keeps 'embed' whole"):
+        check_layout(mesh)
+    check_layout((("context", 2), ("tensor", 1)))    # a size-1 axis splits nothing
+    monkeypatch.setitem(sharding.RULES, "embed", None)
+    monkeypatch.setitem(sharding.RULES, "kv_heads", None)
+    with pytest.raises(CpjaxError, match="split 'q_heads' as \\('tensor', 2\\) but 'kv_heads' "
+                                         "as None"):
+        check_layout(mesh)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from cpjax.config import PRESETS
 from cpjax.engine import ContextParallel, Engine
@@ -9,6 +10,7 @@ from cpjax.errors import CpjaxError
 from cpjax.parallel.comm import formula_bytes_per_layer, hlo_collective_bytes
 from cpjax.parallel.layout import balanced_layout, causal_work_per_rank
 from cpjax.parallel.mesh import make_mesh
+from cpjax.parallel import sharding
 from cpjax.parallel.ring import STRATEGIES
 
 CFG = PRESETS["tiny"]
@@ -89,6 +91,29 @@ def test_packed_batch_of_three_unequal_sequences(engines, single, mesh, strategy
 def test_greedy_generation_after_cp_prefill_is_identical(engines, single, mesh, strategy):
     prompt = np.random.default_rng(3).integers(0, CFG.vocab_size, 45).astype(np.int32)
     assert engines(*mesh, strategy).generate(prompt, 12) == single.generate(prompt, 12)
+
+
+@pytest.mark.parametrize("changes", [{"ffn": None}, {"q_heads": None, "kv_heads": None}],
+                         ids=["ffn-replicated", "heads-replicated"])
+def test_editing_the_rules_alone_changes_the_layout_not_the_logits(monkeypatch, tiny_params,
+                                                                   single, changes):
+    """The model derives its shard shapes and psums from RULES: replicate the FFN (or the
+    heads) on a context 2 x tensor 2 mesh and the logits stay those of one device."""
+    for axis, mesh_axis in changes.items():
+        monkeypatch.setitem(sharding.RULES, axis, mesh_axis)
+    engine = ContextParallelEngine(CFG, tiny_params, mesh=make_mesh(2, 2), strategy="pass_kv")
+    replicated = "w_up" if "ffn" in changes else "wq"
+    assert all(axis is None for axis in engine.params["layers"][replicated].sharding.spec)
+    ids = np.random.default_rng(5).integers(0, CFG.vocab_size, 37).astype(np.int32)
+    _close(engine.logits(ids), single.logits(ids))
+
+
+def test_two_axes_of_one_array_on_one_mesh_axis_is_an_error(monkeypatch):
+    monkeypatch.setitem(sharding.RULES, "embed", "tensor")
+    with pytest.raises(CpjaxError, match="map logical axes 'embed' and 'q_heads' of one array "
+                                         ".* both to mesh axis 'tensor'"):
+        sharding.spec(("layers", "embed", "q_heads", "head_dim"))
+    assert sharding.spec(("embed",)) == P("tensor")
 
 
 # ----------------------------------------------------------------------------- structure

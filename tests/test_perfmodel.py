@@ -11,6 +11,7 @@ import pytest
 from cpjax.config import PRESETS
 from cpjax.hardware import PAPER_H100_EFFICIENCY
 from cpjax.hardware import PRESETS as HARDWARE
+from cpjax.model.llama import param_count
 from cpjax.perfmodel import (Deployment, decode_time, fit_efficiency, prefill_flops,
                              prefill_time, ring_bytes_per_layer)
 from tests.test_heuristic import TABLE_4
@@ -68,7 +69,7 @@ def test_full_prefill_ring_is_hidden_and_pass_q_pays_its_all_to_all():
 def test_decode_is_memory_bound_and_scales_with_the_cache():
     short = decode_time(LLAMA_405B, 8192, Deployment(cp=1, tp=8), RDMA)
     long = decode_time(LLAMA_405B, 131072, Deployment(cp=1, tp=8), RDMA)
-    assert short["weight_bytes_per_gpu"] == pytest.approx(LLAMA_405B.param_count() * 2 / 8)
+    assert short["weight_bytes_per_gpu"] == pytest.approx(param_count(LLAMA_405B) * 2 / 8)
     assert long["kv_bytes_per_gpu"] == 16 * short["kv_bytes_per_gpu"]
     split = decode_time(LLAMA_405B, 131072, Deployment(cp=4, tp=8), RDMA)
     assert split["kv_bytes_per_gpu"] == long["kv_bytes_per_gpu"] / 4

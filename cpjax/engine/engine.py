@@ -88,7 +88,7 @@ class Engine:
         self.placement.check_model(self.config)
         self.forward = self.placement.forward(self.config, self.dtype,
                                               get_attention(self.attention))
-        self.params = self.placement.place_params(self.params, self.dtype)
+        self.params = self.placement.place_params(self.params, self.config, self.dtype)
         self._programs: dict = {}
         self._head = jax.jit(functools.partial(steps.head, Llama(self.config, None, self.dtype)))
 
@@ -101,15 +101,15 @@ class Engine:
             if name == "decode":
                 body = functools.partial(steps.DECODE_BODIES[self.placement.decode_strategy],
                                          self.forward)
-                self._programs[key] = self.placement.compile(body, _DECODE_IN, _DECODE_OUT,
+                self._programs[key] = self.placement.compile(body, _DECODE_IN, _DECODE_OUT, self.config,
                                                              self.params, donate=("cache",))
             else:
                 body, n_rows, outs, donate = _ROW_STEPS[name]
                 bound = (functools.partial(body, self.forward, strategy, window)
                          if "cache" in outs else functools.partial(body, self.forward, strategy))
                 ins = ("params", *["rows"] * n_rows, *(("cache",) if "cache" in outs else ()))
-                self._programs[key] = self.placement.compile(bound, ins, outs, self.params,
-                                                             donate=donate)
+                self._programs[key] = self.placement.compile(bound, ins, outs, self.config,
+                                                             self.params, donate=donate)
         return self._programs[key]
 
     def _rows(self, layout, *values) -> list:

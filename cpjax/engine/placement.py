@@ -30,7 +30,7 @@ from cpjax.engine.kv_cache import KVCache
 from cpjax.engine.steps import Forward
 from cpjax.errors import require
 from cpjax.hardware import get_hardware
-from cpjax.model.llama import KV_AXES, PARAM_AXES
+from cpjax.model.llama import KV_AXES, param_axes
 from cpjax.names import DECODE_STRATEGIES, PREFILL_STRATEGIES, check_choice
 from cpjax.parallel.distributed import fetch, put
 from cpjax.parallel.heuristic import choose_strategy
@@ -69,15 +69,15 @@ class SingleDevice:
     def forward(self, config: ModelConfig, dtype, attention: AttentionImpl) -> Forward:
         return Forward(config, dtype, attention, SINGLE_RANK)
 
-    def place_params(self, params, dtype):
+    def place_params(self, params, config: ModelConfig, dtype):
         """The parameters in ``dtype`` on the default device."""
         return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
     def new_cache(self, config: ModelConfig, capacity: int, dtype) -> KVCache:
         return kv_cache.init_cache(config, capacity, dtype)
 
-    def compile(self, fn: Callable, in_kinds, out_kinds, params, donate=()) -> Callable:
-        del in_kinds, out_kinds, params
+    def compile(self, fn: Callable, in_kinds, out_kinds, config, params, donate=()) -> Callable:
+        del in_kinds, out_kinds, config, params
         return jax.jit(fn, donate_argnames=donate)
 
     def put(self, kind: str, *arrays) -> list:
@@ -165,23 +165,23 @@ class ContextParallel:
                     f"and KV heads")
 
     def forward(self, config: ModelConfig, dtype, attention: AttentionImpl) -> Forward:
-        return Forward(config, dtype, attention, Ranks(CONTEXT, self.n_ranks), TENSOR,
-                       self.n_tensor)
+        return Forward(config, dtype, attention, Ranks(CONTEXT, self.n_ranks),
+                       tuple(self.mesh.shape.items()))
 
     # ----------------------------------------------------------------- placing arrays
     def _sharding(self, partition: P) -> NamedSharding:
         return NamedSharding(self.mesh, partition)
 
-    def place_params(self, params, dtype):
+    def place_params(self, params, config: ModelConfig, dtype):
         """The parameters in ``dtype``, sharded by the rules table; never gathered on one
         device (a checkpoint restored onto the mesh stays where it is)."""
         return jax.tree.map(lambda x, s: put(x, self._sharding(s), dtype), params,
-                            tree_specs(PARAM_AXES, params))
+                            tree_specs(param_axes(config), params))
 
-    def _specs(self, kind: str, params):
+    def _specs(self, kind: str, params=None, config: Optional[ModelConfig] = None):
         row = P(CONTEXT)
         if kind == "params":
-            return tree_specs(PARAM_AXES, params)
+            return tree_specs(param_axes(config), params)
         if kind == "cache":
             kv = spec(KV_AXES)
             return KVCache(k=kv, v=kv, pos=row, seg=row, fill=row)
@@ -194,26 +194,27 @@ class ContextParallel:
         rank equally and decode places tokens round-robin, so no rank needs more.
         """
         per_rank = round_up(-(-capacity // self.n_ranks) + 1, 64)
-        shardings = jax.tree.map(self._sharding, self._specs("cache", None))
+        shardings = jax.tree.map(self._sharding, self._specs("cache"))
         make = functools.partial(kv_cache.init_cache, config, per_rank * self.n_ranks, dtype,
                                  self.n_ranks)
         return jax.jit(make, out_shardings=shardings)()
 
-    def compile(self, fn: Callable, in_kinds, out_kinds, params, donate=()) -> Callable:
+    def compile(self, fn: Callable, in_kinds, out_kinds, config: ModelConfig, params,
+                donate=()) -> Callable:
         """``jit(shard_map(fn))`` with each argument's specs from its kind.
 
         check_vma=False: user attention kernels (loops whose carries start as constants) need
         not annotate which mesh axes their values vary over.
         """
-        in_specs = tuple(self._specs(k, params) for k in in_kinds)
-        out_specs = tuple(self._specs(k, params) for k in out_kinds)
+        in_specs = tuple(self._specs(k, params, config) for k in in_kinds)
+        out_specs = tuple(self._specs(k, params, config) for k in out_kinds)
         mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs,
                                out_specs=out_specs[0] if len(out_specs) == 1 else out_specs,
                                check_vma=False)
         return jax.jit(mapped, donate_argnames=donate)
 
     def put(self, kind: str, *arrays) -> list:
-        sharding = self._sharding(self._specs(kind, None))
+        sharding = self._sharding(self._specs(kind))
         return [put(a, sharding) for a in arrays]
 
     def rank_fills(self, cache: KVCache) -> list[int]:

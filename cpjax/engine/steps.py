@@ -34,19 +34,18 @@ SCORE_CHUNK = 256  # tokens per chunk when turning hidden states into log-probab
 @dataclasses.dataclass(frozen=True)
 class Forward:
     """What a step needs to build the model: shapes, dtype, the attention implementation, the
-    ranks of the context axis and the model's tensor-parallel settings inside a rank."""
+    ranks of the context axis and the mesh it runs inside (whose axis sizes, with the sharding
+    rules, give each parameter's local shard and the tensor-parallel sums)."""
 
     config: ModelConfig
     dtype: Any
     attention: AttentionImpl
     ranks: Ranks
-    tensor_axis: Optional[str] = None
-    tensor_size: int = 1
+    mesh_axis_sizes: tuple = ()   # ((axis, size), ...) of the mesh the step runs inside
 
     def model(self, plan: Callable) -> Llama:
         """The model with attention ``plan`` (one rank's view of the parameters)."""
-        return Llama(self.config, plan, self.dtype, tensor_axis=self.tensor_axis,
-                     tensor_size=self.tensor_size)
+        return Llama(self.config, plan, self.dtype, mesh_axis_sizes=self.mesh_axis_sizes)
 
     def ring(self, strategy: str) -> Llama:
         """The model whose attention is the prefill ring ``strategy`` over the ranks."""

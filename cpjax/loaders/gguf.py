@@ -2,13 +2,15 @@
 
 Tensors are dequantized with the ``gguf`` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_x,
 K-quants, IQ-quants ...) into the natural row-major ``[out, in]`` layout (``GGUFReader`` lists
-shapes fastest-dimension first; the dequantized array is the reverse). They are then mapped onto
-HF tensor names and converted by :func:`cpjax.loaders.safetensors.params_from_hf`.
+shapes fastest-dimension first; the dequantized array is the reverse), which is HF's layout up to
+the row order of some tensors; names, shapes and conversion come from the model's parameter table
+(:data:`cpjax.model.llama.PARAMS`).
 
 llama.cpp's converter permutes the rows of the Q and K projections for its interleaved RoPE
-(pairs ``2i, 2i+1``); :func:`unpermute_rope_rows` restores HF's ``rotate_half`` order (pairs
-``i, i + Dh/2``) that cpjax uses. Llama-3.1-style frequency scaling, which llama.cpp stores as
-the per-frequency ``rope_freqs.weight`` tensor, is turned back into a :class:`RopeScaling`.
+(pairs ``2i, 2i+1``); the table's ``from_gguf`` (:func:`cpjax.model.llama.unpermute_rope_rows`)
+restores HF's ``rotate_half`` order (pairs ``i, i + Dh/2``) that cpjax uses. Llama-3.1-style
+frequency scaling, which llama.cpp stores as the per-frequency ``rope_freqs.weight`` tensor, is
+turned back into a :class:`RopeScaling`.
 """
 
 from __future__ import annotations
@@ -23,36 +25,12 @@ from tqdm.auto import tqdm
 from cpjax.config import ModelConfig, RopeScaling
 from cpjax.errors import CpjaxError, require
 from cpjax.loaders.gguf_reader import field, open_gguf
-from cpjax.loaders.safetensors import (LAYER_TENSORS, TOP_TENSORS, Params, check_tensor_names,
-                                       hf_tensor_names, params_from_hf, require_shape)
+from cpjax.loaders.safetensors import Params, check_tensor_names, require_shape
+from cpjax.model import params as table
+from cpjax.model.llama import PARAMS
 
-#: HF name -> llama.cpp name, for the top-level tensors and those inside ``model.layers.{i}``.
-_GGUF_TOP = dict(zip(TOP_TENSORS.values(), ("token_embd.weight", "output_norm.weight",
-                                             "output.weight")))
-_GGUF_LAYER = dict(zip(LAYER_TENSORS.values(), (
-    "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
-    "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")))
 ROPE_FREQS = "rope_freqs.weight"
-
-
-def gguf_tensor_name(hf_name: str) -> str:
-    """llama.cpp's name for an HF tensor name (``model.layers.3.mlp.up_proj.weight`` ->
-    ``blk.3.ffn_up.weight``)."""
-    if hf_name in _GGUF_TOP:
-        return _GGUF_TOP[hf_name]
-    _, _, layer, rest = hf_name.split(".", 3)
-    return f"blk.{layer}.{_GGUF_LAYER[rest]}"
-
-
-def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation of an ``[out, in]`` projection (``out = H * Dh``).
-
-    llama.cpp's converter applies ``w.reshape(H, 2, Dh/2, in).swapaxes(1, 2).reshape(out, in)``
-    (rotate_half pairs -> adjacent pairs); this is its inverse.
-    """
-    rows, cols = weight.shape
-    return (weight.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2)
-            .reshape(rows, cols))
+_BY_NAME = table.by_name(PARAMS)
 
 
 def llama3_rope_factors(scaling: RopeScaling, head_dim: int, theta: float) -> np.ndarray:
@@ -148,7 +126,7 @@ def _config(reader: gguf.GGUFReader, path: str) -> ModelConfig:
     require(arch == "llama", f"{where}: GGUF architecture is {arch!r}; cpjax supports 'llama' "
                              f"(Llama-architecture models)")
     tensors = {t.name: t for t in reader.tensors}
-    embed = _GGUF_TOP[TOP_TENSORS["embed"]]
+    embed = _BY_NAME["embed"].gguf
     require(embed in tensors, f"{where}: tensor {embed!r} is missing")
     n_heads = int(_required(reader, "llama.attention.head_count", where))
     dim = int(_required(reader, "llama.embedding_length", where))
@@ -171,7 +149,7 @@ def _config(reader: gguf.GGUFReader, path: str) -> ModelConfig:
             rope_theta=theta,
             rope_scaling=_rope_scaling(reader, tensors, head_dim, theta, where),
             max_seq_len=int(_required(reader, "llama.context_length", where)),
-            tie_embeddings=_GGUF_TOP[TOP_TENSORS["lm_head"]] not in tensors,
+            tie_embeddings=_BY_NAME["lm_head"].gguf not in tensors,
             bos_id=None if bos is None else int(bos),
             eos_ids=tuple(dict.fromkeys(int(t) for t in ends if t is not None)),
         )
@@ -179,15 +157,9 @@ def _config(reader: gguf.GGUFReader, path: str) -> ModelConfig:
         raise CpjaxError(f"{where}: {exc}") from None
 
 
-def read_gguf_config(path) -> ModelConfig:
-    """The ``ModelConfig`` of a Llama GGUF file (named after the file's stem), without
-    dequantizing its weights."""
-    return _config(open_gguf(path), os.fspath(path))
-
-
 def load_gguf(path, dtype=np.float32) -> tuple[ModelConfig, Params]:
-    """Read a Llama GGUF file: ``(ModelConfig, params)``, params as documented in
-    :mod:`cpjax.loaders.safetensors` (numpy arrays of ``dtype``), Q/K rows in HF order.
+    """Read a Llama GGUF file: ``(ModelConfig, params)``, params as the parameter table
+    describes them (numpy arrays of ``dtype``), Q/K rows in HF order.
 
     The model is tied iff the file has no ``output.weight``. A progress bar over the tensors is
     shown on a terminal.
@@ -197,19 +169,16 @@ def load_gguf(path, dtype=np.float32) -> tuple[ModelConfig, Params]:
     reader = open_gguf(path)
     config = _config(reader, path)
     tensors = {t.name: t for t in reader.tensors}
-    check_tensor_names(tensors, [gguf_tensor_name(n) for n in hf_tensor_names(config)],
-                       lambda name: name == ROPE_FREQS, where)
-    heads = {LAYER_TENSORS["wq"]: config.n_heads, LAYER_TENSORS["wk"]: config.n_kv_heads}
+    names = table.tensor_names(PARAMS, config, "gguf")
+    check_tensor_names(tensors, names, lambda name: name == ROPE_FREQS, where)
 
-    with tqdm(total=len(hf_tensor_names(config)), desc=f"dequantizing {config.name}",
-              unit="tensor", leave=False, disable=None) as bar:
-        def read(hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
-            name = gguf_tensor_name(hf_name)
+    with tqdm(total=len(names), desc=f"dequantizing {config.name}", unit="tensor", leave=False,
+              disable=None) as bar:
+        def read(param: table.Param, name: str, shape: tuple[int, ...]) -> np.ndarray:
             weight = _dequantize(tensors[name], where)
             require_shape(weight, shape, f"{where}: tensor {name!r}")
-            n_heads = heads.get(hf_name.split(".", 3)[-1])
             bar.update()
-            return weight if n_heads is None else unpermute_rope_rows(weight, n_heads)
+            return weight if param.from_gguf is None else param.from_gguf(weight, config)
 
-        params = params_from_hf(config, read, dtype)
+        params = table.params_from_checkpoint(PARAMS, config, read, "gguf", dtype)
     return config, params

@@ -1,17 +1,10 @@
 """HF-layout Llama checkpoints (``config.json`` + ``*.safetensors``) <-> cpjax's parameter pytree.
 
-The conversion between HF tensors (``[out_features, in_features]`` weights named
-``model.layers.{i}.self_attn.q_proj.weight`` ...) and cpjax's stacked pytree lives here and is
-shared with the GGUF loader, which first maps llama.cpp's tensors onto HF names and layout.
-
-cpjax's pytree (numpy arrays; L layers, D dim, Hq/Hkv heads, Dh head dim, F ffn dim, V vocab)::
-
-    {'embed': [V, D], 'final_norm': [D], 'lm_head': [D, V] (only when not tied),
-     'layers': {'attn_norm': [L, D], 'wq': [L, D, Hq, Dh], 'wk': [L, D, Hkv, Dh],
-                'wv': [L, D, Hkv, Dh], 'wo': [L, Hq, Dh, D], 'mlp_norm': [L, D],
-                'w_gate': [L, D, F], 'w_up': [L, D, F], 'w_down': [L, F, D]}}
-
-Every 2-D weight except the embedding is the HF weight transposed (``[in, out]``) and reshaped.
+The tensor names, HF shapes (``[out_features, in_features]`` weights) and the conversion to
+cpjax's stacked pytree all come from the model's parameter table
+(:data:`cpjax.model.llama.PARAMS`, machinery in :mod:`cpjax.model.params`); this module reads
+and writes the files and ``config.json``. The helpers :func:`check_tensor_names` and
+:func:`require_shape` are shared with the GGUF loader.
 """
 
 from __future__ import annotations
@@ -27,108 +20,14 @@ import numpy as np
 from cpjax.config import ModelConfig, RopeScaling
 from cpjax.errors import CpjaxError, require
 from cpjax.io import atomic_path, write_json
+from cpjax.model import params as table
+from cpjax.model.llama import PARAMS
 
 Params = dict[str, Any]
-#: ``read(hf_name, hf_shape)`` returns that HF tensor as a float array of exactly ``hf_shape``.
-TensorReader = Callable[[str, tuple[int, ...]], np.ndarray]
-
-#: cpjax layer key -> HF weight name inside ``model.layers.{i}``.
-LAYER_TENSORS = {
-    "attn_norm": "input_layernorm.weight",
-    "wq": "self_attn.q_proj.weight",
-    "wk": "self_attn.k_proj.weight",
-    "wv": "self_attn.v_proj.weight",
-    "wo": "self_attn.o_proj.weight",
-    "mlp_norm": "post_attention_layernorm.weight",
-    "w_gate": "mlp.gate_proj.weight",
-    "w_up": "mlp.up_proj.weight",
-    "w_down": "mlp.down_proj.weight",
-}
-#: cpjax top-level key -> HF tensor name.
-TOP_TENSORS = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
-               "lm_head": "lm_head.weight"}
 
 # safetensors dtype names -> numpy dtypes (bfloat16 from ml_dtypes, which jax depends on).
 _FLOAT_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
                  "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
-
-
-def tensor_shapes(config: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """cpjax key -> (HF shape ``[out, in]`` of one tensor, cpjax shape without the layer axis)."""
-    c = config
-    d, q, kv = c.dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-    return {
-        "embed": ((c.vocab_size, d), (c.vocab_size, d)),
-        "final_norm": ((d,), (d,)),
-        "lm_head": ((c.vocab_size, d), (d, c.vocab_size)),
-        "attn_norm": ((d,), (d,)),
-        "wq": ((q, d), (d, c.n_heads, c.head_dim)),
-        "wk": ((kv, d), (d, c.n_kv_heads, c.head_dim)),
-        "wv": ((kv, d), (d, c.n_kv_heads, c.head_dim)),
-        "wo": ((d, q), (c.n_heads, c.head_dim, d)),
-        "mlp_norm": ((d,), (d,)),
-        "w_gate": ((c.ffn_dim, d), (d, c.ffn_dim)),
-        "w_up": ((c.ffn_dim, d), (d, c.ffn_dim)),
-        "w_down": ((d, c.ffn_dim), (c.ffn_dim, d)),
-    }
-
-
-def hf_tensor_names(config: ModelConfig) -> list[str]:
-    """Every HF tensor name the checkpoint of ``config`` holds (no ``lm_head`` when tied)."""
-    top = [TOP_TENSORS[k] for k in ("embed", "final_norm", "lm_head")
-           if k != "lm_head" or not config.tie_embeddings]
-    return top + [f"model.layers.{i}.{name}" for i in range(config.n_layers)
-                  for name in LAYER_TENSORS.values()]
-
-
-def _to_cpjax(key: str, weight: np.ndarray, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """One HF tensor in cpjax layout: ``[out, in]`` -> ``[in, out]`` reshaped to ``shape``."""
-    if key != "embed" and weight.ndim == 2:
-        weight = weight.T
-    return weight.reshape(shape).astype(dtype, copy=False)
-
-
-def _to_hf(key: str, param: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
-    """The inverse of :func:`_to_cpjax`, as a contiguous float32 array of ``hf_shape``."""
-    param = np.asarray(param, np.float32)
-    if key != "embed" and len(hf_shape) == 2:
-        param = param.reshape(hf_shape[1], hf_shape[0]).T
-    return np.ascontiguousarray(param.reshape(hf_shape))
-
-
-def params_from_hf(config: ModelConfig, read: TensorReader, dtype=np.float32) -> Params:
-    """cpjax params from HF-named, HF-layout tensors given by ``read`` (layers stacked on axis 0).
-
-    Each stacked array is allocated once in ``dtype`` and filled layer by layer.
-    """
-    shapes = tensor_shapes(config)
-    params: Params = {}
-    for key in ("embed", "final_norm", "lm_head"):
-        if key != "lm_head" or not config.tie_embeddings:
-            hf_shape, shape = shapes[key]
-            params[key] = _to_cpjax(key, read(TOP_TENSORS[key], hf_shape), shape, dtype)
-    layers = {key: np.empty((config.n_layers, *shapes[key][1]), dtype) for key in LAYER_TENSORS}
-    for i in range(config.n_layers):
-        for key, name in LAYER_TENSORS.items():
-            hf_shape, shape = shapes[key]
-            layers[key][i] = _to_cpjax(key, read(f"model.layers.{i}.{name}", hf_shape), shape,
-                                       dtype)
-    params["layers"] = layers
-    return params
-
-
-def params_to_hf(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
-    """HF name -> float32 ``[out, in]`` tensor for every tensor of ``params`` (inverse of
-    :func:`params_from_hf`); ``params`` may hold numpy or jax arrays."""
-    shapes = tensor_shapes(config)
-    tensors = {TOP_TENSORS[key]: _to_hf(key, params[key], shapes[key][0])
-               for key in ("embed", "final_norm", "lm_head")
-               if key != "lm_head" or not config.tie_embeddings}
-    for key, name in LAYER_TENSORS.items():
-        stacked = params["layers"][key]
-        for i in range(config.n_layers):
-            tensors[f"model.layers.{i}.{name}"] = _to_hf(key, stacked[i], shapes[key][0])
-    return tensors
 
 
 def check_tensor_names(present: Iterable[str], expected: list[str],
@@ -299,27 +198,29 @@ def load_safetensors(directory, dtype=np.float32) -> tuple[ModelConfig, Params]:
     tensors = _read_checkpoint(directory)
     where = f"model directory {directory!r}"
     # Unused extras: RoPE buffers of old checkpoints, and the copy of a tied output head.
-    check_tensor_names(tensors, hf_tensor_names(config),
-                       lambda n: n.endswith("rotary_emb.inv_freq") or n == TOP_TENSORS["lm_head"],
-                       where)
+    lm_head = table.by_name(PARAMS)["lm_head"].hf
+    check_tensor_names(tensors, table.tensor_names(PARAMS, config, "hf"),
+                       lambda n: n.endswith("rotary_emb.inv_freq") or n == lm_head, where)
 
-    def read(hf_name: str, shape: tuple[int, ...]) -> np.ndarray:
-        require_shape(tensors[hf_name], shape, f"{where}: tensor {hf_name!r}")
-        return tensors[hf_name]
+    def read(_, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        require_shape(tensors[name], shape, f"{where}: tensor {name!r}")
+        return tensors[name]
 
-    return config, params_from_hf(config, read, dtype)
+    return config, table.params_from_checkpoint(PARAMS, config, read, "hf", dtype)
 
 
 def save_safetensors(directory, config: ModelConfig, params: Params) -> None:
     """Write ``config.json`` and ``model.safetensors`` (float32, HF layout) into ``directory``.
 
-    Each file is written to a temporary file in ``directory`` and renamed over the target.
+    Tensor names and layouts come from the parameter table (the inverse of
+    :func:`load_safetensors`). Each file is written to a temporary file in ``directory`` and
+    renamed over the target.
     """
     from safetensors.numpy import save_file
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    tensors = params_to_hf(config, params)
+    tensors = table.params_to_hf(PARAMS, config, params)
     with atomic_path(os.path.join(directory, "model.safetensors"), ".safetensors") as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     write_json(os.path.join(directory, "config.json"), config_to_hf(config))

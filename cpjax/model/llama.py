@@ -8,15 +8,18 @@ tokens' queries against their own keys/values and, if given, a ``past`` (one lay
 any ``attend`` (DESIGN.md); the context-parallel plans (rings, cross-rank decode) live in
 ``cpjax.parallel``. So the same model runs single-device, under a ring, or with a Pallas kernel.
 
-Parameters are a plain pytree (``{'params': ...}`` for ``apply``) with layers stacked on a
-leading axis (``nn.scan``)::
+Parameters are described once, in the table :data:`PARAMS` (shapes, logical axes, initialisers,
+HF and GGUF names and layouts); init, shapes, shardings, loaders, export and the parameter count
+all derive from it. They form a plain pytree (``{'params': ...}`` for ``apply``) with layers
+stacked on a leading axis (``nn.scan``)::
 
     embed [V, D]; final_norm [D]; lm_head [D, V] (untied models only)
     layers: attn_norm [L, D], wq [L, D, Hq, Dh], wk/wv [L, D, Hkv, Dh], wo [L, Hq, Dh, D],
             mlp_norm [L, D], w_gate/w_up [L, D, F], w_down [L, F, D]
 
-With ``tensor_axis`` set (inside ``shard_map``), head and FFN dimensions are the local shards
-(``Hq / tensor_size`` ...) and the two row-parallel projections are summed over that axis.
+Inside ``shard_map`` (``mesh_axis_sizes`` given), each parameter is the local shard that
+``cpjax.parallel.sharding.RULES`` implies, and every projection that contracts a split axis is
+``psum``-ed over its mesh axis: editing ``RULES`` alone changes the tensor-parallel layout.
 """
 
 from __future__ import annotations
@@ -27,31 +30,82 @@ from typing import Any, Callable, NamedTuple, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from cpjax.attention import reference, with_past
 from cpjax.config import ModelConfig, RopeScaling
 from cpjax.errors import require
+from cpjax.model import params as table
+from cpjax.model.params import Param, leaf_name, leaves_by_name
+from cpjax.parallel.sharding import MeshAxisSizes, local_shape, split_axes, sum_axes
+
+__all__ = ["Block", "KV_AXES", "Llama", "Output", "PARAMS", "PastKV", "apply_rope",
+           "check_layout", "check_param_shapes", "init_params", "leaf_name", "leaves_by_name",
+           "param_axes", "param_count", "param_shapes", "rms_norm", "rope_inv_freq",
+           "unpermute_rope_rows"]
 
 
-#: Logical axis names of every parameter (mapped to mesh axes by ``cpjax.parallel.sharding``).
-PARAM_AXES = {
-    "embed": ("vocab", "embed"),
-    "final_norm": ("embed",),
-    "lm_head": ("embed", "vocab"),
-    "layers": {
-        "attn_norm": ("layers", "embed"),
-        "wq": ("layers", "embed", "q_heads", "head_dim"),
-        "wk": ("layers", "embed", "kv_heads", "head_dim"),
-        "wv": ("layers", "embed", "kv_heads", "head_dim"),
-        "wo": ("layers", "q_heads", "head_dim", "embed"),
-        "mlp_norm": ("layers", "embed"),
-        "w_gate": ("layers", "embed", "ffn"),
-        "w_up": ("layers", "embed", "ffn"),
-        "w_down": ("layers", "ffn", "embed"),
-    },
-}
+def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row permutation of an ``[out, in]`` projection (``out = H * Dh``).
+
+    llama.cpp's converter applies ``w.reshape(H, 2, Dh/2, in).swapaxes(1, 2).reshape(out, in)``
+    (rotate_half pairs -> adjacent pairs); this is its inverse.
+    """
+    rows, cols = weight.shape
+    return (weight.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2)
+            .reshape(rows, cols))
+
+
+_normal = jax.nn.initializers.normal(stddev=0.02)
+_ones = jax.nn.initializers.ones
+_LAYER = "model.layers.{layer}."
+_BLK = "blk.{layer}."
+
+#: Every Llama parameter, once. Axes: V vocab, D embed, L layers, Hq q_heads, Hkv kv_heads,
+#: Dh head_dim, F ffn. HF weights are ``[out, in]`` (``hf_in_axes`` leading axes are "in").
+PARAMS: table.Table = (
+    Param("embed", lambda c: (c.vocab_size, c.dim), ("vocab", "embed"), _normal,
+          hf="model.embed_tokens.weight", gguf="token_embd.weight"),
+    Param("final_norm", lambda c: (c.dim,), ("embed",), _ones,
+          hf="model.norm.weight", gguf="output_norm.weight"),
+    Param("lm_head", lambda c: (c.dim, c.vocab_size), ("embed", "vocab"), _normal,
+          hf="lm_head.weight", gguf="output.weight", hf_in_axes=1,
+          present=lambda c: not c.tie_embeddings),
+    Param("layers/attn_norm", lambda c: (c.n_layers, c.dim), ("layers", "embed"), _ones,
+          hf=_LAYER + "input_layernorm.weight", gguf=_BLK + "attn_norm.weight"),
+    Param("layers/wq", lambda c: (c.n_layers, c.dim, c.n_heads, c.head_dim),
+          ("layers", "embed", "q_heads", "head_dim"), _normal,
+          hf=_LAYER + "self_attn.q_proj.weight", gguf=_BLK + "attn_q.weight", hf_in_axes=1,
+          from_gguf=lambda w, c: unpermute_rope_rows(w, c.n_heads)),
+    Param("layers/wk", lambda c: (c.n_layers, c.dim, c.n_kv_heads, c.head_dim),
+          ("layers", "embed", "kv_heads", "head_dim"), _normal,
+          hf=_LAYER + "self_attn.k_proj.weight", gguf=_BLK + "attn_k.weight", hf_in_axes=1,
+          from_gguf=lambda w, c: unpermute_rope_rows(w, c.n_kv_heads)),
+    Param("layers/wv", lambda c: (c.n_layers, c.dim, c.n_kv_heads, c.head_dim),
+          ("layers", "embed", "kv_heads", "head_dim"), _normal,
+          hf=_LAYER + "self_attn.v_proj.weight", gguf=_BLK + "attn_v.weight", hf_in_axes=1),
+    Param("layers/wo", lambda c: (c.n_layers, c.n_heads, c.head_dim, c.dim),
+          ("layers", "q_heads", "head_dim", "embed"), _normal,
+          hf=_LAYER + "self_attn.o_proj.weight", gguf=_BLK + "attn_output.weight",
+          hf_in_axes=2),
+    Param("layers/mlp_norm", lambda c: (c.n_layers, c.dim), ("layers", "embed"), _ones,
+          hf=_LAYER + "post_attention_layernorm.weight", gguf=_BLK + "ffn_norm.weight"),
+    Param("layers/w_gate", lambda c: (c.n_layers, c.dim, c.ffn_dim), ("layers", "embed", "ffn"),
+          _normal, hf=_LAYER + "mlp.gate_proj.weight", gguf=_BLK + "ffn_gate.weight",
+          hf_in_axes=1),
+    Param("layers/w_up", lambda c: (c.n_layers, c.dim, c.ffn_dim), ("layers", "embed", "ffn"),
+          _normal, hf=_LAYER + "mlp.up_proj.weight", gguf=_BLK + "ffn_up.weight",
+          hf_in_axes=1),
+    Param("layers/w_down", lambda c: (c.n_layers, c.ffn_dim, c.dim), ("layers", "ffn", "embed"),
+          _normal, hf=_LAYER + "mlp.down_proj.weight", gguf=_BLK + "ffn_down.weight",
+          hf_in_axes=1),
+)
+_BY_NAME = table.by_name(PARAMS)
+
 #: Logical axes of the per-layer keys/values a forward pass returns (``Output.k``/``Output.v``).
 KV_AXES = ("layers", "sequence", "kv_heads", "head_dim")
+#: Logical axes the forward keeps whole on every device: the layer scan, the residual stream,
+#: RoPE and attention within a head, the embedding lookup and the logits.
+WHOLE_AXES = ("layers", "embed", "head_dim", "vocab")
 
 
 class PastKV(NamedTuple):
@@ -113,17 +167,65 @@ def rms_norm(x, weight, eps: float):
     return (weight.astype(jnp.float32) * normed).astype(x.dtype)
 
 
-_init_weight = nn.initializers.normal(stddev=0.02)
+def check_layout(mesh_axis_sizes: MeshAxisSizes) -> None:
+    """Raise a :class:`CpjaxError` unless the sharding RULES give a layout this forward can run
+    inside a ``shard_map`` over ``mesh_axis_sizes``: :data:`WHOLE_AXES` unsplit, and query and
+    KV heads split alike (each device pairs its query heads with its own KV heads)."""
+    for axis in WHOLE_AXES:
+        split = split_axes((axis,), mesh_axis_sizes)[0]
+        require(split is None,
+                f"sharding RULES map logical axis {axis!r} to mesh axis {split and split[0]!r} "
+                f"of size {split and split[1]}, but the Llama forward keeps {axis!r} whole on "
+                f"every device: map it to None")
+    q, kv = (split_axes((axis,), mesh_axis_sizes)[0] for axis in ("q_heads", "kv_heads"))
+    require(q == kv,
+            f"sharding RULES split 'q_heads' as {q} but 'kv_heads' as {kv} (mesh axis, size) "
+            f"in mesh {dict(mesh_axis_sizes)}: grouped-query attention needs both split over "
+            f"the same mesh axis or neither")
+
+
+def contract(spec: str, x, w, w_axes: tuple, mesh_axis_sizes: MeshAxisSizes, **kwargs):
+    """``einsum(spec, x, w)``, ``psum``-ed over the mesh axes that split an axis of ``w`` which
+    ``spec`` contracts (``w_axes``: ``w``'s logical axes). Under tensor parallelism that is the
+    row-parallel projection's sum; outside ``shard_map`` it is the plain einsum."""
+    inputs, out = spec.split("->")
+    contracted = tuple(axis for letter, axis in zip(inputs.split(",")[1], w_axes)
+                       if letter not in out)
+    y = jnp.einsum(spec, x, w, **kwargs)
+    axes = sum_axes(contracted, mesh_axis_sizes)
+    return jax.lax.psum(y, axes) if axes else y
+
+
+def _local_param(module: nn.Module, name: str, dtype, mesh_axis_sizes: MeshAxisSizes):
+    """Declare table entry ``name`` on ``module`` with its local shard shape (one layer's slice
+    for a stacked entry, which ``nn.scan`` stacks); returns ``(array, its logical axes)``."""
+    p = _BY_NAME[name]
+    shape = local_shape(name, p.shape(module.config), p.axes, mesh_axis_sizes)
+    axes = p.axes
+    if p.stacked:
+        shape, axes = shape[1:], axes[1:]
+    return module.param(p.key, p.init, shape, dtype), axes
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block. Called by ``nn.scan`` over the stacked layers."""
+    """One pre-norm transformer block. Called by ``nn.scan`` over the stacked layers.
+
+    Attributes are those of :class:`Llama`.
+    """
 
     config: ModelConfig
     attention: Callable
     dtype: Any = jnp.float32
-    tensor_axis: Optional[str] = None
-    tensor_size: int = 1
+    mesh_axis_sizes: MeshAxisSizes = ()
+
+    def _project(self, spec: str, x, name: str):
+        """``x`` through this layer's weight ``layers/{name}`` by ``einsum(spec)``."""
+        w, axes = _local_param(self, f"layers/{name}", self.dtype, self.mesh_axis_sizes)
+        return contract(spec, x, w, axes, self.mesh_axis_sizes)
+
+    def _norm(self, x, name: str):
+        w, _ = _local_param(self, f"layers/{name}", self.dtype, self.mesh_axis_sizes)
+        return rms_norm(x, w, self.config.norm_eps)
 
     @nn.compact
     def __call__(self, x, context, past):
@@ -133,38 +235,25 @@ class Block(nn.Module):
         """
         cfg = self.config
         positions, segments, past_pos, past_seg = context
-        tp = self.tensor_size
-        hq, hkv, dh, f, d = cfg.n_heads // tp, cfg.n_kv_heads // tp, cfg.head_dim, \
-            cfg.ffn_dim // tp, cfg.dim
-        param = lambda name, init, shape: self.param(name, init, shape, self.dtype)  # noqa: E731
 
-        h = rms_norm(x, param("attn_norm", nn.initializers.ones, (d,)), cfg.norm_eps)
-        q = jnp.einsum("td,dhk->thk", h, param("wq", _init_weight, (d, hq, dh)))
-        k = jnp.einsum("td,dhk->thk", h, param("wk", _init_weight, (d, hkv, dh)))
-        v = jnp.einsum("td,dhk->thk", h, param("wv", _init_weight, (d, hkv, dh)))
-        inv_freq = rope_inv_freq(dh, cfg.rope_theta, cfg.rope_scaling)
+        h = self._norm(x, "attn_norm")
+        q = self._project("td,dhk->thk", h, "wq")
+        k = self._project("td,dhk->thk", h, "wk")
+        v = self._project("td,dhk->thk", h, "wv")
+        inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         q = apply_rope(q, positions, inv_freq).astype(self.dtype)
         k = apply_rope(k, positions, inv_freq).astype(self.dtype)
 
         layer_past = None if past is None else (past[0], past[1], past_pos, past_seg)
         out, _ = self.attention(q, k, v, positions, segments, layer_past)
-        attn = jnp.einsum("thk,hkd->td", out.astype(self.dtype),
-                          param("wo", _init_weight, (hq, dh, d)))
-        x = x + self._tensor_sum(attn)
+        x = x + self._project("thk,hkd->td", out.astype(self.dtype), "wo")
         self.sow("intermediates", "after_attention", x)   # kept only when asked (diagnostics)
 
-        h = rms_norm(x, param("mlp_norm", nn.initializers.ones, (d,)), cfg.norm_eps)
-        gate = h @ param("w_gate", _init_weight, (d, f))
-        up = h @ param("w_up", _init_weight, (d, f))
-        mlp = (jax.nn.silu(gate) * up) @ param("w_down", _init_weight, (f, d))
-        x = x + self._tensor_sum(mlp)
+        h = self._norm(x, "mlp_norm")
+        gate = self._project("td,df->tf", h, "w_gate")
+        up = self._project("td,df->tf", h, "w_up")
+        x = x + self._project("tf,fd->td", jax.nn.silu(gate) * up, "w_down")
         return x, (k, v)
-
-    def _tensor_sum(self, partial):
-        """Sum a row-parallel projection over the tensor axis (identity without one)."""
-        if self.tensor_axis is None:
-            return partial
-        return jax.lax.psum(partial, self.tensor_axis)
 
 
 class Llama(nn.Module):
@@ -175,25 +264,27 @@ class Llama(nn.Module):
       attention: the attention plan (see module docstring).
       dtype: parameter and activation dtype (float32 or bfloat16); norms, RoPE, softmax
         statistics and logits are float32.
-      tensor_axis, tensor_size: mesh axis and size for tensor parallelism (None, 1 = off).
+      mesh_axis_sizes: ``((mesh axis, size), ...)`` of the mesh the model runs inside
+        (``shard_map``): parameters are the local shards that ``sharding.RULES`` implies and
+        projections over split axes are summed across devices. ``()``: global arrays.
     """
 
     config: ModelConfig
     attention: Callable
     dtype: Any = jnp.float32
-    tensor_axis: Optional[str] = None
-    tensor_size: int = 1
+    mesh_axis_sizes: MeshAxisSizes = ()
 
     def setup(self):
-        cfg = self.config
-        self.embed = self.param("embed", _init_weight, (cfg.vocab_size, cfg.dim), self.dtype)
-        self.final_norm = self.param("final_norm", nn.initializers.ones, (cfg.dim,), self.dtype)
-        if not cfg.tie_embeddings:
-            self.lm_head = self.param("lm_head", _init_weight, (cfg.dim, cfg.vocab_size),
-                                      self.dtype)
+        check_layout(self.mesh_axis_sizes)
+        declare = lambda name: _local_param(self, name, self.dtype,  # noqa: E731
+                                            self.mesh_axis_sizes)[0]
+        self.embed = declare("embed")
+        self.final_norm = declare("final_norm")
+        if not self.config.tie_embeddings:
+            self.lm_head = declare("lm_head")
         scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, 0), out_axes=0, length=cfg.n_layers)
-        self.layers = scanned(cfg, self.attention, self.dtype, self.tensor_axis, self.tensor_size)
+                          in_axes=(nn.broadcast, 0), out_axes=0, length=self.config.n_layers)
+        self.layers = scanned(self.config, self.attention, self.dtype, self.mesh_axis_sizes)
 
     def __call__(self, tokens, positions, segments, past: Optional[PastKV] = None) -> Output:
         """Run the trunk.
@@ -218,44 +309,35 @@ class Llama(nn.Module):
     def logits(self, hidden):
         """``[..., D]`` hidden states to ``[..., V]`` float32 logits."""
         if self.config.tie_embeddings:   # contract with the [V, D] table as stored
-            return jnp.einsum("...d,vd->...v", hidden, self.embed,
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head,
-                          preferred_element_type=jnp.float32)
+            spec, w, name = "...d,vd->...v", self.embed, "embed"
+        else:
+            spec, w, name = "...d,dv->...v", self.lm_head, "lm_head"
+        return contract(spec, hidden, w, _BY_NAME[name].axes, self.mesh_axis_sizes,
+                        preferred_element_type=jnp.float32)
 
 
 def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32):
     """Random parameters (normal std 0.02, unit norms) as a plain pytree without ``'params'``."""
-    model = Llama(config, attention=with_past(reference.attend), dtype=dtype)
-    tokens = jnp.zeros((1,), jnp.int32)
-    variables = jax.jit(model.init)(jax.random.key(seed), tokens, tokens, tokens)
-    return variables["params"]
+    return jax.jit(lambda key: table.init_tree(PARAMS, config, key, dtype))(
+        jax.random.key(seed))
 
 
 def param_shapes(config: ModelConfig, dtype=jnp.float32):
     """The parameter pytree's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), no compute."""
-    return jax.eval_shape(lambda: init_params(config, 0, dtype))
+    return table.shape_tree(PARAMS, config, dtype)
 
 
-def leaf_name(path) -> str:
-    """``"layers/wq"`` for the pytree path of ``params["layers"]["wq"]``."""
-    return jax.tree_util.keystr(path, simple=True, separator="/")
+def param_axes(config: ModelConfig) -> dict:
+    """The parameter pytree's logical axes (``sharding.tree_specs(param_axes(c), params)``)."""
+    return table.axes_tree(PARAMS, config)
 
 
-def leaves_by_name(tree) -> dict:
-    """``{"layers/wq": leaf, ...}``: the leaves of a nested-dict pytree by name."""
-    return {leaf_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def param_count(config: ModelConfig) -> int:
+    """Number of parameters (the embedding counted once when tied)."""
+    return table.count(PARAMS, config)
 
 
 def check_param_shapes(config: ModelConfig, shapes: dict, what: str = "params") -> None:
     """Raise a :class:`CpjaxError` unless ``shapes`` (``{leaf name: shape}``) has exactly the
     leaves and shapes that ``config`` implies (:func:`param_shapes`), naming every mismatch."""
-    expected = {name: tuple(x.shape) for name, x in leaves_by_name(param_shapes(config)).items()}
-    got = {name: tuple(shape) for name, shape in shapes.items()}
-    problems = ([f"{n} is missing" for n in expected if n not in got]
-                + [f"{n} is not a parameter of this model" for n in got if n not in expected]
-                + [f"{n} has shape {got[n]}, the config needs {s}"
-                   for n, s in expected.items() if n in got and got[n] != s])
-    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3
-                                       else "")
-    require(not problems, f"{what} do not match model config {config.name!r}: {shown}")
+    table.check_shapes(PARAMS, config, shapes, what)
