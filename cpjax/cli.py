@@ -337,7 +337,7 @@ def _run_convert(args) -> None:
     import jax
     import numpy as np
 
-    from cpjax.checkpoint import save_checkpoint
+    from cpjax.loaders.checkpoint import save_checkpoint
     from cpjax.loaders import load_model
     start = time.perf_counter()
     config, params, tokenizer = load_model(args.model)

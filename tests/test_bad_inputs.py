@@ -96,20 +96,20 @@ def _truncated_gguf(c: Context) -> str:
 
 
 def _load_other_config_checkpoint(c: Context):
-    from cpjax.checkpoint import load_checkpoint, save_checkpoint
+    from cpjax.loaders.checkpoint import load_checkpoint, save_checkpoint
     save_checkpoint(c.path("ckpt"), c.config, c.params)
     return load_checkpoint(c.path("ckpt"), expected_config=dataclasses.replace(
         c.config, n_heads=8, rope_theta=5e5))
 
 
 def _load_incomplete_checkpoint(c: Context):
-    from cpjax.checkpoint import load_checkpoint
+    from cpjax.loaders.checkpoint import load_checkpoint
     os.makedirs(c.path("half/params"), exist_ok=True)
     return load_checkpoint(c.path("half"))
 
 
 def _cases():
-    from cpjax.checkpoint import load_checkpoint  # noqa: F401  (import errors surface here)
+    from cpjax.loaders.checkpoint import load_checkpoint  # noqa: F401  (import errors surface here)
     from cpjax.engine import Engine
     from cpjax.engine import ContextParallel, Engine
     from cpjax.engine.sampling import Sampling

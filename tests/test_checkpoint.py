@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from cpjax.checkpoint import (MARKER, PAUSE_ENV, backup_path, load_checkpoint, save_checkpoint,
+from cpjax.loaders.checkpoint import (MARKER, PAUSE_ENV, backup_path, load_checkpoint, save_checkpoint,
                               staging_path)
 from cpjax.config import PRESETS, ModelConfig, config_from_dict, config_to_dict
 from cpjax.engine import ContextParallel, Engine
@@ -188,7 +188,7 @@ def test_a_folder_that_is_not_a_checkpoint_is_never_replaced(tmp_path, tiny_para
 _SAVE_SCRIPT = textwrap.dedent("""
     import sys
     from tests.test_checkpoint import BIG, random_params
-    from cpjax.checkpoint import save_checkpoint
+    from cpjax.loaders.checkpoint import save_checkpoint
     save_checkpoint(sys.argv[1], BIG, random_params(BIG, 0))
 """)
 

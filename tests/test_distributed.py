@@ -86,7 +86,7 @@ def test_cli_score_from_a_checkpoint_on_context_4_x_tensor_2_across_processes(tm
                                                                             single):
     """The checkpoint is restored straight onto the global mesh (tensor inside a process,
     context across the two), through the launcher and the CLI."""
-    from cpjax.checkpoint import save_checkpoint
+    from cpjax.loaders.checkpoint import save_checkpoint
     from cpjax.config import PRESETS
     save_checkpoint(tmp_path / "ckpt", PRESETS["tiny"], tiny_params)
     ids = np.random.default_rng(2).integers(0, 256, 97).astype(np.int32)

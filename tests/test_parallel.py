@@ -101,7 +101,7 @@ def test_editing_the_rules_alone_changes_the_layout_not_the_logits(monkeypatch, 
     heads) on a context 2 x tensor 2 mesh and the logits stay those of one device."""
     for axis, mesh_axis in changes.items():
         monkeypatch.setitem(sharding.RULES, axis, mesh_axis)
-    engine = ContextParallelEngine(CFG, tiny_params, mesh=make_mesh(2, 2), strategy="pass_kv")
+    engine = Engine(CFG, tiny_params, ContextParallel(mesh=make_mesh(2, 2), strategy="pass_kv"))
     replicated = "w_up" if "ffn" in changes else "wq"
     assert all(axis is None for axis in engine.params["layers"][replicated].sharding.spec)
     ids = np.random.default_rng(5).integers(0, CFG.vocab_size, 37).astype(np.int32)

