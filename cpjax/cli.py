@@ -14,7 +14,8 @@ import os
 import sys
 import time
 
-from cpjax.names import ATTENTION_IMPLEMENTATIONS, DECODE_STRATEGIES, DTYPES, PREFILL_STRATEGIES
+from cpjax.names import (ATTENTION_IMPLEMENTATIONS, DECODE_STRATEGIES, DTYPES, HARDWARE_PRESETS,
+                         PREFILL_STRATEGIES)
 
 
 def _common_flags() -> argparse.ArgumentParser:
@@ -43,8 +44,8 @@ def _common_flags() -> argparse.ArgumentParser:
                    help="check every output for NaN/Inf and name the first layer where it "
                         "appears (slower: keeps a host copy of the cache for a replay)")
     p.add_argument("--hardware", default=None,
-                   help="figures for --strategy auto: h100-nvlink | h100-rdma | h100-tcp | cpu "
-                        "(measured); default cpu, or h100-nvlink on GPU")
+                   help=f"figures for --strategy auto: {' | '.join(HARDWARE_PRESETS)} (cpu: "
+                        f"measured here); default cpu, or h100-nvlink on GPU")
     return p
 
 
@@ -95,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--cp-nodes", type=int, default=1, help="context-parallel nodes N")
     perf.add_argument("--tp", type=int, default=8, help="tensor-parallel GPUs per node")
     perf.add_argument("--hardware", default="h100-rdma",
-                      help="h100-rdma | h100-tcp | h100-nvlink")
+                      help=" | ".join(h for h in HARDWARE_PRESETS if h != "cpu"))
     perf.add_argument("--strategy", default="auto", choices=PREFILL_STRATEGIES)
 
     chat = sub.add_parser("chat", parents=[common],

@@ -13,7 +13,8 @@ import dataclasses
 import functools
 import time
 
-from cpjax.errors import CpjaxError, require
+from cpjax.errors import require
+from cpjax.names import HARDWARE_PRESETS, check_choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,12 +65,8 @@ PRESETS = {
 
 def get_hardware(name: str) -> Hardware:
     """A preset by name, or ``"cpu"`` for a measurement of this machine's fake devices."""
-    if name == "cpu":
-        return calibrate_cpu()
-    if name not in PRESETS:
-        raise CpjaxError(f"unknown hardware {name!r}: choose one of "
-                         f"{', '.join([*PRESETS, 'cpu'])}")
-    return PRESETS[name]
+    check_choice("hardware", name, HARDWARE_PRESETS)
+    return calibrate_cpu() if name == "cpu" else PRESETS[name]
 
 
 def _best_time(fn, *args, repeats: int = 3) -> float:

@@ -29,11 +29,11 @@ import math
 from cpjax.config import ModelConfig
 from cpjax.errors import require
 from cpjax.hardware import Hardware
+from cpjax.names import STRATEGIES, check_choice
 from cpjax.model.llama import param_count
 from cpjax.parallel.comm import formula_bytes_per_layer
 from cpjax.parallel.heuristic import choose_strategy
 
-RING_STRATEGIES = ("pass_kv", "pass_q", "all_gather")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +87,7 @@ def prefill_time(config: ModelConfig, new_tokens: int, deployment: Deployment,
     if strategy == "auto":
         strategy = choose_strategy(new_tokens, cached_tokens, config, n, hardware,
                                    bytes_per_element=e)
-    require(strategy in RING_STRATEGIES, f"strategy={strategy!r}: choose one of "
-            f"{', '.join(RING_STRATEGIES)}, auto")
+    check_choice("context-parallel strategy", strategy, STRATEGIES)
     gpus = n * tp
     achieved = hardware.efficiency * hardware.peak_flops
     flops = prefill_flops(config, new_tokens, cached_tokens)

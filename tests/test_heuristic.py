@@ -89,3 +89,10 @@ def test_cpu_calibration_measures_positive_figures():
     hw = calibrate_cpu(matmul_size=128, message_floats=1 << 14)
     assert hw.name == "cpu" and hw.peak_flops > 1e7 and hw.link_bandwidth > 1e6
     assert dataclasses.replace(hw, name="x").peak_flops == hw.peak_flops
+
+
+def test_hardware_preset_names_are_the_ones_in_cpjax_names():
+    from cpjax.names import HARDWARE_PRESETS
+    assert sorted(HARDWARE_PRESETS) == sorted([*HARDWARE, "cpu"])
+    with pytest.raises(CpjaxError, match="unknown hardware 'a100': choose one of h100-nvlink"):
+        get_hardware("a100")
