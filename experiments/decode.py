@@ -86,7 +86,7 @@ def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
 
     from cpjax.engine import Engine
     from cpjax.engine.context_parallel import ContextParallelEngine
-    from cpjax.io import write_json
+    from experiments.provenance import write_results
     from cpjax.loaders import load_model
     from cpjax.parallel.mesh import make_mesh
     from experiments.devices import check_devices
@@ -124,6 +124,6 @@ def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
     results = {"experiment": "decode", "model": config.name, "dtype": dtype, "batch": batch,
                "steps": steps, **devices, "jax": jax.__version__,
                "rows": rows, "out": out, "figure": figure}
-    write_json(out, results)
+    results = write_results(out, results)
     plot(results, figure)
     return results

@@ -66,7 +66,7 @@ def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 1024, 6144)
 
     from cpjax.engine.context_parallel import ContextParallelEngine
     from cpjax.hardware import get_hardware
-    from cpjax.io import write_json
+    from experiments.provenance import write_results
     from cpjax.loaders import load_model
     from cpjax.parallel.heuristic import explain_strategy
     from cpjax.parallel.mesh import make_mesh
@@ -115,6 +115,6 @@ def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 1024, 6144)
                "context": context, **devices, "jax": jax.__version__,
                "hardware": figures.__dict__, "repeats": repeats, "agreement": agreement,
                "rows": rows, "out": out, "figure": figure}
-    write_json(out, results)
+    results = write_results(out, results)
     plot(results, figure)
     return results
