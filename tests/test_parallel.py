@@ -162,6 +162,53 @@ def test_hlo_collectives_and_bytes_match_the_formula(engines, strategy):
         assert sent["all-gather"] > 0 and sent["collective-permute"] == 0
 
 
+# A pass-KV step, a pass-Q all-to-all and an all-gather of positions, N = 4, as XLA prints
+# them on CPU (synchronous) and on GPU (asynchronous -start/-done pairs whose -start returns a
+# tuple of operand, result and contexts; a combined all-gather; an all-to-all wrapped in
+# async-start). Payloads: permute 2 x 512 B (K and V), all-to-all 3/4 of 1024 B, all-gather
+# 3/4 of 4 x 128 B + 3/4 of 4 x 16 B.
+_CPU_HLO = """
+body {
+  %k = bf16[16,2,8]{2,1,0} get-tuple-element(%p), index=0
+  %cp.1 = bf16[16,2,8]{2,1,0} collective-permute(%k), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %cp.2 = bf16[16,2,8]{2,1,0} collective-permute(%v), channel_id=2, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+}
+ENTRY main {
+  %a2a = f32[4,64]{1,0} all-to-all(f32[4,64]{1,0} %o), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}
+  %ag = (f32[32]{0}, s32[16]{0}) all-gather(f32[8]{0} %x, s32[4]{0} %s), channel_id=4, replica_groups={{0,1,2,3}}, dimensions={0}
+}
+"""
+_GPU_HLO = """
+%all-to-all.wrapped (param: f32[4,64]) -> f32[4,64] {
+  %param = f32[4,64]{1,0} parameter(0)
+  ROOT %a2a = f32[4,64]{1,0} all-to-all(%param), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}
+}
+body {
+  %k = bf16[16,2,8]{2,1,0} get-tuple-element(%p), index=0
+  %collective-permute-start.1 = (bf16[16,2,8]{2,1,0}, bf16[16,2,8]{2,1,0}, u32[], u32[]) collective-permute-start(%k), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %collective-permute-start.2 = (bf16[16,2,8]{2,1,0}, bf16[16,2,8]{2,1,0}, u32[], u32[]) collective-permute-start(%v), channel_id=2, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
+  %collective-permute-done.1 = bf16[16,2,8]{2,1,0} collective-permute-done(%collective-permute-start.1)
+  %collective-permute-done.2 = bf16[16,2,8]{2,1,0} collective-permute-done(%collective-permute-start.2)
+}
+ENTRY main {
+  %async-start = ((f32[4,64]{1,0}), f32[4,64]{1,0}, s32[]) async-start(%o), calls=%all-to-all.wrapped
+  %async-done = f32[4,64]{1,0} async-done(%async-start)
+  %all-gather-start = ((f32[8]{0}, s32[4]{0}), (f32[32]{0}, s32[16]{0})) all-gather-start(%x, %s), channel_id=4, replica_groups={{0,1,2,3}}, dimensions={0}
+  %all-gather-done = (f32[32]{0}, s32[16]{0}) all-gather-done(%all-gather-start)
+  %all-to-all-start = ((f32[4,64]{1,0}), f32[4,64]{1,0}) all-to-all-start(f32[4,64]{1,0} %o2), channel_id=5, replica_groups={{0,1,2,3}}, dimensions={0}
+  %all-to-all-done = f32[4,64]{1,0} all-to-all-done(%all-to-all-start)
+}
+"""
+
+
+def test_hlo_bytes_count_each_asynchronous_collective_once():
+    want = {"collective-permute": 2 * 16 * 2 * 8 * 2, "all-to-all": 3 * 4 * 64 * 4 // 4,
+            "all-gather": 3 * 32 * 4 // 4 + 3 * 16 * 4 // 4}
+    assert hlo_collective_bytes(_CPU_HLO, 4) == want
+    # the GPU text holds one more all-to-all (all-to-all-start), besides the wrapped one
+    assert hlo_collective_bytes(_GPU_HLO, 4) == {**want, "all-to-all": 2 * want["all-to-all"]}
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_bad_parallel_configurations_are_clear_errors(tiny_params):
     with pytest.raises(CpjaxError, match="context=3 x tensor=1 = 3 devices does not divide"):
