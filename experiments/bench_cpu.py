@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from cpjax.engine import Engine
-from cpjax.io import save_figure, write_json
+from cpjax.io import save_figure
 from cpjax.loaders.embedded import embedded_gguf_path
 from cpjax.loaders.source import load_model
+from experiments.provenance import write_results
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -142,7 +143,7 @@ def main(argv=None) -> dict:
             "prefill_tok_s"][n] for n in results["cpjax"]["prefill_tok_s"]},
         "decode": results["cpjax"]["decode_tok_s"] / results["hf_transformers"]["decode_tok_s"],
     }
-    write_json(args.out, results)
+    results = write_results(args.out, results)
     plot(results, args.figure)
     print(results["ratios"])
     return results

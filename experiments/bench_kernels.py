@@ -85,11 +85,11 @@ class Recorder:
         self.write()
 
     def write(self, complete: bool = False) -> None:
-        from cpjax.io import write_json
+        from experiments.provenance import write_results
         add_cudnn_ratios(self.rows)
         self.results["elapsed_s"] = round(time.perf_counter() - self.start, 1)
         self.results["complete"] = complete
-        write_json(self.path, self.results)
+        write_results(self.path, self.results)
 
 
 def add_cudnn_ratios(rows) -> None:

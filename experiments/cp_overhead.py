@@ -5,22 +5,31 @@ run; the ratio ``time(context=N) / time(context=1)`` measures what the ring, the
 smaller per-device matmuls cost. Also records the bytes each rank sends per layer (formula of
 ``cpjax.parallel.comm``, checked against the compiled HLO in the tests).
 
+Every point is timed ``repeats >= 3`` times; rows record the min, median and max seconds, and
+ratios use medians.
+
 Run: ``python -m experiments.run experiments/configs/cp_overhead.gin
 [--gin "run_cp_overhead.lengths = [2048]"]``. Writes ``experiments/results/cp_overhead.json``
 and ``experiments/figures/cp_overhead.png``. On GPUs: ``cp_overhead_gpu.gin`` (it binds
-``platform = 'gpu'``).
+``platform = 'gpu'``). ``python -m experiments.cp_overhead --table [--results PATH]`` prints
+the README table (every length and strategy) from a results JSON.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import statistics
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+MIN_REPEATS = 3
+RING_NAMES = {"pass_kv": "pass-KV", "pass_q": "pass-Q", "all_gather": "all-gather"}
 
 
-def _time_prefill(engine, ids, repeats: int) -> float:
+def _time_prefill(engine, ids, repeats: int) -> list[float]:
+    """Seconds of each of ``repeats`` prefills of ``ids`` (after one compiling run)."""
     import jax
 
     def once():
@@ -33,7 +42,40 @@ def _time_prefill(engine, ids, repeats: int) -> float:
         start = time.perf_counter()
         once()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def _tokens_label(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def table(results: dict) -> str:
+    """Markdown table of ``results``: one line per (length, ring), one column per N.
+
+    The N=1 column is the single-device median in seconds; a cell at N > 1 is the median ratio
+    to it, followed by the (min-max) range of the N > 1 times over that median.
+    """
+    rows = results["rows"]
+    contexts = sorted({r["context"] for r in rows if r["context"] > 1})
+    base = {r["tokens"]: r["seconds_median"] for r in rows if r["context"] == 1}
+    cell = {(r["tokens"], r["strategy"], r["context"]): r for r in rows}
+    lines = ["| tokens | ring | N=1 (s) | " + " | ".join(f"N={c}" for c in contexts) + " |",
+             "|---|---|---|" + "---|" * len(contexts)]
+    strategies = [s for s in RING_NAMES if any(key[1] == s for key in cell)]
+    for tokens in sorted(base):
+        for strategy in strategies:
+            ratios = [_ratio_cell(cell.get((tokens, strategy, c)), base[tokens]) for c in contexts]
+            lines.append(f"| {_tokens_label(tokens)} | {RING_NAMES[strategy]} | "
+                         f"{base[tokens]:.2f} | " + " | ".join(ratios) + " |")
+    return "\n".join(lines)
+
+
+def _ratio_cell(row, base_seconds: float) -> str:
+    """``median ratio (min-max)`` of one row over the single-device median; empty if absent."""
+    if row is None:
+        return ""
+    return (f"{row['ratio_to_context_1']:.2f} ({row['seconds_min'] / base_seconds:.2f}-"
+            f"{row['seconds_max'] / base_seconds:.2f})")
 
 
 def plot(results: dict, path: str) -> None:
@@ -66,28 +108,31 @@ def plot(results: dict, path: str) -> None:
 
 
 def run_cp_overhead(lengths=(2048, 4096, 8192), contexts=(1, 2, 4, 8),
-                    strategies=("pass_kv", "pass_q", "all_gather"), repeats=2,
+                    strategies=("pass_kv", "pass_q", "all_gather"), repeats=MIN_REPEATS,
                     model="smollm2-135m", dtype="float32", platform="cpu",
                     out=os.path.join(HERE, "results", "cp_overhead.json"),
                     figure=os.path.join(HERE, "figures", "cp_overhead.png")) -> dict:
     """Time prefill for every (length, context, strategy) on ``platform`` ("cpu" or "gpu",
-    see ``experiments.devices``); write JSON and a plot."""
+    see ``experiments.devices``) ``repeats`` times; write JSON and a plot."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from tqdm.auto import tqdm
 
-    from cpjax.engine import Engine
     from cpjax.engine import ContextParallel, Engine
-    from cpjax.io import write_json
+    from cpjax.names import DTYPES, check_choice
+    from cpjax.errors import require
+    from experiments.provenance import write_results
     from cpjax.loaders import load_model
     from cpjax.parallel.comm import formula_bytes_per_layer
     from cpjax.parallel.mesh import make_mesh
     from experiments.devices import check_devices
 
+    require(repeats >= MIN_REPEATS,
+            f"repeats={repeats}: time each point at least {MIN_REPEATS} times (min/median/max)")
     devices = check_devices(platform, contexts)
     config, params, _ = load_model(model)
-    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    jdtype = jnp.dtype(check_choice("dtype", dtype, DTYPES))
     elem = jnp.dtype(jdtype).itemsize
     rng = np.random.default_rng(0)
     jobs = [(c, s) for c in contexts for s in (strategies if c > 1 else ("single",))]
@@ -101,13 +146,15 @@ def run_cp_overhead(lengths=(2048, 4096, 8192), contexts=(1, 2, 4, 8),
             engine = (Engine(config, params, dtype=jdtype) if context == 1 else
                       Engine(config, params, ContextParallel(mesh=make_mesh(context), strategy=strategy), dtype=jdtype))
             for n, ids in prompts.items():
-                seconds = _time_prefill(engine, ids, repeats)
+                times = _time_prefill(engine, ids, repeats)
+                seconds = statistics.median(times)
                 if context == 1:
                     baseline[n] = seconds
                 local = engine.prefill_slots(n) // context
                 rows.append({
                     "tokens": n, "context": context, "strategy": strategy,
-                    "seconds": seconds, "tokens_per_s": n / seconds,
+                    "seconds_min": min(times), "seconds_median": seconds,
+                    "seconds_max": max(times), "tokens_per_s": n / seconds,
                     "ratio_to_context_1": seconds / baseline[n],
                     "bytes_sent_per_rank_per_layer": 0 if context == 1 else
                     formula_bytes_per_layer(strategy, context, local, local, config.n_heads,
@@ -119,6 +166,22 @@ def run_cp_overhead(lengths=(2048, 4096, 8192), contexts=(1, 2, 4, 8),
     results = {"experiment": "cp_overhead", "model": config.name, "dtype": dtype,
                **devices, "jax": jax.__version__, "repeats": repeats, "rows": rows, "out": out,
                "figure": figure}
-    write_json(out, results)
+    results = write_results(out, results)
     plot(results, figure)
     return results
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Render the cp_overhead README table.")
+    parser.add_argument("--table", action="store_true", help="print the markdown table")
+    parser.add_argument("--results", default=os.path.join(HERE, "results", "cp_overhead.json"))
+    args = parser.parse_args(argv)
+    if not args.table:
+        parser.error("nothing to do: measure with `python -m experiments.run "
+                     "experiments/configs/cp_overhead.gin`, render with --table")
+    with open(args.results, encoding="utf-8") as f:
+        print(table(json.load(f)))
+
+
+if __name__ == "__main__":
+    main()

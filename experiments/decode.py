@@ -84,16 +84,16 @@ def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
     import numpy as np
     from tqdm.auto import tqdm
 
-    from cpjax.engine import Engine
     from cpjax.engine import ContextParallel, Engine
-    from cpjax.io import write_json
+    from cpjax.names import DTYPES, check_choice
+    from experiments.provenance import write_results
     from cpjax.loaders import load_model
     from cpjax.parallel.mesh import make_mesh
     from experiments.devices import check_devices
 
     devices = check_devices(platform, contexts)
     config, params, _ = load_model(model)
-    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    jdtype = jnp.dtype(check_choice("dtype", dtype, DTYPES))
     jobs = [(c, s) for c in contexts for s in (strategies if c > 1 else ("single",))]
     rows = []
     with tqdm(total=len(jobs) * len(cached_tokens), desc="decode") as bar:
@@ -123,6 +123,6 @@ def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
     results = {"experiment": "decode", "model": config.name, "dtype": dtype, "batch": batch,
                "steps": steps, **devices, "jax": jax.__version__,
                "rows": rows, "out": out, "figure": figure}
-    write_json(out, results)
+    results = write_results(out, results)
     plot(results, figure)
     return results

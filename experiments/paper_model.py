@@ -74,7 +74,7 @@ def run_paper_model(hardware="h100-rdma", contexts=(8192, 32768, 131072, 524288,
                     figure=os.path.join(HERE, "figures", "paper_model.png")) -> dict:
     from cpjax.config import PRESETS
     from cpjax.hardware import PRESETS as HARDWARE
-    from cpjax.io import write_json
+    from experiments.provenance import write_results
     from cpjax.perfmodel import Deployment, prefill_time
 
     config, hw = PRESETS[model], HARDWARE[hardware]
@@ -96,6 +96,6 @@ def run_paper_model(hardware="h100-rdma", contexts=(8192, 32768, 131072, 524288,
                "efficiency": hw.efficiency, "paper_points": points, "curves": curves,
                "table4": table4, "table4_agreement": agreement, "out": out, "figure": figure,
                "rows": points}
-    write_json(out, results)
+    results = write_results(out, results)
     plot(results, figure)
     return results

@@ -235,7 +235,7 @@ def run_strategy_map(cp=(4,), hardware=("h100-rdma",), tp=8, model="llama3-405b"
     from cpjax.config import get_preset
     from cpjax.errors import require
     from cpjax.hardware import PRESETS as HARDWARE
-    from cpjax.io import write_json
+    from experiments.provenance import write_results
     from cpjax.perfmodel import Deployment
 
     cp, hardware = list(cp), list(hardware)
@@ -264,6 +264,6 @@ def run_strategy_map(cp=(4,), hardware=("h100-rdma",), tp=8, model="llama3-405b"
                "agreement": {"all": choice_summary(rows), **panels},
                "table4_summary": table4_summary(table4), "table4": table4,
                "rows": rows, "out": out, "figure": figure}
-    write_json(out, results)
+    results = write_results(out, results)
     plot(results, figure)
     return results

@@ -65,8 +65,9 @@ def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 1024, 6144)
     from tqdm.auto import tqdm
 
     from cpjax.engine import ContextParallel, Engine
+    from cpjax.names import DTYPES, check_choice
     from cpjax.hardware import get_hardware
-    from cpjax.io import write_json
+    from experiments.provenance import write_results
     from cpjax.loaders import load_model
     from cpjax.parallel.heuristic import explain_strategy
     from cpjax.parallel.mesh import make_mesh
@@ -74,7 +75,7 @@ def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 1024, 6144)
 
     devices = check_devices(platform, [context])
     config, params, _ = load_model(model)
-    jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
+    jdtype = jnp.dtype(check_choice("dtype", dtype, DTYPES))
     engine = Engine(config, params, ContextParallel(mesh=make_mesh(context)), dtype=jdtype)
     figures = get_hardware(hardware)
     rng = np.random.default_rng(0)
@@ -115,6 +116,6 @@ def run_strategy_sweep(new_tokens=(64, 512, 2048), cached_tokens=(0, 1024, 6144)
                "context": context, **devices, "jax": jax.__version__,
                "hardware": figures.__dict__, "repeats": repeats, "agreement": agreement,
                "rows": rows, "out": out, "figure": figure}
-    write_json(out, results)
+    results = write_results(out, results)
     plot(results, figure)
     return results

@@ -10,14 +10,16 @@ import sys
 import pytest
 
 from cpjax.errors import CpjaxError
+from experiments import cp_overhead
 from experiments import run as runner
+from experiments.provenance import git_state
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
 
 TINY = {
-    "cp_overhead": ["lengths = [64]", "contexts = [1, 2]", "strategies = ['pass_kv']",
-                    "repeats = 1"],
+    "cp_overhead": ["lengths = [64, 96]", "contexts = [1, 2]",
+                    "strategies = ['pass_kv', 'pass_q']", "repeats = 3"],
     "strategy_sweep": ["new_tokens = [16]", "cached_tokens = [0, 40]", "context = 2",
                        "repeats = 1"],
     "decode": ["cached_tokens = [100]", "contexts = [1, 2]", "steps = 2"],
@@ -42,12 +44,48 @@ def _run_tiny(name, tmp_path):
     return results, out, figure
 
 
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """``tiny_run(name)``: ``_run_tiny(name, ...)``, run once per module."""
+    runs = {}
+
+    def get(name):
+        if name not in runs:
+            runs[name] = _run_tiny(name, tmp_path_factory.mktemp(name))
+        return runs[name]
+    return get
+
+
 @pytest.mark.parametrize("name", sorted(TINY))
-def test_experiment_config_runs_with_a_tiny_setting(name, tmp_path):
-    results, out, figure = _run_tiny(name, tmp_path)
-    assert json.loads(out.read_text())["rows"] == json.loads(json.dumps(results["rows"]))
+def test_experiment_config_runs_with_a_tiny_setting(name, tiny_run):
+    results, out, figure = tiny_run(name)
+    written = json.loads(out.read_text())
+    assert written["rows"] == json.loads(json.dumps(results["rows"]))
     assert figure.stat().st_size > 10_000
     assert results["rows"]
+    assert written["git"] == results["git"] == git_state()
+    assert len(written["git"]["commit"]) == 40 and isinstance(written["git"]["dirty"], bool)
+
+
+def test_cp_overhead_times_every_point_three_times_and_tables_every_row(tiny_run):
+    results, out, _ = tiny_run("cp_overhead")
+    for row in results["rows"]:
+        assert row["seconds_min"] <= row["seconds_median"] <= row["seconds_max"]
+    lines = cp_overhead.table(results).splitlines()
+    assert lines[0] == "| tokens | ring | N=1 (s) | N=2 |"
+    assert [line.split(" | ")[:2] for line in lines[2:]] == [
+        ["| 64", "pass-KV"], ["| 64", "pass-Q"], ["| 96", "pass-KV"], ["| 96", "pass-Q"]]
+    printed = subprocess.run([sys.executable, "-m", "experiments.cp_overhead", "--table",
+                              "--results", str(out)], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout
+    assert printed.splitlines() == lines
+
+
+def test_cp_overhead_refuses_fewer_than_three_repeats(tmp_path):
+    with pytest.raises(CpjaxError, match="repeats=2: time each point at least 3 times"):
+        runner.run(os.path.join(CONFIGS, "cp_overhead.gin"),
+                   _bindings("cp_overhead", tmp_path / "x.json", tmp_path / "x.png",
+                             [*TINY["cp_overhead"], "repeats = 2"]))
 
 
 def test_strategy_map_agrees_with_table_4_and_fills_the_grid(tmp_path):

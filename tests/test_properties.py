@@ -15,9 +15,10 @@ from jax.sharding import PartitionSpec as P
 from cpjax.attention.merge import merge, merge_stacked
 from cpjax.attention import masks, reference
 from cpjax.config import PRESETS
+from cpjax.attention.masks import PAD_SEGMENT
 from cpjax.dispatch import get_attention
 from cpjax.engine import ContextParallel, Engine
-from cpjax.parallel.layout import PAD_SEGMENT, balanced_layout, causal_work_per_rank
+from cpjax.parallel.layout import balanced_layout, causal_work_per_rank, chunk_counts, ring_step_work
 from cpjax.parallel.mesh import CONTEXT, make_mesh
 from cpjax.parallel.ring import STRATEGIES, ring_attention
 from tests.test_parallel import _close
@@ -87,8 +88,8 @@ def test_rank_r_holds_chunks_r_and_2n_minus_1_minus_r_of_every_sequence(case):
     """Each sequence is cut into 2N chunks of equal width (a multiple of ``pad_multiple``, the
     least that holds ``ceil(L / 2N)`` tokens); rank r's block holds chunk r then chunk 2N-1-r,
     sequences in packing order; the chunks in order 0..2N-1 read the sequence in order; the
-    only non-bucket padding (< 2N slots) is at the sequence's front, and every chunk not eaten
-    by it holds exactly ``ceil(L / 2N)`` real tokens, consecutive, before any bucket padding.
+    chunk ``c`` holds ``chunk_counts(L, N)[c]`` (``ceil(L / 2N)`` or one fewer) real tokens,
+    consecutive, at its front, and padding after them.
     ``rotated(s)`` moves rank r's block to rank r+s mod N."""
     lengths, n, starts, segs, pad_multiple, shift = case
     base = balanced_layout(lengths, n, starts, segs, pad_multiple)
@@ -112,17 +113,12 @@ def test_rank_r_holds_chunks_r_and_2n_minus_1_minus_r_of_every_sequence(case):
                  [blocks[r, width:] for r in reversed(range(n))]
         order = np.concatenate(chunks)
         np.testing.assert_array_equal(order[order >= 0], offset + np.arange(length))
-        front = 2 * n * c0 - length
-        assert 0 <= front < 2 * n
-        for c, chunk in enumerate(chunks):
-            real = chunk >= 0
-            count = int(np.clip((c + 1) * c0 - front, 0, c0))
-            assert real.sum() == count
-            # [front padding][real rows, consecutive] in the first ceil(L/2N) slots, then
-            # bucket padding up to the width
-            assert not real[c0:].any()
-            assert real[c0 - count:c0].all()
-            np.testing.assert_array_equal(np.diff(chunk[c0 - count:c0]), 1)
+        counts = chunk_counts(length, n)
+        np.testing.assert_array_equal([(chunk >= 0).sum() for chunk in chunks], counts)
+        assert set(counts) <= {c0 - 1, c0}
+        for chunk, count in zip(chunks, counts):      # [real rows, consecutive][padding]
+            assert (chunk[:count] >= 0).all() and (chunk[count:] < 0).all()
+            np.testing.assert_array_equal(np.diff(chunk[:count]), 1)
         at += 2 * width
         offset += length
     assert at == base.local_len
@@ -134,12 +130,27 @@ def test_rank_r_holds_chunks_r_and_2n_minus_1_minus_r_of_every_sequence(case):
 def test_causal_work_is_exactly_equal_when_lengths_are_multiples_of_2n(n, blocks, pad_multiple,
                                                                        shift):
     """Paper §2's promise: with every sequence a multiple of 2N long, each rank's queries see
-    exactly the same number of causal (query, key) pairs, for any packing, bucket, rotation."""
+    exactly the same number of causal (query, key) pairs at every pass-KV ring step, for any
+    packing, bucket, rotation."""
     lengths = [2 * n * b for b in blocks]
     layout = balanced_layout(lengths, n, pad_multiple=pad_multiple).rotated(shift)
-    work = causal_work_per_rank(layout)
-    assert (work == work[0]).all()
-    assert work.sum() == sum(t * (t + 1) // 2 for t in lengths)
+    work = ring_step_work(layout)
+    assert (work == work[:, :1]).all()
+    assert work.sum() == causal_work_per_rank(layout).sum() == sum(t * (t + 1) // 2
+                                                                   for t in lengths)
+
+
+@_settings(150)
+@given(st.sampled_from((2, 4, 8)), st.lists(st.integers(1, 300), min_size=1, max_size=3),
+       st.sampled_from([1, 2, 4]), st.integers(0, 7))
+def test_every_ring_step_is_balanced_within_the_proven_ratio(n, lengths, pad_multiple, shift):
+    """For any packing of sequences of >= 4N tokens (chunks of w >= 2 rows), bucket and
+    rotation, each pass-KV step's most loaded rank sees at most (w / (w - 1))^2 times the
+    pairs of its least loaded one, w = ceil(L / 2N) of the shortest sequence."""
+    lengths = [4 * n + t for t in lengths]
+    work = ring_step_work(balanced_layout(lengths, n, pad_multiple=pad_multiple).rotated(shift))
+    width = -(-min(lengths) // (2 * n))
+    assert (work.max(axis=1) <= (width / (width - 1)) ** 2 * work.min(axis=1)).all()
 
 
 # ============================================================================ 2. merge

@@ -19,7 +19,7 @@ from cpjax.errors import CpjaxError
 _DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
                 "f64": 8, "s64": 8}
 _SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|s8|u8|pred|f64|s64)\[([\d,]*)\]")
-_OP = re.compile(r"=\s*(.*?)\s+(collective-permute|all-to-all|all-gather)(?:-start)?\(")
+_OP = re.compile(r"=\s*(.*?)\s+(collective-permute|all-to-all|all-gather)(-start|-done)?\(")
 
 
 def formula_bytes_per_layer(strategy: str, n: int, tq: int, tk: int, hq: int, hkv: int,
@@ -45,24 +45,46 @@ def _shape_bytes(type_text: str) -> int:
     return total
 
 
+def _top_level(type_text: str) -> list[str]:
+    """The top-level elements of an HLO tuple type ``(a, (b, c), d[1,2]{1,0})``."""
+    inner = type_text.strip()[1:-1]
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(inner):
+        depth += char in "([{"
+        depth -= char in ")]}"
+        if char == "," and depth == 0:
+            parts.append(inner[start:i])
+            start = i + 1
+    return parts + [inner[start:]]
+
+
+def _payload_type(type_text: str, suffix: str) -> str:
+    """The result buffer of a collective: its whole type for a synchronous op, the second
+    element of the tuple of an asynchronous ``-start`` (``(operands, results, contexts...)``:
+    ``collective-permute-start`` ends with ``u32[]`` contexts, ``all-gather-start`` and
+    ``all-to-all-start`` may wrap their operands in an inner tuple)."""
+    return _top_level(type_text)[1] if suffix == "-start" else type_text
+
+
 def hlo_collective_bytes(hlo_text: str, n: int) -> dict[str, int]:
     """Bytes one rank sends per collective kind, summed over the ops in ``hlo_text``.
 
     Ops inside the per-layer loop body appear once, so for a model forward this is per layer.
     collective-permute sends its operand; all-to-all sends (n-1)/n of it; all-gather sends its
-    operand to n-1 ranks (its result is n operands).
+    operand to n-1 ranks (its result is n operands). An asynchronous pair (``-start`` /
+    ``-done``, as XLA emits on GPU) is one transfer, counted at its ``-start`` from the result
+    buffer inside the start's tuple; an op wrapped in ``async-start`` is counted once, in the
+    computation it calls.
     """
     sent = {"collective-permute": 0, "all-to-all": 0, "all-gather": 0}
     for line in hlo_text.splitlines():
         match = _OP.search(line)
-        if not match:
+        if not match or match.group(3) == "-done":
             continue
-        result_bytes = _shape_bytes(match.group(1))
-        kind = match.group(2)
+        type_text, kind, suffix = match.groups()
+        result_bytes = _shape_bytes(_payload_type(type_text, suffix))
         if kind == "collective-permute":
             sent[kind] += result_bytes
-        elif kind == "all-to-all":
-            sent[kind] += result_bytes * (n - 1) // n
         else:
             sent[kind] += result_bytes * (n - 1) // n
     return sent

@@ -1,10 +1,12 @@
 """Load-balanced sharding of token rows over the ``context`` axis (paper §2).
 
-Each sequence is padded to a multiple of ``2N`` and cut into ``2N`` equal chunks; rank ``r``
-holds chunks ``r`` and ``2N-1-r``, so under the causal mask every rank does the same attention
-work. Several sequences packed in one row (the paper's fused variable-length batch) are each
-balanced on their own and concatenated per rank. Padding tokens get segment ``-1`` and never
-influence a real token.
+Each sequence of ``L`` tokens is cut, in order, into ``2N`` chunks of ``w = ceil(L / 2N)``
+slots, the fewer than ``2N`` slots of padding spread one per chunk; rank ``r`` holds chunks
+``r`` and ``2N-1-r``, so under the causal mask every rank does nearly the same attention work at
+every ring step (exactly the same when ``L`` is a multiple of ``2N``; see
+:func:`ring_step_work` for the bound). Several sequences packed in one row (the paper's fused
+variable-length batch) are each balanced on their own and concatenated per rank. Padding
+tokens get segment ``-1`` and never influence a real token.
 
 Everything here is host-side numpy: a :class:`Layout` is computed once per input shape and
 used to permute token ids, positions, segments and targets in, and outputs back.
@@ -16,9 +18,10 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from cpjax.attention.masks import PAD_SEGMENT
 from cpjax.errors import require
 
-PAD_SEGMENT = -1
+
 
 
 class Layout(NamedTuple):
@@ -78,25 +81,39 @@ class Layout(NamedTuple):
         return out
 
 
+def chunk_counts(length: int, n_ranks: int) -> np.ndarray:
+    """``[2 * n_ranks]`` real tokens in each chunk of one sequence of ``length`` tokens.
+
+    Chunks are ``w = ceil(length / 2N)`` rows wide; the ``p = 2N * w - length < 2N`` rows of
+    padding go one per chunk, first to the late chunks ``N .. 2N-1`` (one of each rank), then
+    to the early chunks ``0 .. N-1``. So every chunk holds ``w - 1`` or ``w`` tokens and every
+    rank ``floor(length / N)`` or ``ceil(length / N)``, which bounds each ring step's work (see
+    :func:`ring_step_work`).
+    """
+    n_chunks = 2 * n_ranks
+    width = -(-length // n_chunks)
+    pad = n_chunks * width - length
+    counts = np.full(n_chunks, width, np.int64)
+    counts[np.roll(np.arange(n_chunks), -n_ranks)[:pad]] -= 1
+    return counts
+
+
 def balanced_chunks(length: int, n_ranks: int, pad_multiple: int = 1) -> list[np.ndarray]:
     """For one sequence: per rank, the indices (``-1`` = padding) it holds, in order.
 
-    The sequence is left-padded to a multiple of ``2 * n_ranks`` and cut into ``2 * n_ranks``
-    equal chunks; each chunk is then padded at its end to a multiple of ``pad_multiple`` rows
-    (shape bucketing). Rank ``r`` gets chunks ``r`` and ``2 * n_ranks - 1 - r``. Returns
-    ``n_ranks`` arrays of ``2 * chunk`` indices.
-
-    Padding at the front (fewer than ``2N`` tokens) lowers the causal work of every chunk by
-    the same amount, and bucketing padding is spread over all chunks instead of piling up in
-    the first ones, so even a short turn's tokens land on many ranks.
+    The sequence is cut, in order, into ``2 * n_ranks`` chunks of :func:`chunk_counts` tokens,
+    each written at the front of ``width`` slots, ``width`` being ``ceil(length / 2N)`` rounded
+    up to a multiple of ``pad_multiple`` (shape bucketing); the rest of a chunk is padding.
+    Rank ``r`` gets chunks ``r`` and ``2 * n_ranks - 1 - r``. Returns ``n_ranks`` arrays of
+    ``2 * width`` indices.
     """
     n_chunks = 2 * n_ranks
-    tight = -(-length // n_chunks) * n_chunks
-    index = np.arange(tight) - (tight - length)
-    index[index < 0] = -1
-    chunks = index.reshape(n_chunks, tight // n_chunks)
-    width = -(-chunks.shape[1] // pad_multiple) * pad_multiple
-    chunks = np.pad(chunks, ((0, 0), (0, width - chunks.shape[1])), constant_values=-1)
+    counts = chunk_counts(length, n_ranks)
+    tight = -(-length // n_chunks)
+    width = -(-tight // pad_multiple) * pad_multiple
+    starts = np.cumsum(counts) - counts
+    slot = np.arange(width)
+    chunks = np.where(slot < counts[:, None], starts[:, None] + slot, -1)     # [2N, width]
     return [np.concatenate([chunks[r], chunks[n_chunks - 1 - r]]) for r in range(n_ranks)]
 
 
@@ -142,17 +159,35 @@ def balanced_layout(lengths: Sequence[int], n_ranks: int,
                   local_len=source.size // n_ranks, total=int(sum(lengths)))
 
 
+def ring_step_work(layout: Layout) -> np.ndarray:
+    """``[n_ranks, n_ranks]`` visible (query, key) pairs of each pass-KV ring step per rank.
+
+    Entry ``[j, r]`` counts the pairs of rank ``r``'s queries with the keys of rank
+    ``(r - j) mod N``, the block rank ``r`` attends at step ``j``.
+
+    Bound: at step ``j > 0`` each of a rank's chunks sees each chunk of the other rank fully or
+    not at all, so its work is ``n_r * k_s`` (``s < r``) or ``k_{2N-1-r} * n_s`` (``s > r``)
+    for chunk counts ``k`` in ``{w - 1, w}`` and rank counts ``n`` in ``[2w - 2, 2w]``
+    (:func:`chunk_counts`); at step 0 it is ``n_r (n_r + 1) / 2``. Hence within a step the
+    most loaded rank does at most ``(w / (w - 1))**2`` times the work of the least loaded
+    (``w >= 2``; for a packed row, ``w`` of its shortest sequence).
+    """
+    n = layout.n_ranks
+    pos = layout.positions.reshape(n, layout.local_len)
+    seg = layout.segments.reshape(n, layout.local_len)
+    work = np.zeros((n, n), np.int64)
+    for r in range(n):
+        for j in range(n):
+            s = (r - j) % n
+            for sid in np.unique(seg[r][seg[r] >= 0]):
+                keys = np.sort(pos[s][seg[s] == sid])
+                work[j, r] += np.searchsorted(keys, pos[r][seg[r] == sid], side="right").sum()
+    return work
+
+
 def causal_work_per_rank(layout: Layout) -> np.ndarray:
     """``[n_ranks]`` number of visible (query, key) pairs each rank's queries have in total."""
-    pos = layout.positions.reshape(layout.n_ranks, layout.local_len)
-    seg = layout.segments.reshape(layout.n_ranks, layout.local_len)
-    work = np.zeros(layout.n_ranks, np.int64)
-    for r in range(layout.n_ranks):
-        for s in np.unique(seg[r][seg[r] >= 0]):
-            q = pos[r][seg[r] == s]
-            k = np.sort(layout.positions[layout.segments == s])
-            work[r] += np.searchsorted(k, q, side="right").sum()
-    return work
+    return ring_step_work(layout).sum(axis=0)
 
 
 def padded_layout(positions, segments, rows_multiple: int) -> Layout:
