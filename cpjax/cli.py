@@ -14,57 +14,96 @@ import os
 import sys
 import time
 
-from cpjax.names import (ATTENTION_IMPLEMENTATIONS, DECODE_STRATEGIES, DTYPES, HARDWARE_PRESETS,
-                         PREFILL_STRATEGIES)
+from cpjax.names import (
+    ATTENTION_IMPLEMENTATIONS,
+    DECODE_STRATEGIES,
+    DTYPES,
+    HARDWARE_PRESETS,
+    PREFILL_STRATEGIES,
+)
 
 
 def _common_flags() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--model", default="smollm2-135m",
-                   help="preset name (smollm2-135m, tiny, ...), a .gguf file or a safetensors "
-                        "directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="preset name (smollm2-135m, tiny, ...), a .gguf file or a safetensors "
+        "directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
     p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--platform", default=None, choices=("cpu", "gpu"),
-                   help="jax platform (default: jax's choice)")
-    p.add_argument("--fake-devices", type=int, default=None, metavar="K",
-                   help="simulate K CPU devices (sets the XLA host device count)")
-    p.add_argument("--attention-impl", default="auto", choices=ATTENTION_IMPLEMENTATIONS,
-                   help="attention implementation; auto = pallas on GPU, blockwise else")
-    p.add_argument("--context", type=int, default=1, metavar="N",
-                   help="context-parallel mesh size")
-    p.add_argument("--tensor", type=int, default=1, metavar="M",
-                   help="tensor-parallel mesh size")
-    p.add_argument("--strategy", default="auto", choices=PREFILL_STRATEGIES,
-                   help="context-parallel prefill ring; auto = the paper's heuristic per call")
-    p.add_argument("--decode-strategy", default="allreduce", choices=DECODE_STRATEGIES,
-                   help="context-parallel decode: allreduce (replicated query, one merge "
-                        "collective; default, faster in experiments/decode.py) or ring_pass_q "
-                        "(the paper's)")
-    p.add_argument("--check-finite", action="store_true",
-                   help="check every output for NaN/Inf and name the first layer where it "
-                        "appears (slower: keeps a host copy of the cache for a replay)")
-    p.add_argument("--hardware", default=None,
-                   help=f"figures for --strategy auto: {' | '.join(HARDWARE_PRESETS)} (cpu: "
-                        f"measured here); default cpu, or h100-nvlink on GPU")
+    p.add_argument(
+        "--platform",
+        default=None,
+        choices=("cpu", "gpu"),
+        help="jax platform (default: jax's choice)",
+    )
+    p.add_argument(
+        "--fake-devices",
+        type=int,
+        default=None,
+        metavar="K",
+        help="simulate K CPU devices (sets the XLA host device count)",
+    )
+    p.add_argument(
+        "--attention-impl",
+        default="auto",
+        choices=ATTENTION_IMPLEMENTATIONS,
+        help="attention implementation; auto = pallas on GPU, blockwise else",
+    )
+    p.add_argument("--context", type=int, default=1, metavar="N", help="context-parallel mesh size")
+    p.add_argument("--tensor", type=int, default=1, metavar="M", help="tensor-parallel mesh size")
+    p.add_argument(
+        "--strategy",
+        default="auto",
+        choices=PREFILL_STRATEGIES,
+        help="context-parallel prefill ring; auto = the paper's heuristic per call",
+    )
+    p.add_argument(
+        "--decode-strategy",
+        default="allreduce",
+        choices=DECODE_STRATEGIES,
+        help="context-parallel decode: allreduce (replicated query, one merge "
+        "collective; default, faster in experiments/decode.py) or ring_pass_q "
+        "(the paper's)",
+    )
+    p.add_argument(
+        "--check-finite",
+        action="store_true",
+        help="check every output for NaN/Inf and name the first layer where it "
+        "appears (slower: keeps a host copy of the cache for a replay)",
+    )
+    p.add_argument(
+        "--hardware",
+        default=None,
+        help=f"figures for --strategy auto: {' | '.join(HARDWARE_PRESETS)} (cpu: "
+        f"measured here); default cpu, or h100-nvlink on GPU",
+    )
     return p
 
 
 def _sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (default); > 0 samples")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
+    )
     p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop when this text appears (repeatable); EOS always stops")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when this text appears (repeatable); EOS always stops",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m cpjax``."""
     parser = argparse.ArgumentParser(
-        prog="python -m cpjax",
-        description="Context-parallel long-context LLM inference in JAX.")
+        prog="python -m cpjax", description="Context-parallel long-context LLM inference in JAX."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     common = _common_flags()
 
@@ -72,52 +111,87 @@ def build_parser() -> argparse.ArgumentParser:
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-file", help="file holding the prompt text")
-    gen.add_argument("--chat", action="store_true",
-                     help="wrap the prompt as a user message in the model's chat template")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap the prompt as a user message in the model's chat template",
+    )
     _sampling_flags(gen)
-    gen.add_argument("--json", action="store_true",
-                     help="print one JSON object (text, token_ids, timings) instead of streaming")
+    gen.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (text, token_ids, timings) instead of streaming",
+    )
 
-    score = sub.add_parser("score", parents=[common],
-                           help="log-probabilities of each token given its prefix")
+    score = sub.add_parser(
+        "score", parents=[common], help="log-probabilities of each token given its prefix"
+    )
     inputs = score.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--ids-file", help=".npy file of int token ids")
     inputs.add_argument("--text-file", help="text file, tokenized with the model's tokenizer")
     score.add_argument("--out", required=True, help="output .npy (float32, length T-1)")
-    score.add_argument("--split-at", default=None, metavar="K[,K2,...]",
-                       help="prefill [0, K) then partial-prefill the rest (each further split "
-                            "is another turn) against the persistent cache; same output")
+    score.add_argument(
+        "--split-at",
+        default=None,
+        metavar="K[,K2,...]",
+        help="prefill [0, K) then partial-prefill the rest (each further split "
+        "is another turn) against the persistent cache; same output",
+    )
 
-    perf = sub.add_parser("perfmodel", help="predicted prefill time under CP x TP (no weights "
-                                            "loaded; cpjax.perfmodel)")
+    perf = sub.add_parser(
+        "perfmodel",
+        help="predicted prefill time under CP x TP (no weights loaded; cpjax.perfmodel)",
+    )
     perf.add_argument("--model", default="llama3-405b", help="model preset name")
     perf.add_argument("--tokens", type=int, required=True, help="new tokens T")
     perf.add_argument("--cached-tokens", type=int, default=0, help="cached tokens P")
     perf.add_argument("--cp-nodes", type=int, default=1, help="context-parallel nodes N")
     perf.add_argument("--tp", type=int, default=8, help="tensor-parallel GPUs per node")
-    perf.add_argument("--hardware", default="h100-rdma",
-                      help=" | ".join(h for h in HARDWARE_PRESETS if h != "cpu"))
+    perf.add_argument(
+        "--hardware",
+        default="h100-rdma",
+        help=" | ".join(h for h in HARDWARE_PRESETS if h != "cpu"),
+    )
     perf.add_argument("--strategy", default="auto", choices=PREFILL_STRATEGIES)
 
-    chat = sub.add_parser("chat", parents=[common],
-                          help="interactive multi-turn chat with a persistent KV cache")
+    chat = sub.add_parser(
+        "chat", parents=[common], help="interactive multi-turn chat with a persistent KV cache"
+    )
     chat.add_argument("--system", default=None, help="system message")
-    chat.add_argument("--capacity", type=int, default=8192, metavar="TOKENS",
-                      help="KV cache capacity of the conversation")
+    chat.add_argument(
+        "--capacity",
+        type=int,
+        default=8192,
+        metavar="TOKENS",
+        help="KV cache capacity of the conversation",
+    )
     _sampling_flags(chat)
 
-    convert = sub.add_parser("convert", help="convert a model once into a cpjax checkpoint "
-                                             "(orbax; load it with --model DIR on any mesh)")
-    convert.add_argument("--model", default="smollm2-135m",
-                         help="preset name, .gguf file or safetensors directory to convert")
-    convert.add_argument("--out", required=True,
-                         help="checkpoint directory (an existing checkpoint there is replaced "
-                              "atomically)")
-    convert.add_argument("--dtype", default="float32", choices=DTYPES,
-                         help="dtype the parameters are stored in")
-    convert.add_argument("--platform", default=None, choices=("cpu", "gpu"),
-                         help="jax platform (default: jax's choice)")
-    convert.set_defaults(fake_devices=None)      # read by _configure_jax_environment
+    convert = sub.add_parser(
+        "convert",
+        help="convert a model once into a cpjax checkpoint "
+        "(orbax; load it with --model DIR on any mesh)",
+    )
+    convert.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="preset name, .gguf file or safetensors directory to convert",
+    )
+    convert.add_argument(
+        "--out",
+        required=True,
+        help="checkpoint directory (an existing checkpoint there is replaced atomically)",
+    )
+    convert.add_argument(
+        "--dtype", default="float32", choices=DTYPES, help="dtype the parameters are stored in"
+    )
+    convert.add_argument(
+        "--platform",
+        default=None,
+        choices=("cpu", "gpu"),
+        help="jax platform (default: jax's choice)",
+    )
+    convert.set_defaults(fake_devices=None)  # read by _configure_jax_environment
     return parser
 
 
@@ -127,10 +201,12 @@ def _configure_jax_environment(args) -> None:
         if args.fake_devices < 1:
             _fail(f"--fake-devices={args.fake_devices}: must be >= 1")
         flags = os.environ.get("XLA_FLAGS", "")
-        flags = " ".join(f for f in flags.split()
-                         if not f.startswith("--xla_force_host_platform_device_count"))
+        flags = " ".join(
+            f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")
+        )
         os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_force_host_platform_device_count={args.fake_devices}").strip()
+            f"{flags} --xla_force_host_platform_device_count={args.fake_devices}"
+        ).strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.platform is not None:
         os.environ["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[args.platform]
@@ -144,6 +220,7 @@ def _fail(message: str) -> None:
 def _status(message: str) -> None:
     """A status line on stderr (from process 0 only, in a multi-process run)."""
     from cpjax.parallel.distributed import is_main_process
+
     if is_main_process():
         print(message, file=sys.stderr)
 
@@ -152,6 +229,7 @@ def _start_distributed() -> None:
     """Join a multi-process run when the environment describes one (``python -m
     cpjax.launch`` sets it); only process 0 prints and writes files."""
     from cpjax.parallel import distributed
+
     group = distributed.process_group_from_env()
     if group is None or group.num_processes == 1:
         return
@@ -168,33 +246,50 @@ def _mesh(args):
     from cpjax.hardware import get_hardware
     from cpjax.parallel.distributed import global_mesh
     from cpjax.parallel.mesh import make_mesh
+
     require(args.context >= 1, f"--context={args.context}: must be >= 1")
     require(args.tensor >= 1, f"--tensor={args.tensor}: must be >= 1")
     multi_process = jax.process_count() > 1
     if args.context == 1 and args.tensor == 1 and not multi_process:
         return None
     if args.hardware is not None:
-        get_hardware(args.hardware)           # an unknown name fails here, before any work
+        get_hardware(args.hardware)  # an unknown name fails here, before any work
     return (global_mesh if multi_process else make_mesh)(args.context, args.tensor)
 
 
 def _make_engine(args, config, params, mesh):
     """An ``Engine`` on one device, or context-parallel on ``mesh``."""
     from cpjax.engine import ContextParallel, Engine, SingleDevice
-    placement = SingleDevice() if mesh is None else ContextParallel(
-        mesh, strategy=args.strategy, decode_strategy=args.decode_strategy,
-        hardware=args.hardware)
-    return Engine(config, params, placement, dtype=args.dtype, attention=args.attention_impl,
-                  check_finite=args.check_finite)
+
+    placement = (
+        SingleDevice()
+        if mesh is None
+        else ContextParallel(
+            mesh,
+            strategy=args.strategy,
+            decode_strategy=args.decode_strategy,
+            hardware=args.hardware,
+        )
+    )
+    return Engine(
+        config,
+        params,
+        placement,
+        dtype=args.dtype,
+        attention=args.attention_impl,
+        check_finite=args.check_finite,
+    )
 
 
 def _sampling(args):
     from cpjax.engine.sampling import Sampling
     from cpjax.errors import require
+
     require(args.max_new_tokens >= 0, f"--max-new-tokens={args.max_new_tokens}: must be >= 0")
     try:
-        return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                        seed=args.seed)
+        return Sampling(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+        )
     except Exception as exc:
         raise type(exc)(f"--{str(exc).replace('_', '-', 1)}") from None
 
@@ -206,6 +301,7 @@ def _decode_rate(stamps: list) -> float | None:
 
 def _read_text(path: str, what: str) -> str:
     from cpjax.errors import require
+
     require(os.path.isfile(path), f"{what} {path!r}: no such file")
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -213,22 +309,25 @@ def _read_text(path: str, what: str) -> str:
 
 def _run_generate(args, engine, tokenizer) -> None:
     from cpjax.errors import require
-    prompt = args.prompt if args.prompt is not None else _read_text(args.prompt_file,
-                                                                    "--prompt-file")
+
+    prompt = (
+        args.prompt if args.prompt is not None else _read_text(args.prompt_file, "--prompt-file")
+    )
     require(prompt.strip() != "", "the prompt is empty")
     if args.chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True
+        )
     ids = tokenizer.encode(prompt)
     sampling = _sampling(args)
     from cpjax.engine.textgen import stream_text
+
     start = time.perf_counter()
     new_ids: list[int] = []
     stamps: list[float] = []
 
     def tokens():
-        for token in engine.generate_stream(ids, args.max_new_tokens, tokenizer.eos_ids,
-                                            sampling):
+        for token in engine.generate_stream(ids, args.max_new_tokens, tokenizer.eos_ids, sampling):
             stamps.append(time.perf_counter() - start)
             yield token
 
@@ -243,29 +342,48 @@ def _run_generate(args, engine, tokenizer) -> None:
     ttft = stamps[0] if stamps else None
     rate = _decode_rate(stamps)
     if args.json:
-        print(json.dumps({"text": text, "token_ids": new_ids, "prompt_tokens": len(ids),
-                          "ttft_s": ttft, "decode_tok_s": rate, "total_s": total}))
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "token_ids": new_ids,
+                    "prompt_tokens": len(ids),
+                    "ttft_s": ttft,
+                    "decode_tok_s": rate,
+                    "total_s": total,
+                }
+            )
+        )
     else:
         sys.stdout.write("\n")
         rate_text = f"{rate:.1f} tok/s" if rate is not None else "n/a"
-        _status(f"[{len(ids)} prompt tokens, {len(new_ids)} new; time to first token "
-                f"{(ttft or 0):.2f} s incl. compilation, decode {rate_text}]")
+        _status(
+            f"[{len(ids)} prompt tokens, {len(new_ids)} new; time to first token "
+            f"{(ttft or 0):.2f} s incl. compilation, decode {rate_text}]"
+        )
 
 
 def _run_chat(args, engine, tokenizer) -> None:
     """Read user turns from stdin; each turn is a partial prefill against the kept cache."""
+    import jax
+
     from cpjax.engine.session import Session
     from cpjax.engine.textgen import stream_text
     from cpjax.errors import require
-    import jax
+
     sampling = _sampling(args)
-    require(jax.process_count() == 1, "chat reads its turns from stdin and runs in one "
-            "process; use generate or score for multi-process runs")
-    require(tokenizer.chat_template is not None,
-            f"model {args.model!r} has no chat template; use `generate` instead")
+    require(
+        jax.process_count() == 1,
+        "chat reads its turns from stdin and runs in one "
+        "process; use generate or score for multi-process runs",
+    )
+    require(
+        tokenizer.chat_template is not None,
+        f"model {args.model!r} has no chat template; use `generate` instead",
+    )
     session = Session(engine, args.capacity)
     messages = [] if args.system is None else [{"role": "system", "content": args.system}]
-    seen_text = ""      # the text whose tokens are in the cache (or pending)
+    seen_text = ""  # the text whose tokens are in the cache (or pending)
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
@@ -279,20 +397,27 @@ def _run_chat(args, engine, tokenizer) -> None:
         full = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         # Feed only what the cache has not seen; if the template re-renders earlier turns
         # differently, feed the new messages' own rendering.
-        new_text = full[len(seen_text):] if full.startswith(seen_text) else \
-            tokenizer.apply_chat_template(messages[-1:], add_generation_prompt=True)
+        new_text = (
+            full[len(seen_text) :]
+            if full.startswith(seen_text)
+            else tokenizer.apply_chat_template(messages[-1:], add_generation_prompt=True)
+        )
         generated: list[int] = []
-        stream = session.turn(tokenizer.encode(new_text), args.max_new_tokens,
-                              tokenizer.eos_ids, sampling)
-        reply = "".join(piece for piece in _echo(stream_text(stream, tokenizer, args.stop,
-                                                             consumed=generated)))
+        stream = session.turn(
+            tokenizer.encode(new_text), args.max_new_tokens, tokenizer.eos_ids, sampling
+        )
+        reply = "".join(
+            piece for piece in _echo(stream_text(stream, tokenizer, args.stop, consumed=generated))
+        )
         messages.append({"role": "assistant", "content": reply})
         seen_text = full + tokenizer.decode(generated, skip_special=False)
         rate = session.last_decode_tok_s
-        print(f"[turn {session.turns}: {len(generated)} tokens, time to first token "
-              f"{session.last_ttft_s:.2f} s, decode "
-              f"{f'{rate:.1f} tok/s' if rate else 'n/a'}, {session.position} tokens cached]",
-              file=sys.stderr)
+        print(
+            f"[turn {session.turns}: {len(generated)} tokens, time to first token "
+            f"{session.last_ttft_s:.2f} s, decode "
+            f"{f'{rate:.1f} tok/s' if rate else 'n/a'}, {session.position} tokens cached]",
+            file=sys.stderr,
+        )
 
 
 def _echo(pieces):
@@ -309,6 +434,7 @@ def _run_score(args, engine, tokenizer) -> None:
 
     from cpjax.errors import require
     from cpjax.io import save_npy
+
     if args.ids_file is not None:
         require(os.path.isfile(args.ids_file), f"--ids-file {args.ids_file!r}: no such file")
         try:
@@ -327,10 +453,14 @@ def _run_score(args, engine, tokenizer) -> None:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     require(os.path.isdir(out_dir), f"--out {args.out!r}: directory {out_dir!r} does not exist")
     from cpjax.parallel.distributed import is_main_process
+
     if is_main_process():
         save_npy(args.out, logprobs)
-    print(json.dumps({"tokens": int(ids.size), "out": args.out,
-                      "mean_logprob": float(logprobs.mean())}))
+    print(
+        json.dumps(
+            {"tokens": int(ids.size), "out": args.out, "mean_logprob": float(logprobs.mean())}
+        )
+    )
 
 
 def _run_convert(args) -> None:
@@ -338,17 +468,26 @@ def _run_convert(args) -> None:
     import jax
     import numpy as np
 
-    from cpjax.loaders.checkpoint import save_checkpoint
     from cpjax.loaders import load_model
+    from cpjax.loaders.checkpoint import save_checkpoint
+
     start = time.perf_counter()
     config, params, tokenizer = load_model(args.model)
     params = jax.tree.map(lambda x: np.asarray(x).astype(args.dtype, copy=False), params)
     save_checkpoint(args.out, config, params, tokenizer)
     leaves = jax.tree.leaves(params)
-    print(json.dumps({"path": os.path.abspath(args.out), "model": config.name,
-                      "dtype": args.dtype, "params": int(sum(x.size for x in leaves)),
-                      "bytes": int(sum(x.nbytes for x in leaves)),
-                      "seconds": round(time.perf_counter() - start, 3)}))
+    print(
+        json.dumps(
+            {
+                "path": os.path.abspath(args.out),
+                "model": config.name,
+                "dtype": args.dtype,
+                "params": int(sum(x.size for x in leaves)),
+                "bytes": int(sum(x.nbytes for x in leaves)),
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
+    )
 
 
 def _run_perfmodel(args) -> None:
@@ -356,25 +495,43 @@ def _run_perfmodel(args) -> None:
     from cpjax.errors import require
     from cpjax.hardware import PRESETS as HARDWARE
     from cpjax.perfmodel import Deployment, decode_time, prefill_time
-    require(args.model in PRESETS, f"--model {args.model!r}: the performance model takes a "
-            f"preset name ({', '.join(PRESETS)})")
-    require(args.hardware in HARDWARE, f"--hardware {args.hardware!r}: choose one of "
-            f"{', '.join(HARDWARE)}")
+
+    require(
+        args.model in PRESETS,
+        f"--model {args.model!r}: the performance model takes a preset name ({', '.join(PRESETS)})",
+    )
+    require(
+        args.hardware in HARDWARE,
+        f"--hardware {args.hardware!r}: choose one of {', '.join(HARDWARE)}",
+    )
     config, hardware = PRESETS[args.model], HARDWARE[args.hardware]
     deployment = Deployment(cp=args.cp_nodes, tp=args.tp)
-    prefill = prefill_time(config, args.tokens, deployment, hardware, args.cached_tokens,
-                           args.strategy)
+    prefill = prefill_time(
+        config, args.tokens, deployment, hardware, args.cached_tokens, args.strategy
+    )
     decode = decode_time(config, args.tokens + args.cached_tokens, deployment, hardware)
-    print(json.dumps({"model": config.name, "hardware": args.hardware, "cp_nodes": args.cp_nodes,
-                      "tp": args.tp, "new_tokens": args.tokens,
-                      "cached_tokens": args.cached_tokens, **prefill,
-                      "decode_memory_bound_tpot_s": decode["tpot_s"]}, indent=1))
+    print(
+        json.dumps(
+            {
+                "model": config.name,
+                "hardware": args.hardware,
+                "cp_nodes": args.cp_nodes,
+                "tp": args.tp,
+                "new_tokens": args.tokens,
+                "cached_tokens": args.cached_tokens,
+                **prefill,
+                "decode_memory_bound_tpot_s": decode["tpot_s"],
+            },
+            indent=1,
+        )
+    )
 
 
 def main(argv=None) -> None:
     """Entry point of ``python -m cpjax``."""
     args = build_parser().parse_args(argv)
     from cpjax.errors import CpjaxError
+
     if args.command == "perfmodel":
         try:
             return _run_perfmodel(args)
@@ -386,11 +543,13 @@ def main(argv=None) -> None:
         if args.command == "convert":
             return _run_convert(args)
         from cpjax.loaders import load_model
+
         mesh = _mesh(args)
         config, params, tokenizer = load_model(args.model, mesh=mesh)
         engine = _make_engine(args, config, params, mesh)
         {"generate": _run_generate, "score": _run_score, "chat": _run_chat}[args.command](
-            args, engine, tokenizer)
+            args, engine, tokenizer
+        )
     except CpjaxError as exc:
         _fail(str(exc))
 

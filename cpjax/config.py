@@ -62,49 +62,118 @@ class ModelConfig:
     eos_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                      "ffn_dim", "max_seq_len"):
+        for field in (
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "head_dim",
+            "ffn_dim",
+            "max_seq_len",
+        ):
             value = getattr(self, field)
-            require(isinstance(value, int) and value > 0,
-                    f"ModelConfig.{field}={value!r}: must be a positive integer")
-        require(self.n_heads % self.n_kv_heads == 0,
-                f"ModelConfig: n_heads={self.n_heads} must be a multiple of "
-                f"n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+            require(
+                isinstance(value, int) and value > 0,
+                f"ModelConfig.{field}={value!r}: must be a positive integer",
+            )
+        require(
+            self.n_heads % self.n_kv_heads == 0,
+            f"ModelConfig: n_heads={self.n_heads} must be a multiple of "
+            f"n_kv_heads={self.n_kv_heads} (grouped-query attention)",
+        )
 
 
-_LLAMA31_SCALING = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                               original_max_position_embeddings=8192)
+_LLAMA31_SCALING = RopeScaling(
+    factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+)
 
 PRESETS: dict[str, ModelConfig] = {
-    "tiny": ModelConfig(name="tiny", vocab_size=256, dim=64, n_layers=2, n_heads=4,
-                        n_kv_heads=2, head_dim=16, ffn_dim=128, rope_theta=10000.0,
-                        max_seq_len=16384, tie_embeddings=False),
-    "smollm2-135m": ModelConfig(name="smollm2-135m", vocab_size=49152, dim=576, n_layers=30,
-                                n_heads=9, n_kv_heads=3, head_dim=64, ffn_dim=1536,
-                                norm_eps=1e-5, rope_theta=100000.0, max_seq_len=8192,
-                                tie_embeddings=True, bos_id=1, eos_ids=(2,)),
-    "llama3-8b": ModelConfig(name="llama3-8b", vocab_size=128256, dim=4096, n_layers=32,
-                             n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=14336,
-                             rope_theta=500000.0, rope_scaling=_LLAMA31_SCALING,
-                             max_seq_len=131072, bos_id=128000, eos_ids=(128001, 128008, 128009)),
-    "llama3-70b": ModelConfig(name="llama3-70b", vocab_size=128256, dim=8192, n_layers=80,
-                              n_heads=64, n_kv_heads=8, head_dim=128, ffn_dim=28672,
-                              rope_theta=500000.0, rope_scaling=_LLAMA31_SCALING,
-                              max_seq_len=131072, bos_id=128000,
-                              eos_ids=(128001, 128008, 128009)),
-    "llama3-405b": ModelConfig(name="llama3-405b", vocab_size=128256, dim=16384, n_layers=126,
-                               n_heads=128, n_kv_heads=8, head_dim=128, ffn_dim=53248,
-                               rope_theta=500000.0, rope_scaling=_LLAMA31_SCALING,
-                               max_seq_len=131072, bos_id=128000,
-                               eos_ids=(128001, 128008, 128009)),
+    "tiny": ModelConfig(
+        name="tiny",
+        vocab_size=256,
+        dim=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        ffn_dim=128,
+        rope_theta=10000.0,
+        max_seq_len=16384,
+        tie_embeddings=False,
+    ),
+    "smollm2-135m": ModelConfig(
+        name="smollm2-135m",
+        vocab_size=49152,
+        dim=576,
+        n_layers=30,
+        n_heads=9,
+        n_kv_heads=3,
+        head_dim=64,
+        ffn_dim=1536,
+        norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_seq_len=8192,
+        tie_embeddings=True,
+        bos_id=1,
+        eos_ids=(2,),
+    ),
+    "llama3-8b": ModelConfig(
+        name="llama3-8b",
+        vocab_size=128256,
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim=14336,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA31_SCALING,
+        max_seq_len=131072,
+        bos_id=128000,
+        eos_ids=(128001, 128008, 128009),
+    ),
+    "llama3-70b": ModelConfig(
+        name="llama3-70b",
+        vocab_size=128256,
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim=28672,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA31_SCALING,
+        max_seq_len=131072,
+        bos_id=128000,
+        eos_ids=(128001, 128008, 128009),
+    ),
+    "llama3-405b": ModelConfig(
+        name="llama3-405b",
+        vocab_size=128256,
+        dim=16384,
+        n_layers=126,
+        n_heads=128,
+        n_kv_heads=8,
+        head_dim=128,
+        ffn_dim=53248,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA31_SCALING,
+        max_seq_len=131072,
+        bos_id=128000,
+        eos_ids=(128001, 128008, 128009),
+    ),
 }
+
 
 def get_preset(name: str) -> ModelConfig:
     """The preset called ``name``; a :class:`CpjaxError` listing the known names otherwise."""
     if name not in PRESETS:
-        raise CpjaxError(f"unknown model preset {name!r}: known presets are "
-                         f"{', '.join(sorted(PRESETS))} (or pass a .gguf file or a "
-                         f"safetensors directory)")
+        raise CpjaxError(
+            f"unknown model preset {name!r}: known presets are "
+            f"{', '.join(sorted(PRESETS))} (or pass a .gguf file or a "
+            f"safetensors directory)"
+        )
     return PRESETS[name]
 
 
@@ -120,8 +189,13 @@ def _fields_of(cls, data: dict, where: str) -> dict:
     require(isinstance(data, dict), f"{where}: expected a JSON object, got {data!r}")
     fields = dataclasses.fields(cls)
     unknown = sorted(set(data) - {f.name for f in fields})
-    missing = [f.name for f in fields if f.name not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in fields
+        if f.name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     require(not unknown, f"{where}: unknown field(s) {', '.join(unknown)}")
     require(not missing, f"{where}: missing field(s) {', '.join(missing)}")
     return dict(data)
@@ -133,7 +207,8 @@ def config_from_dict(data: dict) -> ModelConfig:
     fields = _fields_of(ModelConfig, data, "model config")
     rope = fields.get("rope_scaling")
     if rope is not None:
-        fields["rope_scaling"] = RopeScaling(**_fields_of(RopeScaling, rope,
-                                                          "model config rope_scaling"))
+        fields["rope_scaling"] = RopeScaling(
+            **_fields_of(RopeScaling, rope, "model config rope_scaling")
+        )
     fields["eos_ids"] = tuple(fields.get("eos_ids", ()))
     return ModelConfig(**fields)

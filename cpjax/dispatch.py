@@ -32,7 +32,7 @@ from cpjax.errors import require
 from cpjax.names import ATTENTION_IMPLEMENTATIONS, check_choice
 from pallas_kernels.flash_attention_mgpu import BLOCK_Q as MGPU_BLOCK_Q
 
-DECODE_MAX_QUERIES = 16   # at most this many queries: the split-K decode kernel
+DECODE_MAX_QUERIES = 16  # at most this many queries: the split-K decode kernel
 #: The 64-row tile of the flash kernels: Triton's default blocks, the Hopper ``wgmma`` rows.
 KERNEL_TILE = 64
 
@@ -57,8 +57,19 @@ class AttentionImpl(NamedTuple):
     block_k: Optional[int]
 
 
-def pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = None,
-                  block_q: int = KERNEL_TILE, block_k: int = KERNEL_TILE):
+def pallas_attend(
+    q,
+    k,
+    v,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    *,
+    window: Optional[int] = None,
+    block_q: int = KERNEL_TILE,
+    block_k: int = KERNEL_TILE,
+):
     """``attend`` by the Pallas kernels: split-K decode for few queries, flash otherwise.
 
     ``block_q, block_k`` are the flash kernel's blocks (powers of two >= 16 on a GPU). The
@@ -66,14 +77,25 @@ def pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int
     ``DECODE_MAX_QUERIES`` queries, fewer than one tile.
     """
     if q.shape[0] <= DECODE_MAX_QUERIES:
-        return pallas_kernels.decode_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg,
-                                               window=window)
-    return pallas_kernels.flash_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window,
-                                          block_q=block_q, block_k=block_k)
+        return pallas_kernels.decode_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
+    return pallas_kernels.flash_attention(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window, block_q=block_q, block_k=block_k
+    )
 
 
-def pallas_mgpu_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = None,
-                       block_q: int = MGPU_BLOCK_Q, block_k: int = KERNEL_TILE):
+def pallas_mgpu_attend(
+    q,
+    k,
+    v,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    *,
+    window: Optional[int] = None,
+    block_q: int = MGPU_BLOCK_Q,
+    block_k: int = KERNEL_TILE,
+):
     """``attend`` with the Hopper (Mosaic GPU) flash kernel; few queries go to
     :func:`pallas_attend` (its split-K decode kernel).
 
@@ -82,20 +104,25 @@ def pallas_mgpu_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optiona
     """
     if q.shape[0] <= DECODE_MAX_QUERIES:
         return pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
-    require(block_q == MGPU_BLOCK_Q,
-            f"block_q={block_q}: the Hopper kernel's query blocks are {MGPU_BLOCK_Q} rows")
-    return pallas_kernels.flash_attention_mgpu(q, k, v, q_pos, kv_pos, q_seg, kv_seg,
-                                               window=window, block_k=block_k)
+    require(
+        block_q == MGPU_BLOCK_Q,
+        f"block_q={block_q}: the Hopper kernel's query blocks are {MGPU_BLOCK_Q} rows",
+    )
+    return pallas_kernels.flash_attention_mgpu(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window, block_k=block_k
+    )
 
 
 _IMPLS = {
     "reference": AttentionImpl("reference", reference.attend, 1, None, None),
     "cudnn": AttentionImpl("cudnn", cudnn.attend, 1, None, None),
-    "blockwise": AttentionImpl("blockwise", blockwise.attend, KERNEL_TILE, blockwise.BLOCK_Q,
-                               blockwise.BLOCK_K),
+    "blockwise": AttentionImpl(
+        "blockwise", blockwise.attend, KERNEL_TILE, blockwise.BLOCK_Q, blockwise.BLOCK_K
+    ),
     "pallas": AttentionImpl("pallas", pallas_attend, KERNEL_TILE, KERNEL_TILE, KERNEL_TILE),
-    "pallas_mgpu": AttentionImpl("pallas_mgpu", pallas_mgpu_attend, KERNEL_TILE, MGPU_BLOCK_Q,
-                                 KERNEL_TILE),
+    "pallas_mgpu": AttentionImpl(
+        "pallas_mgpu", pallas_mgpu_attend, KERNEL_TILE, MGPU_BLOCK_Q, KERNEL_TILE
+    ),
 }
 
 
@@ -114,5 +141,12 @@ def get_attend(name: str = "auto") -> Callable:
     return get_attention(name).attend
 
 
-__all__ = ["AttentionImpl", "DECODE_MAX_QUERIES", "KERNEL_TILE", "get_attend", "get_attention",
-           "pallas_attend", "pallas_mgpu_attend"]
+__all__ = [
+    "AttentionImpl",
+    "DECODE_MAX_QUERIES",
+    "KERNEL_TILE",
+    "get_attend",
+    "get_attention",
+    "pallas_attend",
+    "pallas_mgpu_attend",
+]

@@ -39,8 +39,10 @@ class Hardware:
     efficiency: float = 1.0
 
     def __post_init__(self):
-        require(0 < self.efficiency <= 1,
-                f"Hardware {self.name!r}: efficiency={self.efficiency!r} must be in (0, 1]")
+        require(
+            0 < self.efficiency <= 1,
+            f"Hardware {self.name!r}: efficiency={self.efficiency!r} must be in (0, 1]",
+        )
         for field in ("peak_flops", "link_bandwidth", "memory_bandwidth", "nvlink_bandwidth"):
             value = getattr(self, field)
             require(value > 0, f"Hardware {self.name!r}: {field}={value!r} must be > 0")
@@ -52,11 +54,9 @@ PAPER_H100_EFFICIENCY = 0.7284
 
 PRESETS = {
     # The paper's GTT cluster: power-limited H100 (800 TF/s bf16), RDMA 400 Gb/s per GPU.
-    "h100-rdma": Hardware("h100-rdma", 800e12, 400e9 / 8, 2.4e12,
-                          efficiency=PAPER_H100_EFFICIENCY),
+    "h100-rdma": Hardware("h100-rdma", 800e12, 400e9 / 8, 2.4e12, efficiency=PAPER_H100_EFFICIENCY),
     # The paper's GTI cluster: same GPUs over the TCP frontend network, 100 Gb/s per GPU.
-    "h100-tcp": Hardware("h100-tcp", 800e12, 100e9 / 8, 2.4e12,
-                         efficiency=PAPER_H100_EFFICIENCY),
+    "h100-tcp": Hardware("h100-tcp", 800e12, 100e9 / 8, 2.4e12, efficiency=PAPER_H100_EFFICIENCY),
     # A stock H100 SXM node: 989 TF/s dense bf16, NVLink 4 at 450 GB/s per direction
     # (efficiency not fitted: no measurement of it here).
     "h100-nvlink": Hardware("h100-nvlink", 989e12, 450e9, 3.35e12),
@@ -91,7 +91,7 @@ def calibrate_cpu(matmul_size: int = 512, message_floats: int = 1 << 20) -> Hard
 
     a = jnp.ones((matmul_size, matmul_size), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
-    flops = 2 * matmul_size ** 3 / _best_time(matmul, a)
+    flops = 2 * matmul_size**3 / _best_time(matmul, a)
 
     devices = jax.devices()
     n = len(devices)
@@ -100,8 +100,14 @@ def calibrate_cpu(matmul_size: int = 512, message_floats: int = 1 << 20) -> Hard
     else:
         mesh = jax.sharding.Mesh(np.array(devices), ("ring",))
         perm = [(i, (i + 1) % n) for i in range(n)]
-        shift = jax.jit(jax.shard_map(lambda x: jax.lax.ppermute(x, "ring", perm), mesh=mesh,
-                                      in_specs=P("ring"), out_specs=P("ring")))
+        shift = jax.jit(
+            jax.shard_map(
+                lambda x: jax.lax.ppermute(x, "ring", perm),
+                mesh=mesh,
+                in_specs=P("ring"),
+                out_specs=P("ring"),
+            )
+        )
         x = jnp.ones((n * message_floats,), jnp.float32)
         bandwidth = 4 * message_floats / _best_time(shift, x)
     return Hardware("cpu", flops, bandwidth, bandwidth)

@@ -43,17 +43,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_environment(base: dict, coordinator: str, num_processes: int, process_id: int,
-                        devices_per_process: int | None) -> dict:
+def process_environment(
+    base: dict,
+    coordinator: str,
+    num_processes: int,
+    process_id: int,
+    devices_per_process: int | None,
+) -> dict:
     """The environment of process ``process_id``."""
     env = dict(base)
-    env.update(CPJAX_COORDINATOR=coordinator, CPJAX_NUM_PROCESSES=str(num_processes),
-               CPJAX_PROCESS_ID=str(process_id), PYTHONUNBUFFERED="1")
+    env.update(
+        CPJAX_COORDINATOR=coordinator,
+        CPJAX_NUM_PROCESSES=str(num_processes),
+        CPJAX_PROCESS_ID=str(process_id),
+        PYTHONUNBUFFERED="1",
+    )
     if devices_per_process is not None:
-        flags = [f for f in env.get("XLA_FLAGS", "").split()
-                 if not f.startswith("--xla_force_host_platform_device_count")]
+        flags = [
+            f
+            for f in env.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")
+        ]
         env["XLA_FLAGS"] = " ".join(
-            [*flags, f"--xla_force_host_platform_device_count={devices_per_process}"])
+            [*flags, f"--xla_force_host_platform_device_count={devices_per_process}"]
+        )
         env["JAX_PLATFORMS"] = "cpu"
     return env
 
@@ -70,13 +83,14 @@ def _die_with_parent() -> None:
     SIGKILL), so no process outlives it."""
     if sys.platform.startswith("linux"):
         import ctypes
+
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _copy_lines(stream, sink, prefix: str) -> None:
     for line in iter(stream.readline, ""):
-        if "connected peer ranks" in line:     # gloo's start-up chatter
+        if "connected peer ranks" in line:  # gloo's start-up chatter
             continue
         sink.write(prefix + line)
         sink.flush()
@@ -101,14 +115,20 @@ class ProcessSet:
         self.procs = []
         self.threads = []
         for pid, (argv, env) in zip(ids, argvs_envs):
-            proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True,
-                                    preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                preexec_fn=_die_with_parent,
+            )
             self.procs.append(proc)
             out_prefix = "" if pid == 0 else f"[process {pid}] "
             for stream, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
-                thread = threading.Thread(target=_copy_lines, args=(stream, sink, out_prefix),
-                                          daemon=True)
+                thread = threading.Thread(
+                    target=_copy_lines, args=(stream, sink, out_prefix), daemon=True
+                )
                 thread.start()
                 self.threads.append(thread)
 
@@ -146,8 +166,10 @@ def supervise(processes: ProcessSet, timeout_s: float | None, grace_s: float) ->
             break
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             processes.kill()
-            print(f"error: the run exceeded --timeout={timeout_s:g} s; killed its processes",
-                  file=sys.stderr)
+            print(
+                f"error: the run exceeded --timeout={timeout_s:g} s; killed its processes",
+                file=sys.stderr,
+            )
             return 124
         time.sleep(POLL_S)
     processes.close()
@@ -158,29 +180,58 @@ def supervise(processes: ProcessSet, timeout_s: float | None, grace_s: float) ->
         return 0
     pid, status = first_failure
     others = len(processes.ids) - 1
-    print(f"error: process {pid} {_describe(status)}"
-          + (f"; stopped the other {others} process(es)" if others else ""), file=sys.stderr)
+    print(
+        f"error: process {pid} {_describe(status)}"
+        + (f"; stopped the other {others} process(es)" if others else ""),
+        file=sys.stderr,
+    )
     return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m cpjax.launch",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m cpjax.launch", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--num-processes", type=int, required=True, metavar="P")
-    parser.add_argument("--devices-per-process", type=int, default=None, metavar="K",
-                        help="fake CPU devices per process (omit on GPUs)")
-    parser.add_argument("--process-id", type=int, default=None,
-                        help="start only this process (one per host on a cluster)")
-    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT",
-                        help="address of process 0 (default: 127.0.0.1 and a free port; "
-                             "needed with --process-id)")
-    parser.add_argument("--timeout", type=float, default=None, metavar="S",
-                        help="kill the run after S seconds (exit status 124)")
-    parser.add_argument("--grace", type=float, default=30.0, metavar="S",
-                        help="after a process fails, seconds the others get to stop on their "
-                             "own before they are killed (default 30)")
-    parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="-- then a cpjax subcommand or a script.py with its arguments")
+    parser.add_argument(
+        "--devices-per-process",
+        type=int,
+        default=None,
+        metavar="K",
+        help="fake CPU devices per process (omit on GPUs)",
+    )
+    parser.add_argument(
+        "--process-id",
+        type=int,
+        default=None,
+        help="start only this process (one per host on a cluster)",
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="address of process 0 (default: 127.0.0.1 and a free port; needed with --process-id)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="kill the run after S seconds (exit status 124)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="after a process fails, seconds the others get to stop on their "
+        "own before they are killed (default 30)",
+    )
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="-- then a cpjax subcommand or a script.py with its arguments",
+    )
     return parser
 
 
@@ -205,9 +256,15 @@ def main(argv=None) -> int:
             _fail("--process-id needs --coordinator HOST:PORT (the address of process 0)")
     coordinator = args.coordinator or f"127.0.0.1:{free_port()}"
     ids = list(range(args.num_processes)) if args.process_id is None else [args.process_id]
-    launches = [(process_argv(command),
-                 process_environment(os.environ, coordinator, args.num_processes, i,
-                                     args.devices_per_process)) for i in ids]
+    launches = [
+        (
+            process_argv(command),
+            process_environment(
+                os.environ, coordinator, args.num_processes, i, args.devices_per_process
+            ),
+        )
+        for i in ids
+    ]
     processes = ProcessSet(launches, ids)
 
     def stop(signum, _frame):

@@ -26,8 +26,16 @@ HARDWARE_PRESETS = ("h100-nvlink", "h100-rdma", "h100-tcp", "cpu")
 #: Activation / parameter dtypes the engine runs in.
 DTYPES = ("float32", "bfloat16")
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "AUTO", "DECODE_STRATEGIES", "DTYPES",
-           "HARDWARE_PRESETS", "PREFILL_STRATEGIES", "STRATEGIES", "check_choice"]
+__all__ = [
+    "ATTENTION_IMPLEMENTATIONS",
+    "AUTO",
+    "DECODE_STRATEGIES",
+    "DTYPES",
+    "HARDWARE_PRESETS",
+    "PREFILL_STRATEGIES",
+    "STRATEGIES",
+    "check_choice",
+]
 
 
 def check_choice(what: str, value, choices) -> str:

@@ -29,11 +29,10 @@ import math
 from cpjax.config import ModelConfig
 from cpjax.errors import require
 from cpjax.hardware import Hardware
-from cpjax.names import STRATEGIES, check_choice
 from cpjax.model.llama import param_count
+from cpjax.names import STRATEGIES, check_choice
 from cpjax.parallel.comm import formula_bytes_per_layer
 from cpjax.parallel.heuristic import choose_strategy
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,72 +66,103 @@ def _heads_per_gpu(config: ModelConfig, tp: int) -> tuple[int, int]:
     return max(1, config.n_heads // tp), max(1, config.n_kv_heads // tp)
 
 
-def ring_bytes_per_layer(strategy: str, config: ModelConfig, new_tokens: int,
-                         cached_tokens: int, deployment: Deployment) -> int:
+def ring_bytes_per_layer(
+    strategy: str, config: ModelConfig, new_tokens: int, cached_tokens: int, deployment: Deployment
+) -> int:
     """Bytes one GPU sends per layer in the context-parallel ring (``cpjax.parallel.comm``)."""
     n = deployment.cp
     hq, hkv = _heads_per_gpu(config, deployment.tp)
     tq = math.ceil(new_tokens / n)
     tk = math.ceil((new_tokens + cached_tokens) / n)
-    return formula_bytes_per_layer(strategy, n, tq, tk, hq, hkv, config.head_dim,
-                                   deployment.bytes_per_element)
+    return formula_bytes_per_layer(
+        strategy, n, tq, tk, hq, hkv, config.head_dim, deployment.bytes_per_element
+    )
 
 
-def prefill_time(config: ModelConfig, new_tokens: int, deployment: Deployment,
-                 hardware: Hardware, cached_tokens: int = 0, strategy: str = "auto") -> dict:
+def prefill_time(
+    config: ModelConfig,
+    new_tokens: int,
+    deployment: Deployment,
+    hardware: Hardware,
+    cached_tokens: int = 0,
+    strategy: str = "auto",
+) -> dict:
     """Predicted TTFT of a prefill and its breakdown (seconds, bytes, utilisation)."""
     require(new_tokens >= 1, f"new_tokens={new_tokens}: must be >= 1")
     require(cached_tokens >= 0, f"cached_tokens={cached_tokens}: must be >= 0")
     n, tp, e = deployment.cp, deployment.tp, deployment.bytes_per_element
     if strategy == "auto":
-        strategy = choose_strategy(new_tokens, cached_tokens, config, n, hardware,
-                                   bytes_per_element=e)
+        strategy = choose_strategy(
+            new_tokens, cached_tokens, config, n, hardware, bytes_per_element=e
+        )
     check_choice("context-parallel strategy", strategy, STRATEGIES)
     gpus = n * tp
     achieved = hardware.efficiency * hardware.peak_flops
     flops = prefill_flops(config, new_tokens, cached_tokens)
     layers = config.n_layers
-    compute = flops["total"] / gpus / achieved                        # whole model, per GPU
+    compute = flops["total"] / gpus / achieved  # whole model, per GPU
     activation_bytes = math.ceil(new_tokens / n) * config.dim * e
-    tp_comm = (layers * 2 * 2 * (tp - 1) / tp * activation_bytes / hardware.nvlink_bandwidth
-               if tp > 1 else 0.0)
+    tp_comm = (
+        layers * 2 * 2 * (tp - 1) / tp * activation_bytes / hardware.nvlink_bandwidth
+        if tp > 1
+        else 0.0
+    )
     ring_bytes = ring_bytes_per_layer(strategy, config, new_tokens, cached_tokens, deployment)
     exposed = 0.0
     if n > 1:
         step_attention = flops["attention"] / layers / gpus / n / achieved
         hq, _ = _heads_per_gpu(config, tp)
         tq = math.ceil(new_tokens / n)
-        all_to_all = ((n - 1) * tq * hq * (config.head_dim * e + 4)
-                      if strategy == "pass_q" else 0)
+        all_to_all = (n - 1) * tq * hq * (config.head_dim * e + 4) if strategy == "pass_q" else 0
         if strategy == "all_gather":
             exposed = ring_bytes / hardware.link_bandwidth
         else:
             step_bytes = (ring_bytes - all_to_all) / (n - 1)
-            exposed = ((n - 1) * max(0.0, step_bytes / hardware.link_bandwidth - step_attention)
-                       + all_to_all / hardware.link_bandwidth)
+            exposed = (n - 1) * max(
+                0.0, step_bytes / hardware.link_bandwidth - step_attention
+            ) + all_to_all / hardware.link_bandwidth
         exposed *= layers
     ttft = compute + tp_comm + exposed
-    return {"ttft_s": ttft, "compute_s": compute, "tp_allreduce_s": tp_comm,
-            "exposed_ring_s": exposed, "strategy": strategy, "flops": flops["total"],
-            "flop_utilization": flops["total"] / gpus / ttft / hardware.peak_flops,
-            "ring_bytes_per_gpu_per_layer": ring_bytes,
-            "ring_bytes_per_gpu": ring_bytes * layers}
+    return {
+        "ttft_s": ttft,
+        "compute_s": compute,
+        "tp_allreduce_s": tp_comm,
+        "exposed_ring_s": exposed,
+        "strategy": strategy,
+        "flops": flops["total"],
+        "flop_utilization": flops["total"] / gpus / ttft / hardware.peak_flops,
+        "ring_bytes_per_gpu_per_layer": ring_bytes,
+        "ring_bytes_per_gpu": ring_bytes * layers,
+    }
 
 
-def decode_time(config: ModelConfig, context_tokens: int, deployment: Deployment,
-                hardware: Hardware, weight_bytes_per_param: float = 2.0, batch: int = 1) -> dict:
+def decode_time(
+    config: ModelConfig,
+    context_tokens: int,
+    deployment: Deployment,
+    hardware: Hardware,
+    weight_bytes_per_param: float = 2.0,
+    batch: int = 1,
+) -> dict:
     """Memory-bound time per decoded token: each GPU reads its weight share and KV share."""
     n, tp, e = deployment.cp, deployment.tp, deployment.bytes_per_element
     _, hkv = _heads_per_gpu(config, tp)
     weights = param_count(config) * weight_bytes_per_param / tp
-    kv = (2 * math.ceil(context_tokens / n) * hkv * config.head_dim * e * config.n_layers
-          * batch)
-    return {"tpot_s": (weights + kv) / hardware.memory_bandwidth,
-            "weight_bytes_per_gpu": weights, "kv_bytes_per_gpu": kv}
+    kv = 2 * math.ceil(context_tokens / n) * hkv * config.head_dim * e * config.n_layers * batch
+    return {
+        "tpot_s": (weights + kv) / hardware.memory_bandwidth,
+        "weight_bytes_per_gpu": weights,
+        "kv_bytes_per_gpu": kv,
+    }
 
 
-def fit_efficiency(config: ModelConfig, new_tokens: int, deployment: Deployment,
-                   hardware: Hardware, measured_ttft_s: float) -> float:
+def fit_efficiency(
+    config: ModelConfig,
+    new_tokens: int,
+    deployment: Deployment,
+    hardware: Hardware,
+    measured_ttft_s: float,
+) -> float:
     """The ``efficiency`` at which :func:`prefill_time` gives ``measured_ttft_s`` (bisection)."""
     lo, hi = 1e-3, 1.0
     for _ in range(60):

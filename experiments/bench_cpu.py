@@ -49,7 +49,7 @@ def bench_cpjax(engine: Engine, lengths, decode_tokens: int, repeats: int) -> di
     for n in lengths:
         ids = _prompt(n, engine.config.vocab_size)
 
-        def run():
+        def run(ids=ids, n=n):
             logits, cache = engine.prefill(ids, engine.new_cache(n + 64))
             jax.block_until_ready(logits)
 
@@ -58,7 +58,7 @@ def bench_cpjax(engine: Engine, lengths, decode_tokens: int, repeats: int) -> di
 
     def decode_rate():
         stream = engine.generate_stream(ids, decode_tokens + 1)
-        next(stream)                       # prefill + first token
+        next(stream)  # prefill + first token
         start = time.perf_counter()
         count = sum(1 for _ in stream)
         return count / (time.perf_counter() - start)
@@ -73,23 +73,33 @@ def bench_hf(lengths, decode_tokens: int, repeats: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     path = embedded_gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                 torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
+    ).eval()
     vocab = model.config.vocab_size
-    result = {"prefill_tok_s": {}, "decode_tok_s": None, "torch": torch.__version__,
-              "torch_threads": torch.get_num_threads()}
+    result = {
+        "prefill_tok_s": {},
+        "decode_tok_s": None,
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+    }
     with torch.inference_mode():
         for n in lengths:
             ids = torch.from_numpy(_prompt(n, vocab)).long()[None]
             result["prefill_tok_s"][str(n)] = n / _median_time(
-                lambda: model(ids, logits_to_keep=1, use_cache=True), repeats)
+                lambda ids=ids: model(ids, logits_to_keep=1, use_cache=True), repeats
+            )
         ids = torch.from_numpy(_prompt(128, vocab, seed=1)).long()[None]
         prefill = _median_time(lambda: model(ids, logits_to_keep=1, use_cache=True), repeats)
 
         def generate():
-            model.generate(ids, max_new_tokens=decode_tokens + 1,
-                           min_new_tokens=decode_tokens + 1, do_sample=False,
-                           pad_token_id=0)
+            model.generate(
+                ids,
+                max_new_tokens=decode_tokens + 1,
+                min_new_tokens=decode_tokens + 1,
+                do_sample=False,
+                pad_token_id=0,
+            )
 
         total = _median_time(generate, repeats)
         result["decode_tok_s"] = decode_tokens / max(total - prefill, 1e-9)
@@ -98,6 +108,7 @@ def bench_hf(lengths, decode_tokens: int, repeats: int) -> dict:
 
 def plot(results: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -105,8 +116,9 @@ def plot(results: dict, path: str) -> None:
     lengths = list(results["cpjax"]["prefill_tok_s"])
     x = np.arange(len(lengths))
     for offset, name in ((-0.2, "cpjax"), (0.2, "hf_transformers")):
-        axes[0].bar(x + offset, [results[name]["prefill_tok_s"][n] for n in lengths], 0.4,
-                    label=name)
+        axes[0].bar(
+            x + offset, [results[name]["prefill_tok_s"][n] for n in lengths], 0.4, label=name
+        )
     axes[0].set_xticks(x, [f"{int(n) // 1024}K" if int(n) >= 1024 else n for n in lengths])
     axes[0].set_xlabel("prompt tokens")
     axes[0].set_ylabel("prefill tokens/s (higher is better)")
@@ -133,14 +145,20 @@ def main(argv=None) -> dict:
         "benchmark": "bench_cpu",
         "model": config.name,
         "dtype": "float32",
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                    "jax": jax.__version__, "device": str(jax.devices()[0])},
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "jax": jax.__version__,
+            "device": str(jax.devices()[0]),
+        },
         "cpjax": bench_cpjax(engine, args.lengths, args.decode_tokens, args.repeats),
     }
     results["hf_transformers"] = bench_hf(args.lengths, args.decode_tokens, args.repeats)
     results["ratios"] = {
-        "prefill": {n: results["cpjax"]["prefill_tok_s"][n] / results["hf_transformers"][
-            "prefill_tok_s"][n] for n in results["cpjax"]["prefill_tok_s"]},
+        "prefill": {
+            n: results["cpjax"]["prefill_tok_s"][n] / results["hf_transformers"]["prefill_tok_s"][n]
+            for n in results["cpjax"]["prefill_tok_s"]
+        },
         "decode": results["cpjax"]["decode_tok_s"] / results["hf_transformers"]["decode_tok_s"],
     }
     results = write_results(args.out, results)

@@ -31,8 +31,10 @@ import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-FLOPS_FORMULA = ("causal prefill FLOPs = 2 * T^2 * Hq * D (full attention's 4 * T^2 * Hq * D for "
-                 "QK^T and PV, halved by the causal mask)")
+FLOPS_FORMULA = (
+    "causal prefill FLOPs = 2 * T^2 * Hq * D (full attention's 4 * T^2 * Hq * D for "
+    "QK^T and PV, halved by the causal mask)"
+)
 VS_CUDNN = "tflops / cudnn tflops at the same tokens (= cudnn seconds / seconds; > 1 is faster)"
 
 
@@ -41,6 +43,7 @@ def _measure(fn, args, repeats: int, max_seconds=None):
     calls, stopping early once the whole measurement has taken more than ``max_seconds`` (at least
     one timed call)."""
     import jax
+
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
     first = time.perf_counter() - start
@@ -51,13 +54,18 @@ def _measure(fn, args, repeats: int, max_seconds=None):
         times.append(time.perf_counter() - start)
         if max_seconds is not None and first + sum(times) > max_seconds:
             break
-    return out, {"seconds": statistics.median(times), "max_call_seconds": max(times),
-                 "first_call_seconds": first, "repeats": len(times)}
+    return out, {
+        "seconds": statistics.median(times),
+        "max_call_seconds": max(times),
+        "first_call_seconds": first,
+        "repeats": len(times),
+    }
 
 
 def _copy_bandwidth(n_bytes: int, repeats: int) -> float:
     import jax
     import jax.numpy as jnp
+
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     copy = jax.jit(lambda a: a + 1)
     return 2 * x.nbytes / _measure(copy, (x,), repeats)[1]["seconds"]
@@ -86,6 +94,7 @@ class Recorder:
 
     def write(self, complete: bool = False) -> None:
         from experiments.provenance import write_results
+
         add_cudnn_ratios(self.rows)
         self.results["elapsed_s"] = round(time.perf_counter() - self.start, 1)
         self.results["complete"] = complete
@@ -94,8 +103,11 @@ class Recorder:
 
 def add_cudnn_ratios(rows) -> None:
     """``vs_cudnn`` on each measured prefill row that has a measured cudnn row at the same T."""
-    cudnn = {r["tokens"]: r["tflops"] for r in rows
-             if r["kind"] == "prefill" and r["impl"] == "cudnn" and "tflops" in r}
+    cudnn = {
+        r["tokens"]: r["tflops"]
+        for r in rows
+        if r["kind"] == "prefill" and r["impl"] == "cudnn" and "tflops" in r
+    }
     for r in rows:
         if r["kind"] == "prefill" and "tflops" in r and r["tokens"] in cudnn:
             r["vs_cudnn"] = round(r["tflops"] / cudnn[r["tokens"]], 4)
@@ -136,8 +148,11 @@ def _run_sizes(recorder, kind, size_key, sizes, make_case, metrics, repeats, max
                     if reference is None:
                         reference = (name, out)
                     else:
-                        row["max_abs_diff"] = float(jnp.max(jnp.abs(
-                            out.astype(jnp.float32) - reference[1].astype(jnp.float32))))
+                        row["max_abs_diff"] = float(
+                            jnp.max(
+                                jnp.abs(out.astype(jnp.float32) - reference[1].astype(jnp.float32))
+                            )
+                        )
                         row["diff_vs"] = reference[0]
                 except Exception as exc:  # noqa: BLE001 - the timing stands without the check
                     row["diff_error"] = _error(exc)
@@ -145,22 +160,28 @@ def _run_sizes(recorder, kind, size_key, sizes, make_case, metrics, repeats, max
             recorder.add(row)
             took = row.get("max_call_seconds", 0.0)
             if max_seconds is not None and took > max_seconds:
-                skip[name] = (f"previous size took {took:.1f} s ({size_key}={size}; "
-                              f"--max-seconds-per-call {max_seconds:g})")
+                skip[name] = (
+                    f"previous size took {took:.1f} s ({size_key}={size}; "
+                    f"--max-seconds-per-call {max_seconds:g})"
+                )
         del args, reference
 
 
 def kernel_params(interpret: bool) -> dict:
     """The block settings each Pallas implementation is called with (recorded in the JSON)."""
-    return {"pallas": ({"block_q": 16, "block_k": 16} if interpret
-                       else {"block_q": 128, "block_k": 64}),
-            "pallas_mgpu": {"block_k": 64, "slots": 2},
-            "pallas_mgpu_bk128": {"block_k": 128, "slots": 2},
-            "pallas_decode": {"block_k": 16 if interpret else 128}}
+    return {
+        "pallas": (
+            {"block_q": 16, "block_k": 16} if interpret else {"block_q": 128, "block_k": 64}
+        ),
+        "pallas_mgpu": {"block_k": 64, "slots": 2},
+        "pallas_mgpu_bk128": {"block_k": 128, "slots": 2},
+        "pallas_decode": {"block_k": 16 if interpret else 128},
+    }
 
 
-def bench_prefill(recorder, lengths, hq, hkv, d, dtype, repeats, interpret, platform,
-                  max_seconds=None):
+def bench_prefill(
+    recorder, lengths, hq, hkv, d, dtype, repeats, interpret, platform, max_seconds=None
+):
     import jax
     import jax.numpy as jnp
 
@@ -178,17 +199,28 @@ def bench_prefill(recorder, lengths, hq, hkv, d, dtype, repeats, interpret, plat
         seg = jnp.zeros((t,), jnp.int32)
         impls = {}
         if platform == "gpu":
-            impls["cudnn"] = jax.jit(lambda q, k, v, *_: jax.nn.dot_product_attention(
-                q[None], k[None], v[None], is_causal=True, implementation="cudnn")[0])
-        impls["pallas"] = jax.jit(lambda *a: flash_attention(
-            *a, **params["pallas"], interpret=interpret)[0])
-        impls["pallas_mgpu"] = jax.jit(lambda *a: flash_attention_mgpu(
-            *a, **params["pallas_mgpu"], interpret=interpret)[0])
-        impls["pallas_mgpu_bk128"] = jax.jit(lambda *a: flash_attention_mgpu(
-            *a, **params["pallas_mgpu_bk128"], interpret=interpret)[0])
-        if platform == "gpu" and t <= 16384:   # dense XLA materialises Hq x T x T scores
-            impls["xla_dense"] = jax.jit(lambda q, k, v, *_: jax.nn.dot_product_attention(
-                q[None], k[None], v[None], is_causal=True, implementation="xla")[0])
+            impls["cudnn"] = jax.jit(
+                lambda q, k, v, *_: jax.nn.dot_product_attention(
+                    q[None], k[None], v[None], is_causal=True, implementation="cudnn"
+                )[0]
+            )
+        impls["pallas"] = jax.jit(
+            lambda *a: flash_attention(*a, **params["pallas"], interpret=interpret)[0]
+        )
+        impls["pallas_mgpu"] = jax.jit(
+            lambda *a: flash_attention_mgpu(*a, **params["pallas_mgpu"], interpret=interpret)[0]
+        )
+        impls["pallas_mgpu_bk128"] = jax.jit(
+            lambda *a: flash_attention_mgpu(*a, **params["pallas_mgpu_bk128"], interpret=interpret)[
+                0
+            ]
+        )
+        if platform == "gpu" and t <= 16384:  # dense XLA materialises Hq x T x T scores
+            impls["xla_dense"] = jax.jit(
+                lambda q, k, v, *_: jax.nn.dot_product_attention(
+                    q[None], k[None], v[None], is_causal=True, implementation="xla"
+                )[0]
+            )
         impls["blockwise_xla"] = jax.jit(lambda *a: blockwise.attend(*a)[0])
         return jax.block_until_ready((q, k, v, pos, pos, seg, seg)), impls
 
@@ -198,8 +230,9 @@ def bench_prefill(recorder, lengths, hq, hkv, d, dtype, repeats, interpret, plat
     _run_sizes(recorder, "prefill", "tokens", lengths, make_case, metrics, repeats, max_seconds)
 
 
-def bench_decode(recorder, cache_lengths, hq, hkv, d, dtype, repeats, interpret, bandwidth,
-                 max_seconds=None):
+def bench_decode(
+    recorder, cache_lengths, hq, hkv, d, dtype, repeats, interpret, bandwidth, max_seconds=None
+):
     import jax
     import jax.numpy as jnp
 
@@ -216,8 +249,11 @@ def bench_decode(recorder, cache_lengths, hq, hkv, d, dtype, repeats, interpret,
         q_pos = jnp.array([length], jnp.int32)
         q_seg = jnp.zeros((1,), jnp.int32)
         impls = {
-            "pallas_decode": jax.jit(lambda *a: decode_attention(
-                *a, **kernel_params(interpret)["pallas_decode"], interpret=interpret)[0]),
+            "pallas_decode": jax.jit(
+                lambda *a: decode_attention(
+                    *a, **kernel_params(interpret)["pallas_decode"], interpret=interpret
+                )[0]
+            ),
             "blockwise_xla": jax.jit(lambda *a: blockwise.attend(*a)[0]),
         }
         args = (q, k, v, q_pos, kv_pos, q_seg, kv_seg)
@@ -230,29 +266,50 @@ def bench_decode(recorder, cache_lengths, hq, hkv, d, dtype, repeats, interpret,
             row["fraction_of_copy_bandwidth"] = kv_bytes / seconds / bandwidth
         return row
 
-    _run_sizes(recorder, "decode", "cache_tokens", cache_lengths, make_case, metrics, repeats,
-               max_seconds)
+    _run_sizes(
+        recorder, "decode", "cache_tokens", cache_lengths, make_case, metrics, repeats, max_seconds
+    )
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--platform", choices=("cpu", "gpu"), default="gpu")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny shapes on CPU in interpret mode (checks the script runs)")
-    parser.add_argument("--lengths", type=int, nargs="+", default=None,
-                        help="prefill lengths, in the order run (default 4096 16384 65536 "
-                             "131072; smoke: 64)")
-    parser.add_argument("--cache-lengths", type=int, nargs="+", default=None,
-                        help="decode cache lengths, in the order run (default 32768 131072 "
-                             "524288 1048576; smoke: 256)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes on CPU in interpret mode (checks the script runs)",
+    )
+    parser.add_argument(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="prefill lengths, in the order run (default 4096 16384 65536 131072; smoke: 64)",
+    )
+    parser.add_argument(
+        "--cache-lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="decode cache lengths, in the order run (default 32768 131072 "
+        "524288 1048576; smoke: 256)",
+    )
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--only-prefill", action="store_true")
     only.add_argument("--only-decode", action="store_true")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed calls per measurement (default 5; smoke: 1)")
-    parser.add_argument("--max-seconds-per-call", type=float, default=20.0,
-                        help="skip an implementation's larger sizes once one of its calls took "
-                             "longer; also ends a measurement's repeats early")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per measurement (default 5; smoke: 1)",
+    )
+    parser.add_argument(
+        "--max-seconds-per-call",
+        type=float,
+        default=20.0,
+        help="skip an implementation's larger sizes once one of its calls took "
+        "longer; also ends a measurement's repeats early",
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.smoke:
@@ -270,37 +327,70 @@ def main(argv=None) -> dict:
 
     interpret = args.platform != "gpu"
     hq, hkv, d = (4, 2, 64) if args.smoke else (32, 8, 128)
-    out = args.out or os.path.join(HERE, "results", f"bench_kernels_{args.platform}"
-                                   f"{'_smoke' if args.smoke else ''}.json")
+    out = args.out or os.path.join(
+        HERE, "results", f"bench_kernels_{args.platform}{'_smoke' if args.smoke else ''}.json"
+    )
     from pallas_kernels.flash_attention_mgpu import BLOCK_Q as MGPU_BLOCK_Q
 
-    meta = {"benchmark": "bench_kernels", "platform": args.platform,
-            "device": str(jax.devices()[0]),
-            "device_kind": getattr(jax.devices()[0], "device_kind", "unknown"),
-            "jax": jax.__version__, "interpret": interpret, "dtype": "bfloat16",
-            "heads": {"q": hq, "kv": hkv, "head_dim": d},
-            "flops_formula": FLOPS_FORMULA, "vs_cudnn": VS_CUDNN,
-            "impl_params": {name: dict(p, block_q=MGPU_BLOCK_Q) if "mgpu" in name else p
-                            for name, p in kernel_params(interpret).items()},
-            "lengths": [] if args.only_decode else args.lengths,
-            "cache_lengths": [] if args.only_prefill else args.cache_lengths,
-            "repeats": args.repeats, "max_seconds_per_call": args.max_seconds_per_call}
+    meta = {
+        "benchmark": "bench_kernels",
+        "platform": args.platform,
+        "device": str(jax.devices()[0]),
+        "device_kind": getattr(jax.devices()[0], "device_kind", "unknown"),
+        "jax": jax.__version__,
+        "interpret": interpret,
+        "dtype": "bfloat16",
+        "heads": {"q": hq, "kv": hkv, "head_dim": d},
+        "flops_formula": FLOPS_FORMULA,
+        "vs_cudnn": VS_CUDNN,
+        "impl_params": {
+            name: dict(p, block_q=MGPU_BLOCK_Q) if "mgpu" in name else p
+            for name, p in kernel_params(interpret).items()
+        },
+        "lengths": [] if args.only_decode else args.lengths,
+        "cache_lengths": [] if args.only_prefill else args.cache_lengths,
+        "repeats": args.repeats,
+        "max_seconds_per_call": args.max_seconds_per_call,
+    }
     try:
-        bandwidth = _copy_bandwidth(2 ** 24 if args.smoke else 2 ** 31, args.repeats)
+        bandwidth = _copy_bandwidth(2**24 if args.smoke else 2**31, args.repeats)
     except Exception as exc:  # noqa: BLE001 - the kernels can still be timed
         traceback.print_exc()
         bandwidth, meta["copy_bandwidth_error"] = None, _error(exc)
     meta["measured_copy_bandwidth_bytes_per_s"] = bandwidth
     recorder = Recorder(out, meta)
     recorder.write()
-    print(f"bench_kernels: {meta['device_kind']} ({meta['device']}), jax {jax.__version__}, "
-          f"copy bandwidth {bandwidth or float('nan'):.3g} B/s -> {out}", flush=True)
+    print(
+        f"bench_kernels: {meta['device_kind']} ({meta['device']}), jax {jax.__version__}, "
+        f"copy bandwidth {bandwidth or float('nan'):.3g} B/s -> {out}",
+        flush=True,
+    )
     if not args.only_decode:
-        bench_prefill(recorder, args.lengths, hq, hkv, d, jnp.bfloat16, args.repeats, interpret,
-                      args.platform, args.max_seconds_per_call)
+        bench_prefill(
+            recorder,
+            args.lengths,
+            hq,
+            hkv,
+            d,
+            jnp.bfloat16,
+            args.repeats,
+            interpret,
+            args.platform,
+            args.max_seconds_per_call,
+        )
     if not args.only_prefill:
-        bench_decode(recorder, args.cache_lengths, hq, hkv, d, jnp.bfloat16, args.repeats,
-                     interpret, bandwidth, args.max_seconds_per_call)
+        bench_decode(
+            recorder,
+            args.cache_lengths,
+            hq,
+            hkv,
+            d,
+            jnp.bfloat16,
+            args.repeats,
+            interpret,
+            bandwidth,
+            args.max_seconds_per_call,
+        )
     recorder.write(complete=True)
     print(f"bench_kernels: done in {recorder.results['elapsed_s']} s -> {out}", flush=True)
     return recorder.results

@@ -33,20 +33,27 @@ def filled_cache(engine, cached_tokens: int, capacity: int, seed: int = 0):
     order = rng.permutation(cached_tokens)
     fills = []
     for r, chunk in enumerate(np.array_split(order, n)):
-        pos[r * per_rank:r * per_rank + chunk.size] = chunk
-        seg[r * per_rank:r * per_rank + chunk.size] = 0
+        pos[r * per_rank : r * per_rank + chunk.size] = chunk
+        seg[r * per_rank : r * per_rank + chunk.size] = 0
         fills.append(chunk.size)
     k = jnp.asarray(rng.standard_normal(cache.k.shape, np.float32) * 0.5, cache.k.dtype)
-    filled = cache._replace(k=k, v=-k, pos=jnp.asarray(pos), seg=jnp.asarray(seg),
-                            fill=jnp.asarray(fills if n > 1 else fills[0], jnp.int32))
+    filled = cache._replace(
+        k=k,
+        v=-k,
+        pos=jnp.asarray(pos),
+        seg=jnp.asarray(seg),
+        fill=jnp.asarray(fills if n > 1 else fills[0], jnp.int32),
+    )
     if n == 1:
         return filled
-    return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(engine.mesh, s)), filled,
-                        engine.cache_specs)
+    return jax.tree.map(
+        lambda x, s: jax.device_put(x, NamedSharding(engine.mesh, s)), filled, engine.cache_specs
+    )
 
 
 def plot(results: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -55,28 +62,41 @@ def plot(results: dict, path: str) -> None:
 
     rows = results["rows"]
     contexts = sorted({r["cached_tokens"] for r in rows})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 3.8), sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(contexts), figsize=(4.2 * len(contexts), 3.8), sharey=True, squeeze=False
+    )
     for ax, p in zip(axes[0], contexts):
         for strategy, marker in (("allreduce", "o"), ("ring_pass_q", "s")):
-            pts = sorted((r["context"], r["ms_per_token"]) for r in rows
-                         if r["cached_tokens"] == p and r["strategy"] in (strategy, "single"))
+            pts = sorted(
+                (r["context"], r["ms_per_token"])
+                for r in rows
+                if r["cached_tokens"] == p and r["strategy"] in (strategy, "single")
+            )
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker=marker, label=strategy)
         ax.set_xscale("log", base=2)
         ax.set_title(f"{p // 1024}K cached tokens")
         ax.set_xlabel("context-parallel size N")
     axes[0][0].set_ylabel("ms per decoded token (lower is better)")
     axes[0][-1].legend(fontsize=8)
-    fig.suptitle(f"{results['model']} {results['dtype']} greedy decode, batch "
-                 f"{results['batch']}, {device_label(results)}")
+    fig.suptitle(
+        f"{results['model']} {results['dtype']} greedy decode, batch "
+        f"{results['batch']}, {device_label(results)}"
+    )
     save_figure(path, fig)
 
 
-def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
-               strategies=("allreduce", "ring_pass_q"), steps=16, batch=1,
-               model="smollm2-135m", dtype="float32", platform="cpu",
-               out=os.path.join(HERE, "results", "decode.json"),
-               figure=os.path.join(HERE, "figures", "decode.png")) -> dict:
+def run_decode(
+    cached_tokens=(1024, 4096, 16384),
+    contexts=(1, 2, 4, 8),
+    strategies=("allreduce", "ring_pass_q"),
+    steps=16,
+    batch=1,
+    model="smollm2-135m",
+    dtype="float32",
+    platform="cpu",
+    out=os.path.join(HERE, "results", "decode.json"),
+    figure=os.path.join(HERE, "figures", "decode.png"),
+) -> dict:
     """Time ``steps`` decode steps for every (context, strategy, cached length) on
     ``platform`` ("cpu" or "gpu", see ``experiments.devices``); write JSON and a plot."""
     import jax
@@ -85,11 +105,11 @@ def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
     from tqdm.auto import tqdm
 
     from cpjax.engine import ContextParallel, Engine
-    from cpjax.names import DTYPES, check_choice
-    from experiments.provenance import write_results
     from cpjax.loaders import load_model
+    from cpjax.names import DTYPES, check_choice
     from cpjax.parallel.mesh import make_mesh
     from experiments.devices import check_devices
+    from experiments.provenance import write_results
 
     devices = check_devices(platform, contexts)
     config, params, _ = load_model(model)
@@ -98,31 +118,55 @@ def run_decode(cached_tokens=(1024, 4096, 16384), contexts=(1, 2, 4, 8),
     rows = []
     with tqdm(total=len(jobs) * len(cached_tokens), desc="decode") as bar:
         for context, strategy in jobs:
-            engine = (Engine(config, params, dtype=jdtype) if context == 1 else
-                      Engine(config, params, ContextParallel(mesh=make_mesh(context), decode_strategy=strategy), dtype=jdtype))
+            engine = (
+                Engine(config, params, dtype=jdtype)
+                if context == 1
+                else Engine(
+                    config,
+                    params,
+                    ContextParallel(mesh=make_mesh(context), decode_strategy=strategy),
+                    dtype=jdtype,
+                )
+            )
             for p in cached_tokens:
                 capacity = p + context * (steps + 2) * batch + 64
                 cache = filled_cache(engine, p, capacity)
                 tokens = np.arange(batch, dtype=np.int32) + 7
                 positions = np.full(batch, p, np.int32)
-                segments = np.zeros(batch, np.int32)   # same cost as distinct sequences
+                segments = np.zeros(batch, np.int32)  # same cost as distinct sequences
                 _, tokens, cache = engine.decode(tokens, positions, segments, 0, cache)  # compile
                 jax.block_until_ready(tokens)
                 start = time.perf_counter()
                 for step in range(1, steps + 1):
-                    _, tokens, cache = engine.decode(tokens, positions + step, segments, step,
-                                                     cache)
+                    _, tokens, cache = engine.decode(
+                        tokens, positions + step, segments, step, cache
+                    )
                 jax.block_until_ready(tokens)
                 seconds = (time.perf_counter() - start) / steps
-                rows.append({"cached_tokens": p, "context": context, "strategy": strategy,
-                             "ms_per_token": 1e3 * seconds,
-                             "tokens_per_s": batch / seconds})
+                rows.append(
+                    {
+                        "cached_tokens": p,
+                        "context": context,
+                        "strategy": strategy,
+                        "ms_per_token": 1e3 * seconds,
+                        "tokens_per_s": batch / seconds,
+                    }
+                )
                 bar.update(1)
             del engine, cache
             jax.clear_caches()
-    results = {"experiment": "decode", "model": config.name, "dtype": dtype, "batch": batch,
-               "steps": steps, **devices, "jax": jax.__version__,
-               "rows": rows, "out": out, "figure": figure}
+    results = {
+        "experiment": "decode",
+        "model": config.name,
+        "dtype": dtype,
+        "batch": batch,
+        "steps": steps,
+        **devices,
+        "jax": jax.__version__,
+        "rows": rows,
+        "out": out,
+        "figure": figure,
+    }
     results = write_results(out, results)
     plot(results, figure)
     return results

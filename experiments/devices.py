@@ -23,21 +23,28 @@ def check_devices(platform: str, contexts) -> dict:
     require(platform in PLATFORMS, f"platform={platform!r}: choose one of {', '.join(PLATFORMS)}")
     try:
         devices = jax.devices()
-    except RuntimeError as error:   # e.g. a CUDA plugin that fails to start
+    except RuntimeError as error:  # e.g. a CUDA plugin that fails to start
         raise CpjaxError(f"platform={platform!r}: jax found no devices ({error})") from error
     if devices[0].platform != platform:
         raise CpjaxError(
             f"platform={platform!r}: no {platform.upper()} is visible to jax (it runs on "
             f"{devices[0].platform}: {devices[0].device_kind}); it needs a machine with one and "
             f"jax built for it, and the config run through `python -m experiments.run`, which "
-            f"chooses the platform before jax starts")
+            f"chooses the platform before jax starts"
+        )
     contexts = list(contexts)
-    require(max(contexts) <= len(devices),
-            f"contexts={contexts}: a context-parallel size may not exceed the {len(devices)} "
-            f"{platform} device(s) visible" + (" (simulate more with --fake-devices)"
-                                                if platform == "cpu" else ""))
-    return {"platform": platform, "device_kind": devices[0].device_kind,
-            "device_count": len(devices), "cpu_count": os.cpu_count()}
+    require(
+        max(contexts) <= len(devices),
+        f"contexts={contexts}: a context-parallel size may not exceed the {len(devices)} "
+        f"{platform} device(s) visible"
+        + (" (simulate more with --fake-devices)" if platform == "cpu" else ""),
+    )
+    return {
+        "platform": platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def device_label(results: dict) -> str:

@@ -17,7 +17,7 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIGURED = {}   # experiment name -> its gin-configurable run function
+_CONFIGURED = {}  # experiment name -> its gin-configurable run function
 # run_<name>.platform -> JAX_PLATFORMS; for 'gpu', CUDA first, and CPU only so that a machine
 # without a GPU gets the experiment's "no GPU is visible" error rather than jax's bare assert.
 JAX_PLATFORMS = {"cpu": "cpu", "gpu": "cuda,cpu"}
@@ -55,14 +55,17 @@ def bound_platform(config_path: str, bindings=()) -> str:
     key = f"run_{experiment_name(config_path)}.platform"
     platform = _last_value([*_config_lines(config_path), *bindings], key) or "cpu"
     if platform not in JAX_PLATFORMS:
-        raise SystemExit(f"error: {config_path}: {key} = {platform!r}: choose one of "
-                         f"{', '.join(map(repr, JAX_PLATFORMS))}")
+        raise SystemExit(
+            f"error: {config_path}: {key} = {platform!r}: choose one of "
+            f"{', '.join(map(repr, JAX_PLATFORMS))}"
+        )
     return platform
 
 
 def configurable(name: str):
     """The gin-configurable ``run_<name>`` of ``experiments.<name>`` (registered once)."""
     import gin
+
     if name not in _CONFIGURED:
         function = getattr(importlib.import_module(f"experiments.{name}"), f"run_{name}")
         with gin.unlock_config():
@@ -77,16 +80,22 @@ def run(config_path: str, bindings=(), fake_devices: int = 8) -> dict:
     if "jax" not in sys.modules:
         os.environ["JAX_PLATFORMS"] = JAX_PLATFORMS[platform]
         if platform == "cpu":
-            from cpjax.parallel.mesh import use_fake_cpu_devices   # imports jax: set env first
+            from cpjax.parallel.mesh import use_fake_cpu_devices  # imports jax: set env first
+
             use_fake_cpu_devices(fake_devices)
     import gin
+
     configured = configurable(name)
     gin.clear_config()
     stem = os.path.splitext(os.path.basename(config_path))[0]
     gin.parse_config_files_and_bindings(
-        [config_path], [f"run_{name}.out = '{os.path.join(HERE, 'results', stem + '.json')}'",
-                        f"run_{name}.figure = '{os.path.join(HERE, 'figures', stem + '.png')}'",
-                        *bindings])
+        [config_path],
+        [
+            f"run_{name}.out = '{os.path.join(HERE, 'results', stem + '.json')}'",
+            f"run_{name}.figure = '{os.path.join(HERE, 'figures', stem + '.png')}'",
+            *bindings,
+        ],
+    )
     return configured()
 
 
@@ -97,6 +106,7 @@ def main(argv=None) -> None:
     parser.add_argument("--fake-devices", type=int, default=8)
     args = parser.parse_args(argv)
     from cpjax.errors import CpjaxError
+
     try:
         results = run(args.config, args.gin, args.fake_devices)
     except CpjaxError as error:

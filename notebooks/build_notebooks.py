@@ -10,29 +10,37 @@ import nbformat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-SETUP = '''import os
+SETUP = """import os
 # 8 fake CPU devices; must be set before jax starts.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax, numpy as np
-print(jax.devices())'''
+print(jax.devices())"""
 
 NOTEBOOKS = {
     "01_quickstart.ipynb": [
-        ("md", "# cpjax quickstart\n\nLoad the embedded SmolLM2-135M-Instruct, build an 8-device "
-               "fake CPU mesh, prefill a long document with a hidden fact **context-parallel**, "
-               "ask about it, and check that every ring strategy gives the same answer."),
+        (
+            "md",
+            "# cpjax quickstart\n\nLoad the embedded SmolLM2-135M-Instruct, build an 8-device "
+            "fake CPU mesh, prefill a long document with a hidden fact **context-parallel**, "
+            "ask about it, and check that every ring strategy gives the same answer.",
+        ),
         ("code", SETUP),
-        ("code", '''from cpjax.loaders import load_model
+        (
+            "code",
+            """from cpjax.loaders import load_model
 from cpjax.engine import ContextParallel, Engine
 from cpjax.engine.session import Session
 from cpjax.parallel.mesh import make_mesh
 
 config, params, tokenizer = load_model("smollm2-135m")
 mesh = make_mesh(context=8)
-print(config.name, config.n_layers, "layers;", mesh)'''),
+print(config.name, config.n_layers, "layers;", mesh)""",
+        ),
         ("md", "A long document (about 1,000 tokens) with one fact buried in the middle."),
-        ("code", '''filler = ("The committee met again to review the quarterly figures. Nothing unusual "
+        (
+            "code",
+            """filler = ("The committee met again to review the quarterly figures. Nothing unusual "
           "was reported, and the minutes were approved without comment. ")
 fact = "Important: the lighthouse password is BLUE HERON. "
 document = filler * 20 + fact + filler * 20
@@ -41,8 +49,11 @@ question = ("According to the notes above, what is the lighthouse password? "
 prompt = tokenizer.apply_chat_template(
     [{"role": "user", "content": document + "\\n\\n" + question}])
 ids = tokenizer.encode(prompt)
-print(len(ids), "prompt tokens")'''),
-        ("code", '''import time
+print(len(ids), "prompt tokens")""",
+        ),
+        (
+            "code",
+            """import time
 answers = {}
 for strategy in ("pass_kv", "pass_q", "all_gather"):
     engine = Engine(config, params, ContextParallel(mesh=mesh, strategy=strategy))
@@ -52,28 +63,47 @@ for strategy in ("pass_kv", "pass_q", "all_gather"):
     print(f"{strategy:10s} {time.perf_counter() - start:5.1f} s (incl. compilation): "
           f"{answers[strategy]!r}")
 assert len(set(answers.values())) == 1, "every strategy gives the same greedy answer"
-assert "HERON" in answers["pass_kv"].upper()'''),
-        ("md", "Each rank holds its share of the KV cache; a follow-up question is a *partial "
-               "prefill* against it (persistent KV), decoded with the all-reduce decode."),
-        ("code", '''engine = Engine(config, params, ContextParallel(mesh=mesh, strategy="auto"))
+assert "HERON" in answers["pass_kv"].upper()""",
+        ),
+        (
+            "md",
+            "Each rank holds its share of the KV cache; a follow-up question is a *partial "
+            "prefill* against it (persistent KV), decoded with the all-reduce decode.",
+        ),
+        (
+            "code",
+            """engine = Engine(config, params, ContextParallel(mesh=mesh, strategy="auto"))
 session = Session(engine, capacity=4096)
 reply = tokenizer.decode(list(session.turn(ids, 16, tokenizer.eos_ids)))
 print("turn 1:", reply, "| per-rank cache fill:", engine.rank_fill(session.cache))
 follow_up = tokenizer.encode("\\n<|im_start|>user\\nRepeat the password in lowercase."
                              "<|im_end|>\\n<|im_start|>assistant\\n")
 reply = tokenizer.decode(list(session.turn(follow_up, 16, tokenizer.eos_ids)))
-print("turn 2:", reply, "| per-rank cache fill:", engine.rank_fill(session.cache))'''),
+print("turn 2:", reply, "| per-rank cache fill:", engine.rank_fill(session.cache))""",
+        ),
     ],
     "02_ring_attention_explained.ipynb": [
-        ("md", "# Ring attention, explained\n\nThe load-balanced layout, which (query, key) "
-               "blocks each rank computes at each ring step, the masks that come from positions, "
-               "and an exactness check against single-device attention."),
-        ("code", SETUP + '''
+        (
+            "md",
+            "# Ring attention, explained\n\nThe load-balanced layout, which (query, key) "
+            "blocks each rank computes at each ring step, the masks that come from positions, "
+            "and an exactness check against single-device attention.",
+        ),
+        (
+            "code",
+            SETUP
+            + """
 import matplotlib.pyplot as plt
-from cpjax.parallel.layout import balanced_layout, causal_work_per_rank'''),
-        ("md", "## The layout\nA sequence of T tokens is cut into 2N chunks; rank r holds chunks "
-               "r and 2N-1-r, so every rank has the same share of the causal triangle."),
-        ("code", '''N, T = 4, 64
+from cpjax.parallel.layout import balanced_layout, causal_work_per_rank""",
+        ),
+        (
+            "md",
+            "## The layout\nA sequence of T tokens is cut into 2N chunks; rank r holds chunks "
+            "r and 2N-1-r, so every rank has the same share of the causal triangle.",
+        ),
+        (
+            "code",
+            """N, T = 4, 64
 layout = balanced_layout([T], N)
 owner = np.empty(T, int)
 owner[layout.source] = np.repeat(np.arange(N), layout.local_len)
@@ -81,11 +111,17 @@ fig, ax = plt.subplots(figsize=(9, 1.2))
 ax.imshow(owner[None], cmap="tab10", aspect="auto", vmin=0, vmax=9)
 ax.set_yticks([]); ax.set_xlabel("token position"); ax.set_title("rank that holds each token")
 plt.show()
-print("visible (query, key) pairs per rank:", causal_work_per_rank(layout))'''),
-        ("md", "## Which blocks each rank computes\nIn pass-KV, at step j rank r attends its "
-               "queries to the keys of rank (r - j) mod N. Masks come from the positions, so a "
-               "chunk pair that lies entirely in the future is skipped."),
-        ("code", '''pos = layout.positions.reshape(N, -1)
+print("visible (query, key) pairs per rank:", causal_work_per_rank(layout))""",
+        ),
+        (
+            "md",
+            "## Which blocks each rank computes\nIn pass-KV, at step j rank r attends its "
+            "queries to the keys of rank (r - j) mod N. Masks come from the positions, so a "
+            "chunk pair that lies entirely in the future is skipped.",
+        ),
+        (
+            "code",
+            """pos = layout.positions.reshape(N, -1)
 fig, axes = plt.subplots(N, N, figsize=(8, 8), sharex=True, sharey=True)
 for r in range(N):
     for j in range(N):
@@ -95,10 +131,16 @@ for r in range(N):
         axes[r, j].set_title(f"rank {r}, step {j}: keys of {s}", fontsize=7)
         axes[r, j].set_xticks([]); axes[r, j].set_yticks([])
 fig.suptitle("pass-KV: visible (query, key) pairs per rank and ring step (green)")
-plt.show()'''),
-        ("md", "## Exactness\nThe tiny random model on meshes of 1, 2, 4 and 8 fake devices, "
-               "every strategy, against the single-device forward (fp32)."),
-        ("code", '''from cpjax.config import PRESETS
+plt.show()""",
+        ),
+        (
+            "md",
+            "## Exactness\nThe tiny random model on meshes of 1, 2, 4 and 8 fake devices, "
+            "every strategy, against the single-device forward (fp32).",
+        ),
+        (
+            "code",
+            """from cpjax.config import PRESETS
 from cpjax.engine import Engine
 from cpjax.engine import ContextParallel, Engine
 from cpjax.model.llama import init_params
@@ -113,43 +155,62 @@ for n in (1, 2, 4, 8):
         got = Engine(cfg, params, ContextParallel(mesh=make_mesh(n), strategy=strategy)).logits(ids)
         err = float(np.abs(got - want).max())
         print(f"N={n} {strategy:10s} max |logit error| = {err:.1e}")
-        assert err < 1e-5'''),
+        assert err < 1e-5""",
+        ),
     ],
     "03_scaling_model.ipynb": [
-        ("md", "# The scaling model against the paper\n\n`cpjax.perfmodel` predicts the prefill "
-               "time of Llama3-405B under context parallelism (CP nodes of TP8). One constant, "
-               "the kernels' efficiency, is fitted on one paper number (128K tokens on one node, "
-               "42.01 s); everything else is FLOPs, bytes and link speeds."),
-        ("code", '''import matplotlib.pyplot as plt
+        (
+            "md",
+            "# The scaling model against the paper\n\n`cpjax.perfmodel` predicts the prefill "
+            "time of Llama3-405B under context parallelism (CP nodes of TP8). One constant, "
+            "the kernels' efficiency, is fitted on one paper number (128K tokens on one node, "
+            "42.01 s); everything else is FLOPs, bytes and link speeds.",
+        ),
+        (
+            "code",
+            """import matplotlib.pyplot as plt
 from cpjax.config import PRESETS
 from cpjax.hardware import PRESETS as HARDWARE
 from cpjax.perfmodel import Deployment, fit_efficiency, prefill_time
 from experiments.paper_model import PAPER_TTFT, TABLE_4
 
 model, rdma = PRESETS["llama3-405b"], HARDWARE["h100-rdma"]
-print("fitted efficiency:", fit_efficiency(model, 131072, Deployment(1, 8), rdma, 42.010))'''),
-        ("code", '''print(f"{'tokens':>8} {'CP':>3} {'paper s':>8} {'model s':>8} {'error':>6}  source")
+print("fitted efficiency:", fit_efficiency(model, 131072, Deployment(1, 8), rdma, 42.010))""",
+        ),
+        (
+            "code",
+            """print(f"{'tokens':>8} {'CP':>3} {'paper s':>8} {'model s':>8} {'error':>6}  source")
 for tokens, cp, paper_s, source in PAPER_TTFT:
     predicted = prefill_time(model, tokens, Deployment(cp, 8), rdma)["ttft_s"]
     print(f"{tokens:>8} {cp:>3} {paper_s:>8.2f} {predicted:>8.2f} "
-          f"{100 * (predicted / paper_s - 1):>5.0f}%  {source}")'''),
-        ("code", '''contexts = [2 ** k for k in range(13, 21)]
+          f"{100 * (predicted / paper_s - 1):>5.0f}%  {source}")""",
+        ),
+        (
+            "code",
+            """contexts = [2 ** k for k in range(13, 21)]
 for cp in (1, 2, 4, 8, 16):
     plt.plot(contexts, [prefill_time(model, t, Deployment(cp, 8), rdma)["ttft_s"]
                         for t in contexts], label=f"CP{cp}")
 for tokens, cp, paper_s, _ in PAPER_TTFT:
     plt.scatter(tokens, paper_s, marker="x", color="k")
 plt.xscale("log", base=2); plt.yscale("log"); plt.xlabel("context tokens"); plt.ylabel("TTFT (s)")
-plt.title("predicted TTFT (lines) and the paper's numbers (x)"); plt.legend(); plt.show()'''),
-        ("md", "## pass-KV or pass-Q?\nThe model's choice on the paper's Table 4 (CP4, 128K "
-               "total tokens, varying the share of new tokens)."),
-        ("code", '''agree = 0
+plt.title("predicted TTFT (lines) and the paper's numbers (x)"); plt.legend(); plt.show()""",
+        ),
+        (
+            "md",
+            "## pass-KV or pass-Q?\nThe model's choice on the paper's Table 4 (CP4, 128K "
+            "total tokens, varying the share of new tokens).",
+        ),
+        (
+            "code",
+            """agree = 0
 for p, t, kv_ms, q_ms in TABLE_4:
     chosen = prefill_time(model, t, Deployment(4, 8), rdma, cached_tokens=p)["strategy"]
     winner = "pass_kv" if kv_ms < q_ms else "pass_q"
     agree += chosen == winner
     print(f"miss {t / (t + p):6.1%}: measured {winner:7s} chosen {chosen:7s}")
-print(f"agreement {agree}/14")'''),
+print(f"agreement {agree}/14")""",
+        ),
     ],
 }
 
@@ -157,10 +218,15 @@ print(f"agreement {agree}/14")'''),
 def main() -> None:
     for name, cells in NOTEBOOKS.items():
         nb = nbformat.v4.new_notebook()
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                     "language": "python"}
-        nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md"
-                    else nbformat.v4.new_code_cell(src) for kind, src in cells]
+        nb.metadata["kernelspec"] = {
+            "name": "python3",
+            "display_name": "Python 3",
+            "language": "python",
+        }
+        nb.cells = [
+            nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
+            for kind, src in cells
+        ]
         nbformat.write(nb, os.path.join(HERE, name))
         print("wrote", name)
 

@@ -25,15 +25,29 @@ from cpjax.attention.merge import merge_stacked
 from cpjax.attention.padding import pad_kv_rows
 from pallas_kernels.flash_attention import _flash_kernel, default_interpret
 
-_MIN_ROWS = 16   # Triton dots need at least 16 rows
+_MIN_ROWS = 16  # Triton dots need at least 16 rows
 
 
-@functools.partial(jax.jit, static_argnames=("n_splits", "block_k", "window", "interpret",
-                                             "num_warps", "num_stages"))
-def decode_attention(q, k_cache, v_cache, q_pos, kv_pos, q_seg, kv_seg, *, n_splits: int = 16,
-                     block_k: int = 128, window: Optional[int] = None,
-                     interpret: Optional[bool] = None, num_warps: int = 4,
-                     num_stages: int = 2):
+@functools.partial(
+    jax.jit,
+    static_argnames=("n_splits", "block_k", "window", "interpret", "num_warps", "num_stages"),
+)
+def decode_attention(
+    q,
+    k_cache,
+    v_cache,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    *,
+    n_splits: int = 16,
+    block_k: int = 128,
+    window: Optional[int] = None,
+    interpret: Optional[bool] = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+):
     """Attention of ``q [Tq, Hq, D]`` (Tq small) over a cache ``k_cache, v_cache [Tk, Hkv, D]``.
 
     Args:
@@ -61,14 +75,21 @@ def decode_attention(q, k_cache, v_cache, q_pos, kv_pos, q_seg, kv_seg, *, n_spl
     q_rows = q.reshape(tq, hkv, group, d).transpose(1, 2, 0, 3).reshape(hkv, rows, d)
     q_rows = jnp.pad(q_rows, ((0, 0), (0, rows_p - rows), (0, 0)))
     row_pos = jnp.pad(jnp.tile(q_pos.astype(jnp.int32), group), (0, rows_p - rows))
-    row_seg = jnp.pad(jnp.tile(q_seg.astype(jnp.int32), group), (0, rows_p - rows),
-                      constant_values=PAD_SEGMENT)
+    row_seg = jnp.pad(
+        jnp.tile(q_seg.astype(jnp.int32), group), (0, rows_p - rows), constant_values=PAD_SEGMENT
+    )
 
-    kernel = functools.partial(_flash_kernel, block_k=block_k, n_k=chunk // block_k,
-                               scale=1.0 / math.sqrt(d), window=window)
+    kernel = functools.partial(
+        _flash_kernel,
+        block_k=block_k,
+        n_k=chunk // block_k,
+        scale=1.0 / math.sqrt(d),
+        window=window,
+    )
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
+
         compiler_params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
     part_out, part_lse = pl.pallas_call(
         kernel,
@@ -86,13 +107,15 @@ def decode_attention(q, k_cache, v_cache, q_pos, kv_pos, q_seg, kv_seg, *, n_spl
             pl.BlockSpec((None, None, rows_p, d), lambda h, s: (s, h, 0, 0)),
             pl.BlockSpec((None, None, rows_p), lambda h, s: (s, h, 0)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((n_splits, hkv, rows_p, d), jnp.float32),
-                   jax.ShapeDtypeStruct((n_splits, hkv, rows_p), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((n_splits, hkv, rows_p, d), jnp.float32),
+            jax.ShapeDtypeStruct((n_splits, hkv, rows_p), jnp.float32),
+        ],
         compiler_params=compiler_params,
         interpret=interpret,
         name="cpjax_decode_attention",
     )(q_rows, kp, vp, row_pos, row_seg, kv_pos_p, kv_seg_p)
-    out, lse = merge_stacked(part_out, part_lse)             # [Hkv, rows_p, D], [Hkv, rows_p]
+    out, lse = merge_stacked(part_out, part_lse)  # [Hkv, rows_p, D], [Hkv, rows_p]
     out = out[:, :rows].reshape(hkv, group, tq, d).transpose(2, 0, 1, 3).reshape(tq, hq, d)
     lse = lse[:, :rows].reshape(hkv, group, tq).transpose(2, 0, 1).reshape(tq, hq)
     return out.astype(q.dtype), lse

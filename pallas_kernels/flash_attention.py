@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from cpjax.attention.masks import bounds, check_attend_inputs, may_overlap, visibility_mask
 from cpjax.attention.padding import pad_kv_rows, pad_query_rows
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)   # finite: keeps exp2 differences NaN-free
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)  # finite: keeps exp2 differences NaN-free
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
@@ -44,10 +44,23 @@ def default_interpret() -> bool:
     return jax.default_backend() != "gpu"
 
 
-def _flash_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref,
-                  o_ref, lse_ref, *, block_k: int, n_k: int, scale: float,
-                  window: Optional[int]):
-    q = q_ref[...]                                        # [bq, D]
+def _flash_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    q_pos_ref,
+    q_seg_ref,
+    kv_pos_ref,
+    kv_seg_ref,
+    o_ref,
+    lse_ref,
+    *,
+    block_k: int,
+    n_k: int,
+    scale: float,
+    window: Optional[int],
+):
+    q = q_ref[...]  # [bq, D]
     q_pos = q_pos_ref[...]
     q_seg = q_seg_ref[...]
     q_bounds = bounds(q_pos, q_seg)
@@ -67,8 +80,9 @@ def _flash_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_
         correction = jnp.exp2(m - m_next)
         p = jnp.where(mask, jnp.exp2(s - m_next[:, None]), 0.0)
         l_next = correction * l + jnp.sum(p, axis=1)
-        acc_next = correction[:, None] * acc + jnp.dot(p.astype(v.dtype), v,
-                                                       preferred_element_type=jnp.float32)
+        acc_next = correction[:, None] * acc + jnp.dot(
+            p.astype(v.dtype), v, preferred_element_type=jnp.float32
+        )
         return acc_next, m_next, l_next
 
     def maybe_visit(j, carry):
@@ -76,21 +90,38 @@ def _flash_kernel(q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_
         visible = may_overlap(q_bounds, bounds(kv_pos_ref[span], kv_seg_ref[span]), window)
         return lax.cond(visible, lambda c: visit(j, c), lambda c: c, carry)
 
-    init = (jnp.zeros((block_q, d), jnp.float32), jnp.full((block_q,), _MASKED, jnp.float32),
-            jnp.zeros((block_q,), jnp.float32))
+    init = (
+        jnp.zeros((block_q, d), jnp.float32),
+        jnp.full((block_q,), _MASKED, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
     acc, m, l = lax.fori_loop(0, n_k, maybe_visit, init)
-    seen = l != 0      # NaN counts as seen: a NaN input must surface, not vanish
+    seen = l != 0  # NaN counts as seen: a NaN input must surface, not vanish
     safe_l = jnp.where(seen, l, 1.0)
     o_ref[...] = jnp.where(seen[:, None], acc / safe_l[:, None], 0.0).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(seen, (m + jnp.log2(safe_l)) * _LN2, -jnp.inf)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "window", "interpret",
-                                             "num_warps", "num_stages"))
-def flash_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block_q: int = 64,
-                    block_k: int = 64, window: Optional[int] = None,
-                    interpret: Optional[bool] = None, num_warps: Optional[int] = None,
-                    num_stages: int = 2):
+@functools.partial(
+    jax.jit,
+    static_argnames=("block_q", "block_k", "window", "interpret", "num_warps", "num_stages"),
+)
+def flash_attention(
+    q,
+    k,
+    v,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    *,
+    block_q: int = 64,
+    block_k: int = 64,
+    window: Optional[int] = None,
+    interpret: Optional[bool] = None,
+    num_warps: Optional[int] = None,
+    num_stages: int = 2,
+):
     """Blockwise masked GQA attention in one Pallas kernel.
 
     Args:
@@ -114,13 +145,16 @@ def flash_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block_q: int = 64,
     kp, vp, kv_pos_p, kv_seg_p = pad_kv_rows(k, v, kv_pos, kv_seg, block_k)
     tq_p, tk_p = qp.shape[0], kp.shape[0]
 
-    kernel = functools.partial(_flash_kernel, block_k=block_k, n_k=tk_p // block_k,
-                               scale=1.0 / math.sqrt(d), window=window)
+    kernel = functools.partial(
+        _flash_kernel, block_k=block_k, n_k=tk_p // block_k, scale=1.0 / math.sqrt(d), window=window
+    )
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import triton as plgpu
+
         compiler_params = plgpu.CompilerParams(
-            num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages)
+            num_warps=num_warps or (4 if d <= 64 else 8), num_stages=num_stages
+        )
     out, lse = pl.pallas_call(
         kernel,
         grid=(tq_p // block_q, hq),
@@ -137,8 +171,10 @@ def flash_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block_q: int = 64,
             pl.BlockSpec((block_q, None, d), lambda i, h: (i, h, 0)),
             pl.BlockSpec((None, block_q), lambda i, h: (h, i)),
         ],
-        out_shape=[jax.ShapeDtypeStruct((tq_p, hq, d), q.dtype),
-                   jax.ShapeDtypeStruct((hq, tq_p), jnp.float32)],
+        out_shape=[
+            jax.ShapeDtypeStruct((tq_p, hq, d), q.dtype),
+            jax.ShapeDtypeStruct((hq, tq_p), jnp.float32),
+        ],
         compiler_params=compiler_params,
         interpret=interpret,
         name="cpjax_flash_attention",

@@ -38,52 +38,84 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from cpjax.attention.masks import (PAD_SEGMENT, check_attend_inputs, visible,
-                                   visible_block_schedule)
+from cpjax.attention.masks import PAD_SEGMENT, check_attend_inputs, visible, visible_block_schedule
 from cpjax.attention.padding import pad_kv_rows, pad_query_rows, pad_rows
 from cpjax.errors import require
 from pallas_kernels.flash_attention import _LN2, _LOG2E, _MASKED, default_interpret
 
-BLOCK_Q = 64                                         # rows of one warpgroup matmul
+BLOCK_Q = 64  # rows of one warpgroup matmul
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _SWIZZLE_BYTES = 128
 
 
 def check_inputs(q, k, block_k: int, slots: int) -> None:
     """Raise ``CpjaxError`` naming the rule when the Hopper kernel cannot take these inputs."""
-    require(q.dtype in map(jnp.dtype, SUPPORTED_DTYPES) and k.dtype == q.dtype,
-            f"flash_attention_mgpu (attention 'pallas_mgpu') takes bf16 or fp16 q/k/v of one "
-            f"dtype, got q {q.dtype}, k {k.dtype}: run the model in bf16 or use 'pallas'")
-    require(q.shape[-1] % 64 == 0,
-            f"flash_attention_mgpu needs head_dim a multiple of 64, got {q.shape[-1]}: use "
-            f"'pallas'")
-    require(block_k > 0 and block_k % 64 == 0,
-            f"block_k={block_k}: must be a positive multiple of 64")
+    require(
+        q.dtype in map(jnp.dtype, SUPPORTED_DTYPES) and k.dtype == q.dtype,
+        f"flash_attention_mgpu (attention 'pallas_mgpu') takes bf16 or fp16 q/k/v of one "
+        f"dtype, got q {q.dtype}, k {k.dtype}: run the model in bf16 or use 'pallas'",
+    )
+    require(
+        q.shape[-1] % 64 == 0,
+        f"flash_attention_mgpu needs head_dim a multiple of 64, got {q.shape[-1]}: use 'pallas'",
+    )
+    require(
+        block_k > 0 and block_k % 64 == 0, f"block_k={block_k}: must be a positive multiple of 64"
+    )
     require(slots >= 1, f"slots={slots}: must be >= 1")
 
 
 def _check_device() -> None:
     """On a GPU backend, the device must be a Hopper (sm_90) or newer: ``wgmma`` and TMA."""
     if jax.default_backend() != "gpu":
-        return       # interpreted, or lowered for CUDA ahead of time
+        return  # interpreted, or lowered for CUDA ahead of time
     device = jax.devices()[0]
     capability = getattr(device, "compute_capability", None)
-    require(capability is not None and float(capability) >= 9.0,
-            f"flash_attention_mgpu (attention 'pallas_mgpu') needs a Hopper (sm_90) or newer "
-            f"GPU; {device.device_kind} has compute capability {capability}: use 'pallas'")
+    require(
+        capability is not None and float(capability) >= 9.0,
+        f"flash_attention_mgpu (attention 'pallas_mgpu') needs a Hopper (sm_90) or newer "
+        f"GPU; {device.device_kind} has compute capability {capability}: use 'pallas'",
+    )
 
 
-def _kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, kv_pos_ref,
-            kv_seg_ref, out_ref, lse_ref, q_smem, k_smem, v_smem, q_pos_smem, q_seg_smem,
-            kv_pos_smem, kv_seg_smem, lse_smem, q_barriers, k_barriers, v_barriers,
-            kv_pos_barriers, kv_seg_barriers, *, group: int, block_k: int, slots: int,
-            window: Optional[int], interpret: bool):
+def _kernel(
+    blocks_ref,
+    counts_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    q_pos_ref,
+    q_seg_ref,
+    kv_pos_ref,
+    kv_seg_ref,
+    out_ref,
+    lse_ref,
+    q_smem,
+    k_smem,
+    v_smem,
+    q_pos_smem,
+    q_seg_smem,
+    kv_pos_smem,
+    kv_seg_smem,
+    lse_smem,
+    q_barriers,
+    k_barriers,
+    v_barriers,
+    kv_pos_barriers,
+    kv_seg_barriers,
+    *,
+    group: int,
+    block_k: int,
+    slots: int,
+    window: Optional[int],
+    interpret: bool,
+):
     from jax.experimental.pallas import mosaic_gpu as plgpu
 
     # The interpreter has no layout casts and no wgmma with a transposed or register operand.
     cast = (lambda x, _layout: x) if interpret else plgpu.layout_cast
-    rows_layout = plgpu.Layout.WGMMA.reduce(1)       # one value per query row
-    cols_layout = plgpu.Layout.WGMMA.reduce(0)       # one value per key column
+    rows_layout = plgpu.Layout.WGMMA.reduce(1)  # one value per query row
+    cols_layout = plgpu.Layout.WGMMA.reduce(0)  # one value per key column
     block_q, d = q_smem.shape
     scores_shape = (block_q, block_k)
     scale = _LOG2E / math.sqrt(d)
@@ -102,10 +134,12 @@ def _kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k
         kv_rows = pl.ds(pl.multiple_of(blocks_ref[qi, visit] * block_k, block_k), block_k)
         plgpu.copy_gmem_to_smem(k_ref.at[kv_rows, kv_head], k_smem.at[slot], k_barriers.at[slot])
         plgpu.copy_gmem_to_smem(v_ref.at[kv_rows, kv_head], v_smem.at[slot], v_barriers.at[slot])
-        plgpu.copy_gmem_to_smem(kv_pos_ref.at[kv_rows], kv_pos_smem.at[slot],
-                                kv_pos_barriers.at[slot])
-        plgpu.copy_gmem_to_smem(kv_seg_ref.at[kv_rows], kv_seg_smem.at[slot],
-                                kv_seg_barriers.at[slot])
+        plgpu.copy_gmem_to_smem(
+            kv_pos_ref.at[kv_rows], kv_pos_smem.at[slot], kv_pos_barriers.at[slot]
+        )
+        plgpu.copy_gmem_to_smem(
+            kv_seg_ref.at[kv_rows], kv_seg_smem.at[slot], kv_seg_barriers.at[slot]
+        )
 
     for slot in range(slots):
         pl.when(slot < n_visits)(functools.partial(fetch, slot, slot))
@@ -122,6 +156,7 @@ def _kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k
         def qk(acc_ref):
             plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
             return acc_ref[...]
+
         return pl.run_scoped(qk, plgpu.ACC(scores_shape, jnp.float32))
 
     def weighted_values(p, slot):
@@ -131,6 +166,7 @@ def _kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k
         def pv(acc_ref):
             plgpu.wgmma(acc_ref, p, v_smem.at[slot])
             return acc_ref[...]
+
         return pl.run_scoped(pv, plgpu.ACC((block_q, d), jnp.float32))
 
     def visit(step, carry):
@@ -148,22 +184,25 @@ def _kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k
         p = jnp.where(mask, jnp.exp2(s - lax.broadcast_in_dim(m_next, scores_shape, [0])), 0.0)
         l_next = l * correction + p.sum(axis=1)
         plgpu.barrier_wait(v_barriers.at[slot])
-        acc_next = (acc * lax.broadcast_in_dim(correction, acc.shape, [0])
-                    + weighted_values(p.astype(q_smem.dtype), slot))
+        acc_next = acc * lax.broadcast_in_dim(correction, acc.shape, [0]) + weighted_values(
+            p.astype(q_smem.dtype), slot
+        )
         # The slot's tiles are consumed (reading the accumulators waited for the matmuls).
         pl.when(step + slots < n_visits)(lambda: fetch(step + slots, slot))
         return acc_next, m_next, l_next
 
-    init = (cast(jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA),
-            cast(jnp.full((block_q,), _MASKED, jnp.float32), rows_layout),
-            cast(jnp.zeros((block_q,), jnp.float32), rows_layout))
+    init = (
+        cast(jnp.zeros((block_q, d), jnp.float32), plgpu.Layout.WGMMA),
+        cast(jnp.full((block_q,), _MASKED, jnp.float32), rows_layout),
+        cast(jnp.zeros((block_q,), jnp.float32), rows_layout),
+    )
     acc, m, l = lax.fori_loop(0, n_visits, visit, init)
 
-    seen = l != 0      # NaN counts as seen: a NaN input must surface, not vanish
+    seen = l != 0  # NaN counts as seen: a NaN input must surface, not vanish
     safe_l = jnp.where(seen, l, 1.0)
     out = acc / lax.broadcast_in_dim(safe_l, acc.shape, [0])
     out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]), out, 0.0)
-    q_smem[...] = out.astype(q_smem.dtype)          # the query tile is spent: stage the output
+    q_smem[...] = out.astype(q_smem.dtype)  # the query tile is spent: stage the output
     lse_smem[...] = jnp.where(seen, (m + jnp.log2(safe_l)) * _LN2, -jnp.inf)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(q_smem, out_ref.at[q_rows, head])
@@ -171,8 +210,7 @@ def _kernel(blocks_ref, counts_ref, q_ref, k_ref, v_ref, q_pos_ref, q_seg_ref, k
     plgpu.wait_smem_to_gmem(0)
 
 
-def visit_lists(q_pos, kv_pos, q_seg, kv_seg, block_k: int = 64,
-                window: Optional[int] = None):
+def visit_lists(q_pos, kv_pos, q_seg, kv_seg, block_k: int = 64, window: Optional[int] = None):
     """The key blocks the kernel visits: ``(blocks [n_q, n_k], counts [n_q])`` int32 for query
     blocks of ``BLOCK_Q`` rows and key blocks of ``block_k`` rows; query block ``i`` visits
     ``blocks[i, :counts[i]]`` (``masks.visible_block_schedule``).
@@ -186,13 +224,25 @@ def visit_lists(q_pos, kv_pos, q_seg, kv_seg, block_k: int = 64,
 
 def _interpret_params():
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
     return InterpretGPUParams()
 
 
 @functools.partial(jax.jit, static_argnames=("block_k", "slots", "window", "interpret"))
-def flash_attention_mgpu(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block_k: int = 64,
-                         slots: int = 2, window: Optional[int] = None,
-                         interpret: Optional[bool] = None):
+def flash_attention_mgpu(
+    q,
+    k,
+    v,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    *,
+    block_k: int = 64,
+    slots: int = 2,
+    window: Optional[int] = None,
+    interpret: Optional[bool] = None,
+):
     """Blockwise masked GQA attention in one Mosaic GPU (Hopper) kernel.
 
     Args:
@@ -222,21 +272,28 @@ def flash_attention_mgpu(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, block_k: int 
     tq_p = qp.shape[0]
     blocks, counts = visit_lists(q_pos_p, kv_pos_p, q_seg_p, kv_seg_p, block_k, window)
 
-    tiles = (plgpu.TilingTransform((8, _SWIZZLE_BYTES // q.dtype.itemsize)),
-             plgpu.SwizzleTransform(_SWIZZLE_BYTES))
-    kernel = functools.partial(_kernel, group=hq // hkv, block_k=block_k, slots=slots,
-                               window=window, interpret=interpret)
+    tiles = (
+        plgpu.TilingTransform((8, _SWIZZLE_BYTES // q.dtype.itemsize)),
+        plgpu.SwizzleTransform(_SWIZZLE_BYTES),
+    )
+    kernel = functools.partial(
+        _kernel, group=hq // hkv, block_k=block_k, slots=slots, window=window, interpret=interpret
+    )
     out, lse = plgpu.kernel(
         kernel,
-        out_type=(jax.ShapeDtypeStruct((tq_p, hq, d), q.dtype),
-                  jax.ShapeDtypeStruct((hq, tq_p), jnp.float32)),
+        out_type=(
+            jax.ShapeDtypeStruct((tq_p, hq, d), q.dtype),
+            jax.ShapeDtypeStruct((hq, tq_p), jnp.float32),
+        ),
         scratch_types=(
-            plgpu.SMEM((BLOCK_Q, d), q.dtype, transforms=tiles),           # q, then out
-            plgpu.SMEM((slots, block_k, d), q.dtype, transforms=tiles),    # k
-            plgpu.SMEM((slots, block_k, d), q.dtype, transforms=tiles),    # v
-            plgpu.SMEM((BLOCK_Q,), jnp.int32), plgpu.SMEM((BLOCK_Q,), jnp.int32),
-            plgpu.SMEM((slots, block_k), jnp.int32), plgpu.SMEM((slots, block_k), jnp.int32),
-            plgpu.SMEM((BLOCK_Q,), jnp.float32),                             # lse
+            plgpu.SMEM((BLOCK_Q, d), q.dtype, transforms=tiles),  # q, then out
+            plgpu.SMEM((slots, block_k, d), q.dtype, transforms=tiles),  # k
+            plgpu.SMEM((slots, block_k, d), q.dtype, transforms=tiles),  # v
+            plgpu.SMEM((BLOCK_Q,), jnp.int32),
+            plgpu.SMEM((BLOCK_Q,), jnp.int32),
+            plgpu.SMEM((slots, block_k), jnp.int32),
+            plgpu.SMEM((slots, block_k), jnp.int32),
+            plgpu.SMEM((BLOCK_Q,), jnp.float32),  # lse
             plgpu.Barrier(num_barriers=3),
             *(plgpu.Barrier(num_barriers=slots) for _ in range(4)),
         ),

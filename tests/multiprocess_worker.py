@@ -29,6 +29,7 @@ def main() -> None:
 
     from cpjax.engine import ContextParallel, Engine
     from cpjax.loaders import load_model
+
     config, params, _ = load_model(args.model)
     mesh = distributed.global_mesh(jax.device_count())
     ids = np.load(args.ids)
@@ -44,6 +45,7 @@ def main() -> None:
     results["tokens"] = np.asarray(engine.generate(ids[:40], args.new_tokens), np.int32)
     if distributed.is_main_process():
         from cpjax.io import atomic_path
+
         with atomic_path(args.out, ".npz") as tmp:
             np.savez(tmp, **results)
 

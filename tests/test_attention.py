@@ -65,18 +65,18 @@ CASES = {
 def _layout(kind, tq, tk, rng):
     if kind == "causal":
         return (np.arange(tq), np.arange(tk), np.zeros(tq), np.zeros(tk))
-    if kind == "suffix":          # queries are the last tq of tk tokens (a cached prefix)
+    if kind == "suffix":  # queries are the last tq of tk tokens (a cached prefix)
         return (np.arange(tk - tq, tk), np.arange(tk), np.zeros(tq), np.zeros(tk))
-    if kind == "packed":          # three sequences packed in one row, shuffled order
+    if kind == "packed":  # three sequences packed in one row, shuffled order
         seg = np.repeat([0, 1, 2], [20, 30, 14])
         pos = np.concatenate([np.arange(20), np.arange(30), np.arange(14)])
         perm = rng.permutation(tq)
         return (pos[perm], pos, seg[perm], seg)
-    if kind == "future":          # every key lies after every query: nothing visible
+    if kind == "future":  # every key lies after every query: nothing visible
         return (np.arange(tq), np.arange(100, 100 + tk), np.zeros(tq), np.zeros(tk))
-    if kind == "past":            # every key lies before every query: all visible
+    if kind == "past":  # every key lies before every query: all visible
         return (np.arange(100, 100 + tq), np.arange(tk), np.zeros(tq), np.zeros(tk))
-    if kind == "padded":          # padding keys and queries; queries of a segment with no keys
+    if kind == "padded":  # padding keys and queries; queries of a segment with no keys
         q_seg = np.array([0] * 20 + [5] * 5 + [-1] * 5)
         kv_seg = np.array([0] * 24 + [-1] * 6)
         return (np.arange(tq), np.arange(tk), q_seg, kv_seg)
@@ -100,8 +100,7 @@ def assert_attention_close(out, lse, want_out, want_lse, atol=1e-5, lse_tol=None
     np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(want_lse))
     finite = np.isfinite(want_lse)
     lse_close = dict(atol=atol) if lse_tol is None else dict(atol=lse_tol, rtol=lse_tol)
-    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite],
-                               **lse_close)
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(want_lse)[finite], **lse_close)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -157,8 +156,9 @@ def test_unknown_attention_impl_is_a_clear_error():
 def test_cudnn_wrapper_matches_reference_through_xla(name):
     """The cuDNN path's mask/LSE handling, run through jax.nn's XLA implementation on CPU."""
     q, k, v, layout = case_inputs(name)
-    assert_attention_close(*cudnn.attend(q, k, v, *layout, implementation="xla"),
-                           *reference.attend(q, k, v, *layout))
+    assert_attention_close(
+        *cudnn.attend(q, k, v, *layout, implementation="xla"), *reference.attend(q, k, v, *layout)
+    )
 
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the CPU error")

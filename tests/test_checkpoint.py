@@ -17,13 +17,19 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from cpjax.loaders.checkpoint import (MARKER, PAUSE_ENV, backup_path, load_checkpoint, save_checkpoint,
-                              staging_path)
 from cpjax.config import PRESETS, ModelConfig, config_from_dict, config_to_dict
 from cpjax.engine import ContextParallel, Engine
 from cpjax.errors import CpjaxError
 from cpjax.loaders import load_model
 from cpjax.loaders.byte_tokenizer import ByteTokenizer
+from cpjax.loaders.checkpoint import (
+    MARKER,
+    PAUSE_ENV,
+    backup_path,
+    load_checkpoint,
+    save_checkpoint,
+    staging_path,
+)
 from cpjax.model.llama import param_axes, param_count, param_shapes
 from cpjax.parallel.mesh import make_mesh
 from cpjax.parallel.sharding import tree_specs
@@ -32,8 +38,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = PRESETS["tiny"]
 IDS = np.random.default_rng(1).integers(0, 256, 77).astype(np.int32)
 #: Big enough (~165 MB in float32) that orbax takes a while to write it.
-BIG = ModelConfig(name="big", vocab_size=32768, dim=512, n_layers=2, n_heads=8, n_kv_heads=4,
-                  head_dim=64, ffn_dim=2048)
+BIG = ModelConfig(
+    name="big",
+    vocab_size=32768,
+    dim=512,
+    n_layers=2,
+    n_heads=8,
+    n_kv_heads=4,
+    head_dim=64,
+    ffn_dim=2048,
+)
 
 
 def assert_bit_identical(got, want):
@@ -47,8 +61,7 @@ def assert_bit_identical(got, want):
 def random_params(config: ModelConfig, seed: int):
     """Float32 numpy params of ``config`` (random, cheap: no model init)."""
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32),
-                        param_shapes(config))
+    return jax.tree.map(lambda s: rng.standard_normal(s.shape, np.float32), param_shapes(config))
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +96,7 @@ def test_round_trip_is_bit_identical_and_keeps_the_dtype(tmp_path, tiny_params, 
     config, restored, tokenizer = load_checkpoint(tmp_path / "c")
     assert config == CFG and isinstance(tokenizer, ByteTokenizer)
     assert_bit_identical(restored, params)
-    assert sorted(os.listdir(tmp_path)) == ["c"]          # no staging or backup left behind
+    assert sorted(os.listdir(tmp_path)) == ["c"]  # no staging or backup left behind
 
 
 def test_saving_again_replaces_the_checkpoint(tmp_path, tiny_params):
@@ -95,14 +108,13 @@ def test_saving_again_replaces_the_checkpoint(tmp_path, tiny_params):
 
 
 @pytest.mark.parametrize("context,tensor", [(1, 1), (2, 1), (4, 1), (8, 1), (4, 2)])
-def test_restore_onto_a_mesh_reshards_and_scores_like_one_device(saved, single, context,
-                                                                 tensor):
+def test_restore_onto_a_mesh_reshards_and_scores_like_one_device(saved, single, context, tensor):
     mesh = make_mesh(context, tensor)
     config, params, _ = load_checkpoint(saved, mesh=mesh)
     specs = tree_specs(param_axes(config), params)
     for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(specs)):
         assert x.sharding.is_equivalent_to(NamedSharding(mesh, s), x.ndim)
-    wq = params["layers"]["wq"]                   # [L, D, Hq, Dh], heads split over tensor
+    wq = params["layers"]["wq"]  # [L, D, Hq, Dh], heads split over tensor
     assert wq.addressable_shards[0].data.shape == (2, 64, 4 // tensor, 16)
     engine = Engine(config, params, ContextParallel(mesh=mesh))
     # The engine keeps the restored arrays where they are: no gather onto one device.
@@ -112,27 +124,36 @@ def test_restore_onto_a_mesh_reshards_and_scores_like_one_device(saved, single, 
 
 def test_restore_onto_given_shardings(saved, tiny_params):
     mesh = make_mesh(8, 1)
-    shardings = jax.tree.map(lambda x: NamedSharding(mesh, jax.sharding.PartitionSpec()),
-                             tiny_params)
+    shardings = jax.tree.map(
+        lambda x: NamedSharding(mesh, jax.sharding.PartitionSpec()), tiny_params
+    )
     _, params, _ = load_checkpoint(saved, shardings=shardings)
-    assert all(x.sharding == NamedSharding(mesh, jax.sharding.PartitionSpec())
-               for x in jax.tree.leaves(params))
+    assert all(
+        x.sharding == NamedSharding(mesh, jax.sharding.PartitionSpec())
+        for x in jax.tree.leaves(params)
+    )
     assert_bit_identical(params, tiny_params)
 
 
 # ----------------------------------------------------------------------------- errors
 def test_another_model_config_is_an_error_naming_the_fields(saved):
     other = dataclasses.replace(CFG, name="other", n_layers=3, rope_theta=500000.0)
-    with pytest.raises(CpjaxError, match=r"another model config.*n_layers=2 \(expected 3\); "
-                                         r"rope_theta=10000.0 \(expected 500000.0\)"):
+    with pytest.raises(
+        CpjaxError,
+        match=r"another model config.*n_layers=2 \(expected 3\); "
+        r"rope_theta=10000.0 \(expected 500000.0\)",
+    ):
         load_checkpoint(saved, expected_config=other)
     load_checkpoint(saved, expected_config=dataclasses.replace(CFG, name="renamed"))
 
 
 def test_params_that_do_not_match_the_config_are_refused(tmp_path, tiny_params):
-    with pytest.raises(CpjaxError, match=r"params do not match model config 'smollm2-135m'.*"
-                                         r"embed has shape \(256, 64\), the config needs "
-                                         r"\(49152, 576\)"):
+    with pytest.raises(
+        CpjaxError,
+        match=r"params do not match model config 'smollm2-135m'.*"
+        r"embed has shape \(256, 64\), the config needs "
+        r"\(49152, 576\)",
+    ):
         save_checkpoint(tmp_path / "c", PRESETS["smollm2-135m"], tiny_params)
     assert not os.path.exists(tmp_path / "c")
 
@@ -143,15 +164,21 @@ def test_a_marker_whose_config_disagrees_with_the_params_is_an_error(tmp_path, t
     meta = json.loads(marker.read_text())
     meta["config"]["ffn_dim"] = 96
     marker.write_text(json.dumps(meta))
-    with pytest.raises(CpjaxError, match=r"params do not match model config 'tiny': "
-                                         r"layers/w_down has shape \(2, 128, 64\), the config "
-                                         r"needs \(2, 96, 64\)"):
+    with pytest.raises(
+        CpjaxError,
+        match=r"params do not match model config 'tiny': "
+        r"layers/w_down has shape \(2, 128, 64\), the config "
+        r"needs \(2, 96, 64\)",
+    ):
         load_checkpoint(tmp_path / "c")
 
 
 def test_a_tensor_axis_that_does_not_divide_the_heads_is_an_error(saved):
-    with pytest.raises(CpjaxError, match=r"cannot shard parameter layers/wk of shape "
-                                         r"\(2, 64, 2, 16\) over mesh axis 'tensor' of size 4"):
+    with pytest.raises(
+        CpjaxError,
+        match=r"cannot shard parameter layers/wk of shape "
+        r"\(2, 64, 2, 16\) over mesh axis 'tensor' of size 4",
+    ):
         load_checkpoint(saved, mesh=make_mesh(2, 4))
 
 
@@ -159,10 +186,13 @@ def test_incomplete_and_corrupt_checkpoints_are_clear_errors(tmp_path, tiny_para
     with pytest.raises(CpjaxError, match="does not exist"):
         load_checkpoint(tmp_path / "nothing")
     save_checkpoint(tmp_path / "c", CFG, tiny_params)
-    chunks = [f for f in glob.glob(str(tmp_path / "c" / "params" / "**"), recursive=True)
-              if os.path.isfile(f) and f"{os.sep}d{os.sep}" in f]
+    chunks = [
+        f
+        for f in glob.glob(str(tmp_path / "c" / "params" / "**"), recursive=True)
+        if os.path.isfile(f) and f"{os.sep}d{os.sep}" in f
+    ]
     assert chunks
-    for chunk in chunks:                                  # truncate the array data
+    for chunk in chunks:  # truncate the array data
         os.truncate(chunk, os.path.getsize(chunk) // 2)
     with pytest.raises(CpjaxError, match="the params are unreadable or corrupt"):
         load_checkpoint(tmp_path / "c")
@@ -172,7 +202,7 @@ def test_incomplete_and_corrupt_checkpoints_are_clear_errors(tmp_path, tiny_para
     os.remove(tmp_path / "c" / MARKER)
     with pytest.raises(CpjaxError, match=f"is incomplete .* it has no {MARKER}"):
         load_checkpoint(tmp_path / "c")
-    with pytest.raises(CpjaxError, match="is incomplete"):      # --model DIR says the same
+    with pytest.raises(CpjaxError, match="is incomplete"):  # --model DIR says the same
         load_model(str(tmp_path / "c"))
 
 
@@ -199,8 +229,13 @@ def start_save(path, pause_at=None) -> subprocess.Popen:
     env["JAX_PLATFORMS"] = "cpu"
     if pause_at is not None:
         env[PAUSE_ENV] = pause_at
-    return subprocess.Popen([sys.executable, "-c", _SAVE_SCRIPT, str(path)], cwd=ROOT, env=env,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", _SAVE_SCRIPT, str(path)],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def kill(child: subprocess.Popen) -> None:
@@ -224,12 +259,12 @@ def test_a_save_killed_while_writing_leaves_the_previous_checkpoint(tmp_path, ti
     while not (os.path.isdir(staging_path(str(path))) and os.listdir(staging_path(str(path)))):
         assert child.poll() is None and time.monotonic() < deadline, "the save never started"
         time.sleep(0.005)
-    kill(child)                                   # orbax has begun writing the params
+    kill(child)  # orbax has begun writing the params
     assert not os.path.exists(os.path.join(staging_path(str(path)), MARKER))
     config, params, _ = load_checkpoint(path)
     assert config == CFG
     assert_bit_identical(params, tiny_params)
-    save_checkpoint(path, CFG, tiny_params)       # the next save cleans up the partial one
+    save_checkpoint(path, CFG, tiny_params)  # the next save cleans up the partial one
     assert sorted(os.listdir(tmp_path)) == ["c"]
 
 
@@ -237,7 +272,7 @@ def test_a_save_killed_before_the_swap_leaves_the_previous_checkpoint(tmp_path, 
     path = tmp_path / "c"
     save_checkpoint(path, CFG, tiny_params)
     child = start_save(path, pause_at="staged")
-    wait_for_pause(child, "staged")               # the new checkpoint is complete beside it
+    wait_for_pause(child, "staged")  # the new checkpoint is complete beside it
     kill(child)
     assert os.path.isfile(os.path.join(staging_path(str(path)), MARKER))
     config, params, _ = load_checkpoint(path)
@@ -252,12 +287,12 @@ def test_a_save_killed_between_the_renames_is_recovered(tmp_path, tiny_params):
     wait_for_pause(child, "swapping")
     kill(child)
     assert not os.path.exists(path) and os.path.isdir(backup_path(str(path)))
-    config, params, _ = load_checkpoint(path)     # read from the backup
+    config, params, _ = load_checkpoint(path)  # read from the backup
     assert config == CFG
     assert_bit_identical(params, tiny_params)
     assert load_model(str(path))[0] == CFG
     other = random_params(CFG, 7)
-    save_checkpoint(path, CFG, other)             # recovers, then replaces
+    save_checkpoint(path, CFG, other)  # recovers, then replaces
     assert_bit_identical(load_checkpoint(path)[1], other)
     assert sorted(os.listdir(tmp_path)) == ["c"]
 
@@ -265,8 +300,14 @@ def test_a_save_killed_between_the_renames_is_recovered(tmp_path, tiny_params):
 # ----------------------------------------------------------------------------- CLI, SmolLM2
 def run_cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run([sys.executable, "-m", "cpjax", *args], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "cpjax", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def test_cli_convert_then_score_from_the_checkpoint(tmp_path, single):
@@ -276,15 +317,23 @@ def test_cli_convert_then_score_from_the_checkpoint(tmp_path, single):
     assert summary["params"] == param_count(CFG) and summary["bytes"] == 4 * param_count(CFG)
     assert summary["path"] == str(tmp_path / "c") and summary["seconds"] > 0
     np.save(tmp_path / "ids.npy", IDS)
-    result = run_cli("score", "--model", str(tmp_path / "c"), "--ids-file",
-                     str(tmp_path / "ids.npy"), "--out", str(tmp_path / "lp.npy"))
+    result = run_cli(
+        "score",
+        "--model",
+        str(tmp_path / "c"),
+        "--ids-file",
+        str(tmp_path / "ids.npy"),
+        "--out",
+        str(tmp_path / "lp.npy"),
+    )
     assert result.returncode == 0, result.stderr
     np.testing.assert_allclose(np.load(tmp_path / "lp.npy"), single.score(IDS), atol=1e-5)
 
 
 def test_cli_convert_to_bfloat16(tmp_path):
-    result = run_cli("convert", "--model", "tiny", "--out", str(tmp_path / "c"), "--dtype",
-                     "bfloat16")
+    result = run_cli(
+        "convert", "--model", "tiny", "--out", str(tmp_path / "c"), "--dtype", "bfloat16"
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["bytes"] == 2 * param_count(CFG)
     _, params, _ = load_checkpoint(tmp_path / "c")
@@ -299,8 +348,11 @@ def test_smollm2_converts_and_reloads_equal(tmp_path):
     assert_bit_identical(params2, params)
     text = "Hi <|im_start|>user\n2² is ½ of 8, café 😀<|im_end|>"
     assert tokenizer2.encode(text) == tokenizer.encode(text)
-    assert (tokenizer2.bos_id, tokenizer2.eos_ids, tokenizer2.special_tokens,
-            tokenizer2.add_bos_token) == (tokenizer.bos_id, tokenizer.eos_ids,
-                                          tokenizer.special_tokens, tokenizer.add_bos_token)
+    assert (
+        tokenizer2.bos_id,
+        tokenizer2.eos_ids,
+        tokenizer2.special_tokens,
+        tokenizer2.add_bos_token,
+    ) == (tokenizer.bos_id, tokenizer.eos_ids, tokenizer.special_tokens, tokenizer.add_bos_token)
     messages = [{"role": "user", "content": "hello"}]
     assert tokenizer2.apply_chat_template(messages) == tokenizer.apply_chat_template(messages)

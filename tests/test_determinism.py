@@ -24,8 +24,10 @@ SAMPLED = Sampling(temperature=0.8, seed=3)
 
 @pytest.fixture(scope="module")
 def cp_engines(tiny_params):
-    return {s: Engine(CFG, tiny_params, ContextParallel(mesh=make_mesh(4), strategy=s))
-            for s in ("pass_kv", "pass_q")}
+    return {
+        s: Engine(CFG, tiny_params, ContextParallel(mesh=make_mesh(4), strategy=s))
+        for s in ("pass_kv", "pass_q")
+    }
 
 
 def test_score_is_bit_identical_when_repeated(single, cp_engines):
@@ -77,13 +79,23 @@ def test_score_bytes_are_identical_in_fresh_processes(single):
     """Two fresh Python processes (4 fake CPU devices) print the same sha256 of the float32
     score bytes, single-device and 4-rank pass-KV; the single-device hash is that of this
     process's score of the same ids."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
-                                                        os.environ.get("PYTHONPATH")])))
-    runs = [subprocess.Popen([sys.executable, "-c", SCRIPT], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
+    env = dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SCRIPT],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outputs = []
     for run in runs:
         stdout, stderr = run.communicate(timeout=180)

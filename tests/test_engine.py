@@ -1,7 +1,6 @@
 """Engine: KV cache prefill/decode equal the full forward; scoring; input validation."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -23,7 +22,7 @@ def test_greedy_generation_equals_argmax_of_full_forward(engine):
     assert len(new) == 20
     full = np.concatenate([prompt, new])
     logits = engine.logits(full)
-    np.testing.assert_array_equal(logits[len(prompt) - 1:-1].argmax(-1), new)
+    np.testing.assert_array_equal(logits[len(prompt) - 1 : -1].argmax(-1), new)
 
 
 def test_prefill_then_decode_logits_equal_full_forward(engine):
@@ -65,16 +64,19 @@ def test_generation_stops_at_a_stop_id(engine):
     free = engine.generate(prompt, 10)
     stop_at = free[3]
     stopped = engine.generate(prompt, 10, stop_ids=[stop_at])
-    assert stopped == free[:free.index(stop_at) + 1]
+    assert stopped == free[: free.index(stop_at) + 1]
 
 
-@pytest.mark.parametrize("ids, match", [
-    ([], "empty"),
-    ([1, -3, 2], "token id -3 at index 1 is outside \\[0, 256\\)"),
-    ([1, 256], "token id 256 at index 1 is outside"),
-    ([1.5, 2.0], "must be integers, got dtype float64"),
-    ([[1, 2]], "expected a 1-D sequence"),
-])
+@pytest.mark.parametrize(
+    "ids, match",
+    [
+        ([], "empty"),
+        ([1, -3, 2], "token id -3 at index 1 is outside \\[0, 256\\)"),
+        ([1, 256], "token id 256 at index 1 is outside"),
+        ([1.5, 2.0], "must be integers, got dtype float64"),
+        ([[1, 2]], "expected a 1-D sequence"),
+    ],
+)
 def test_bad_token_ids_are_clear_errors(engine, ids, match):
     with pytest.raises(CpjaxError, match=match):
         engine.score(np.asarray(ids))

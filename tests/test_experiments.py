@@ -18,29 +18,46 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 CONFIGS = os.path.join(ROOT, "experiments", "configs")
 
 TINY = {
-    "cp_overhead": ["lengths = [64, 96]", "contexts = [1, 2]",
-                    "strategies = ['pass_kv', 'pass_q']", "repeats = 3"],
-    "strategy_sweep": ["new_tokens = [16]", "cached_tokens = [0, 40]", "context = 2",
-                       "repeats = 1"],
+    "cp_overhead": [
+        "lengths = [64, 96]",
+        "contexts = [1, 2]",
+        "strategies = ['pass_kv', 'pass_q']",
+        "repeats = 3",
+    ],
+    "strategy_sweep": [
+        "new_tokens = [16]",
+        "cached_tokens = [0, 40]",
+        "context = 2",
+        "repeats = 1",
+    ],
     "decode": ["cached_tokens = [100]", "contexts = [1, 2]", "steps = 2"],
     "paper_model": ["model = 'llama3-405b'", "contexts = [8192, 131072]", "cp_sizes = [1, 4]"],
-    "strategy_map": ["cp = [4]", "new_tokens_range = [1024, 131072]",
-                     "cached_tokens_range = [4096, 131072]", "points_per_octave = 1"],
+    "strategy_map": [
+        "cp = [4]",
+        "new_tokens_range = [1024, 131072]",
+        "cached_tokens_range = [4096, 131072]",
+        "points_per_octave = 1",
+    ],
 }
-ANALYTICAL = {"paper_model", "strategy_map"}           # performance model only: no weights
-MEASURED_ON_GPU = ("cp_overhead", "decode", "strategy_sweep")   # each has a <name>_gpu.gin
+ANALYTICAL = {"paper_model", "strategy_map"}  # performance model only: no weights
+MEASURED_ON_GPU = ("cp_overhead", "decode", "strategy_sweep")  # each has a <name>_gpu.gin
 
 
 def _bindings(name, out, figure, settings):
     model = [] if name in ANALYTICAL else [f"run_{name}.model = 'tiny'"]
-    return [*model, f"run_{name}.out = '{out}'", f"run_{name}.figure = '{figure}'",
-            *(f"run_{name}.{b}" for b in settings)]
+    return [
+        *model,
+        f"run_{name}.out = '{out}'",
+        f"run_{name}.figure = '{figure}'",
+        *(f"run_{name}.{b}" for b in settings),
+    ]
 
 
 def _run_tiny(name, tmp_path):
     out, figure = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
-    results = runner.run(os.path.join(CONFIGS, f"{name}.gin"),
-                         _bindings(name, out, figure, TINY[name]))
+    results = runner.run(
+        os.path.join(CONFIGS, f"{name}.gin"), _bindings(name, out, figure, TINY[name])
+    )
     return results, out, figure
 
 
@@ -53,6 +70,7 @@ def tiny_run(tmp_path_factory):
         if name not in runs:
             runs[name] = _run_tiny(name, tmp_path_factory.mktemp(name))
         return runs[name]
+
     return get
 
 
@@ -74,18 +92,32 @@ def test_cp_overhead_times_every_point_three_times_and_tables_every_row(tiny_run
     lines = cp_overhead.table(results).splitlines()
     assert lines[0] == "| tokens | ring | N=1 (s) | N=2 |"
     assert [line.split(" | ")[:2] for line in lines[2:]] == [
-        ["| 64", "pass-KV"], ["| 64", "pass-Q"], ["| 96", "pass-KV"], ["| 96", "pass-Q"]]
-    printed = subprocess.run([sys.executable, "-m", "experiments.cp_overhead", "--table",
-                              "--results", str(out)], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout
+        ["| 64", "pass-KV"],
+        ["| 64", "pass-Q"],
+        ["| 96", "pass-KV"],
+        ["| 96", "pass-Q"],
+    ]
+    printed = subprocess.run(
+        [sys.executable, "-m", "experiments.cp_overhead", "--table", "--results", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert printed.splitlines() == lines
 
 
 def test_cp_overhead_refuses_fewer_than_three_repeats(tmp_path):
     with pytest.raises(CpjaxError, match="repeats=2: time each point at least 3 times"):
-        runner.run(os.path.join(CONFIGS, "cp_overhead.gin"),
-                   _bindings("cp_overhead", tmp_path / "x.json", tmp_path / "x.png",
-                             [*TINY["cp_overhead"], "repeats = 2"]))
+        runner.run(
+            os.path.join(CONFIGS, "cp_overhead.gin"),
+            _bindings(
+                "cp_overhead",
+                tmp_path / "x.json",
+                tmp_path / "x.png",
+                [*TINY["cp_overhead"], "repeats = 2"],
+            ),
+        )
 
 
 def test_strategy_map_agrees_with_table_4_and_fills_the_grid(tmp_path):
@@ -100,17 +132,18 @@ def test_strategy_map_agrees_with_table_4_and_fills_the_grid(tmp_path):
     assert results["cached_tokens"][0] == 0
     by_cell = {(r["new_tokens"], r["cached_tokens"]): r for r in rows}
     news, cached = results["new_tokens"], results["cached_tokens"]
-    assert by_cell[news[0], cached[-1]]["faster"] == "pass_q"    # few new tokens, long cache
-    assert by_cell[news[-1], 0]["faster"] == "pass_kv"           # full prefill
+    assert by_cell[news[0], cached[-1]]["faster"] == "pass_q"  # few new tokens, long cache
+    assert by_cell[news[-1], 0]["faster"] == "pass_kv"  # full prefill
     assert results["agreement"]["all"]["heuristic"]["agreement"] >= 0.85
     assert 1 <= results["agreement"]["all"]["heuristic"]["worst_slowdown"] < 1.5
 
 
 def test_strategy_map_rejects_a_context_parallel_size_without_a_ring(tmp_path):
     with pytest.raises(CpjaxError, match=r"cp=\[1, 4\]: every size must be an int >= 2"):
-        runner.run(os.path.join(CONFIGS, "strategy_map.gin"),
-                   _bindings("strategy_map", tmp_path / "x.json", tmp_path / "x.png",
-                             ["cp = [1, 4]"]))
+        runner.run(
+            os.path.join(CONFIGS, "strategy_map.gin"),
+            _bindings("strategy_map", tmp_path / "x.json", tmp_path / "x.png", ["cp = [1, 4]"]),
+        )
 
 
 def test_every_config_is_covered():
@@ -138,8 +171,7 @@ def test_gpu_config_binds_the_gpu_platform_and_bfloat16(name):
 
 def test_unknown_platform_is_a_clear_error():
     with pytest.raises(SystemExit, match=r"run_decode.platform = 'tpu': choose one of 'cpu'"):
-        runner.bound_platform(os.path.join(CONFIGS, "decode.gin"),
-                              ["run_decode.platform = 'tpu'"])
+        runner.bound_platform(os.path.join(CONFIGS, "decode.gin"), ["run_decode.platform = 'tpu'"])
 
 
 def test_devices_check_names_the_missing_platform_and_devices():
@@ -150,17 +182,22 @@ def test_devices_check_names_the_missing_platform_and_devices():
     if jax.devices()[0].platform == "cpu":
         with pytest.raises(CpjaxError, match="platform='gpu': no GPU is visible to jax"):
             check_devices("gpu", [1])
-    with pytest.raises(CpjaxError, match=r"contexts=\[1, 4096\]: a context-parallel size may "
-                                         "not exceed"):
+    with pytest.raises(
+        CpjaxError,
+        match=r"contexts=\[1, 4096\]: a context-parallel size may "
+        "not exceed",
+    ):
         check_devices(jax.devices()[0].platform, [1, 4096])
     assert check_devices("cpu", [1])["device_count"] == len(jax.devices())
 
 
 @functools.lru_cache(maxsize=None)
 def _gpu_visible() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices('gpu')"],
-                           env={**os.environ, "JAX_PLATFORMS": runner.JAX_PLATFORMS["gpu"]},
-                           capture_output=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import jax; jax.devices('gpu')"],
+        env={**os.environ, "JAX_PLATFORMS": runner.JAX_PLATFORMS["gpu"]},
+        capture_output=True,
+    )
     return probe.returncode == 0
 
 
@@ -171,9 +208,17 @@ def test_gpu_config_runs_with_a_tiny_setting(name, tmp_path):
     out, figure = tmp_path / f"{name}.json", tmp_path / f"{name}.png"
     settings = [b for b in TINY[name] if not b.startswith(("contexts ", "context "))]  # GPU: 1
     bindings = _bindings(name, out, figure, settings)
-    subprocess.run([sys.executable, "-m", "experiments.run",
-                    os.path.join(CONFIGS, f"{name}_gpu.gin"),
-                    *(arg for b in bindings for arg in ("--gin", b))], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "experiments.run",
+            os.path.join(CONFIGS, f"{name}_gpu.gin"),
+            *(arg for b in bindings for arg in ("--gin", b)),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     results = json.loads(out.read_text())
     assert results["platform"] == "gpu" and results["dtype"] == "bfloat16" and results["rows"]
     assert figure.stat().st_size > 10_000

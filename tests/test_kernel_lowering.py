@@ -51,18 +51,20 @@ def triton_calls(text: str) -> list:
     for line in text.splitlines():
         if TRITON_CALL not in line:
             continue
-        config = re.sub(r'ir = "(?:[^"\\]|\\.)*"', "", line)   # drop the serialized Triton IR
+        config = re.sub(r'ir = "(?:[^"\\]|\\.)*"', "", line)  # drop the serialized Triton IR
 
         def field(key, config=config):
             return re.search(rf"\b{key} = (\"\w+\"|\d+)", config).group(1).strip('"')
-        calls.append((field("name"), tuple(int(field(f"grid_{a}")) for a in "xyz"),
-                      int(field("num_warps"))))
+
+        calls.append(
+            (field("name"), tuple(int(field(f"grid_{a}")) for a in "xyz"), int(field("num_warps")))
+        )
     return calls
 
 
 def flash_shapes(t, hq, hkv, d, dtype):
     q, kv, rows = S((t, hq, d), dtype), S((t, hkv, d), dtype), S((t,), I32)
-    return q, kv, kv, rows, rows, rows, rows      # q, k, v, q_pos, kv_pos, q_seg, kv_seg
+    return q, kv, kv, rows, rows, rows, rows  # q, k, v, q_pos, kv_pos, q_seg, kv_seg
 
 
 def decode_shapes(tq, cache, hq, hkv, d, dtype):
@@ -79,15 +81,19 @@ HEADS = pytest.mark.parametrize("hq, hkv", [(32, 8), (9, 3)], ids=["32q8kv", "9q
 @HEAD_DIMS
 @HEADS
 @pytest.mark.parametrize("t", [1000, 4097])
-@pytest.mark.parametrize("block_q, block_k, window", [(128, 64, None), (64, 64, None),
-                                                      (64, 64, 256)])
-def test_flash_attention_lowers_to_one_triton_call(dtype, d, hq, hkv, t, block_q, block_k,
-                                                   window):
-    text = lower_for_cuda(lambda *a: flash_attention(*a, block_q=block_q, block_k=block_k,
-                                                     window=window, interpret=False),
-                          *flash_shapes(t, hq, hkv, d, dtype))
-    assert triton_calls(text) == [("cpjax_flash_attention", (-(-t // block_q), hq, 1),
-                                   4 if d <= 64 else 8)]
+@pytest.mark.parametrize(
+    "block_q, block_k, window", [(128, 64, None), (64, 64, None), (64, 64, 256)]
+)
+def test_flash_attention_lowers_to_one_triton_call(dtype, d, hq, hkv, t, block_q, block_k, window):
+    text = lower_for_cuda(
+        lambda *a: flash_attention(
+            *a, block_q=block_q, block_k=block_k, window=window, interpret=False
+        ),
+        *flash_shapes(t, hq, hkv, d, dtype),
+    )
+    assert triton_calls(text) == [
+        ("cpjax_flash_attention", (-(-t // block_q), hq, 1), 4 if d <= 64 else 8)
+    ]
 
 
 @DTYPES
@@ -97,26 +103,30 @@ def test_flash_attention_lowers_to_one_triton_call(dtype, d, hq, hkv, t, block_q
 def test_decode_attention_lowers_to_one_triton_call(dtype, d, hq, hkv, tq):
     # 5000 slots in 16 splits of 128-row tiles: chunks of 384 rows, not a power of two; only
     # the tiles the kernel loads (128 rows) must be.
-    text = lower_for_cuda(lambda *a: decode_attention(*a, n_splits=16, block_k=128,
-                                                      interpret=False),
-                          *decode_shapes(tq, 5000, hq, hkv, d, dtype))
+    text = lower_for_cuda(
+        lambda *a: decode_attention(*a, n_splits=16, block_k=128, interpret=False),
+        *decode_shapes(tq, 5000, hq, hkv, d, dtype),
+    )
     assert triton_calls(text) == [("cpjax_decode_attention", (hkv, 16, 1), 4)]
 
 
 @pytest.mark.parametrize("t", [4096, 16384, 65536, 131072])
 def test_benchmark_prefill_shapes_lower(t):
     """``experiments/bench_kernels.py --platform gpu``: bf16, 32/8 heads, D 128, blocks 128/64."""
-    text = lower_for_cuda(lambda *a: flash_attention(*a, block_q=128, block_k=64,
-                                                     interpret=False)[0],
-                          *flash_shapes(t, 32, 8, 128, jnp.bfloat16))
+    text = lower_for_cuda(
+        lambda *a: flash_attention(*a, block_q=128, block_k=64, interpret=False)[0],
+        *flash_shapes(t, 32, 8, 128, jnp.bfloat16),
+    )
     assert triton_calls(text) == [("cpjax_flash_attention", (t // 128, 32, 1), 8)]
 
 
 @pytest.mark.parametrize("cache", [32768, 131072, 524288, 1048576])
 def test_benchmark_decode_shapes_lower(cache):
     """``experiments/bench_kernels.py --platform gpu``: one query, bf16, 32/8 heads, D 128."""
-    text = lower_for_cuda(lambda *a: decode_attention(*a, block_k=128, interpret=False)[0],
-                          *decode_shapes(1, cache, 32, 8, 128, jnp.bfloat16))
+    text = lower_for_cuda(
+        lambda *a: decode_attention(*a, block_k=128, interpret=False)[0],
+        *decode_shapes(1, cache, 32, 8, 128, jnp.bfloat16),
+    )
     assert triton_calls(text) == [("cpjax_decode_attention", (8, 16, 1), 4)]
 
 
@@ -124,10 +134,12 @@ def test_benchmark_decode_shapes_lower(cache):
 def compiled_kernels(monkeypatch):
     """``cpjax.dispatch.pallas_attend`` as on a GPU: the kernels with ``interpret=False`` and
     their default block sizes (it imports them from ``pallas_kernels`` at each call)."""
-    monkeypatch.setattr(pallas_kernels, "flash_attention",
-                        functools.partial(flash_attention, interpret=False))
-    monkeypatch.setattr(pallas_kernels, "decode_attention",
-                        functools.partial(decode_attention, interpret=False))
+    monkeypatch.setattr(
+        pallas_kernels, "flash_attention", functools.partial(flash_attention, interpret=False)
+    )
+    monkeypatch.setattr(
+        pallas_kernels, "decode_attention", functools.partial(decode_attention, interpret=False)
+    )
 
 
 @pytest.mark.parametrize("preset", ["tiny", "smollm2-135m", "llama3-8b", "llama3-405b"])
@@ -137,8 +149,8 @@ def test_model_forward_with_pallas_attention_lowers(compiled_kernels, preset, dt
     prefill (flash kernel), then 1, 16 (decode kernel) and 17 (flash) new tokens against a
     5000-slot cache -- one kernel for the new rows, one for the cache."""
     from cpjax.attention import with_past
-    from cpjax.dispatch import pallas_attend
     from cpjax.config import PRESETS
+    from cpjax.dispatch import pallas_attend
     from cpjax.model.llama import Llama, PastKV, param_shapes
 
     cfg = dataclasses.replace(PRESETS[preset], n_layers=1)
@@ -154,39 +166,47 @@ def test_model_forward_with_pallas_attention_lowers(compiled_kernels, preset, dt
     kv, slots = S((1, 5000, cfg.n_kv_heads, cfg.head_dim), dtype), S((5000,), I32)
     for t, kernel in ((1, "decode"), (16, "decode"), (17, "flash")):
         rows = S((t,), I32)
-        calls = triton_calls(lower_for_cuda(forward, params, rows, rows, rows,
-                                            PastKV(kv, kv, slots, slots)))
+        calls = triton_calls(
+            lower_for_cuda(forward, params, rows, rows, rows, PastKV(kv, kv, slots, slots))
+        )
         assert [name for name, _, _ in calls] == [f"cpjax_{kernel}_attention"] * 2, t
 
 
 def test_interpret_mode_lowers_without_triton():
     """The helper tells the two modes apart: interpreted, the kernel is plain XLA."""
-    text = lower_for_cuda(lambda *a: flash_attention(*a, block_q=64, block_k=64,
-                                                     interpret=True),
-                          *flash_shapes(100, 4, 2, 64, jnp.float32))
+    text = lower_for_cuda(
+        lambda *a: flash_attention(*a, block_q=64, block_k=64, interpret=True),
+        *flash_shapes(100, 4, 2, 64, jnp.float32),
+    )
     assert TRITON_CALL not in text and "custom_call" not in text
 
 
 POWER_OF_TWO_ERROR = "size is a power of 2"
 
 
-@pytest.mark.parametrize("block_q, block_k, d, bad_shape", [
-    (48, 64, 128, "(48, 128)"),      # query tile
-    (64, 48, 128, "(48,)"),          # key tile (its positions are loaded first)
-    (64, 64, 96, "(64, 96)"),        # head_dim 96: no preset has it, but e.g. 80/96 exist
-])
+@pytest.mark.parametrize(
+    "block_q, block_k, d, bad_shape",
+    [
+        (48, 64, 128, "(48, 128)"),  # query tile
+        (64, 48, 128, "(48,)"),  # key tile (its positions are loaded first)
+        (64, 64, 96, "(64, 96)"),  # head_dim 96: no preset has it, but e.g. 80/96 exist
+    ],
+)
 def test_flash_attention_non_power_of_two_fails_at_lowering(block_q, block_k, d, bad_shape):
     with pytest.raises(ValueError, match=POWER_OF_TWO_ERROR) as info:
-        lower_for_cuda(lambda *a: flash_attention(*a, block_q=block_q, block_k=block_k,
-                                                  interpret=False),
-                       *flash_shapes(1000, 8, 2, d, jnp.bfloat16))
+        lower_for_cuda(
+            lambda *a: flash_attention(*a, block_q=block_q, block_k=block_k, interpret=False),
+            *flash_shapes(1000, 8, 2, d, jnp.bfloat16),
+        )
     assert bad_shape in str(info.value)
 
 
 def test_decode_attention_non_power_of_two_block_fails_at_lowering():
     with pytest.raises(ValueError, match=POWER_OF_TWO_ERROR):
-        lower_for_cuda(lambda *a: decode_attention(*a, block_k=96, interpret=False),
-                       *decode_shapes(1, 5000, 32, 8, 128, jnp.bfloat16))
+        lower_for_cuda(
+            lambda *a: decode_attention(*a, block_k=96, interpret=False),
+            *decode_shapes(1, 5000, 32, 8, 128, jnp.bfloat16),
+        )
 
 
 MOSAIC_CALL = "stablehlo.custom_call @mosaic_gpu_v2("
@@ -197,19 +217,25 @@ MOSAIC_CALL = "stablehlo.custom_call @mosaic_gpu_v2("
 @HEADS
 @pytest.mark.parametrize("t", [1000, 4097])
 @pytest.mark.parametrize("block_k, slots, window", [(64, 2, None), (128, 3, None), (64, 2, 256)])
-def test_mgpu_flash_attention_lowers_to_one_mosaic_call(dtype, d, hq, hkv, t, block_k, slots,
-                                                        window):
-    text = lower_for_cuda(lambda *a: flash_attention_mgpu(*a, block_k=block_k, slots=slots,
-                                                          window=window, interpret=False),
-                          *flash_shapes(t, hq, hkv, d, dtype))
+def test_mgpu_flash_attention_lowers_to_one_mosaic_call(
+    dtype, d, hq, hkv, t, block_k, slots, window
+):
+    text = lower_for_cuda(
+        lambda *a: flash_attention_mgpu(
+            *a, block_k=block_k, slots=slots, window=window, interpret=False
+        ),
+        *flash_shapes(t, hq, hkv, d, dtype),
+    )
     assert text.count(MOSAIC_CALL) == 1 and TRITON_CALL not in text
 
 
 @pytest.mark.parametrize("t", [4096, 131072])
 def test_benchmark_mgpu_prefill_shapes_lower(t):
     """``experiments/bench_kernels.py --platform gpu``: bf16, 32/8 heads, D 128."""
-    text = lower_for_cuda(lambda *a: flash_attention_mgpu(*a, interpret=False)[0],
-                          *flash_shapes(t, 32, 8, 128, jnp.bfloat16))
+    text = lower_for_cuda(
+        lambda *a: flash_attention_mgpu(*a, interpret=False)[0],
+        *flash_shapes(t, 32, 8, 128, jnp.bfloat16),
+    )
     assert text.count(MOSAIC_CALL) == 1
 
 
@@ -217,15 +243,23 @@ def test_benchmark_mgpu_prefill_shapes_lower(t):
 def test_model_forward_with_pallas_mgpu_attention_lowers(monkeypatch, preset):
     """One bf16 layer, ``attention="pallas_mgpu"``: a 1000-token prefill is one Mosaic GPU call."""
     from cpjax.attention import with_past
-    from cpjax.dispatch import pallas_mgpu_attend
     from cpjax.config import PRESETS
+    from cpjax.dispatch import pallas_mgpu_attend
     from cpjax.model.llama import Llama, param_shapes
 
-    monkeypatch.setattr(pallas_kernels, "flash_attention_mgpu",
-                        functools.partial(flash_attention_mgpu, interpret=False))
+    monkeypatch.setattr(
+        pallas_kernels,
+        "flash_attention_mgpu",
+        functools.partial(flash_attention_mgpu, interpret=False),
+    )
     cfg = dataclasses.replace(PRESETS[preset], n_layers=1)
     model = Llama(cfg, with_past(pallas_mgpu_attend), jnp.bfloat16)
     rows = S((1000,), I32)
-    text = lower_for_cuda(lambda params, *r: model.apply({"params": params}, *r),
-                          param_shapes(cfg, jnp.bfloat16), rows, rows, rows)
+    text = lower_for_cuda(
+        lambda params, *r: model.apply({"params": params}, *r),
+        param_shapes(cfg, jnp.bfloat16),
+        rows,
+        rows,
+        rows,
+    )
     assert text.count(MOSAIC_CALL) == 1

@@ -8,8 +8,13 @@ import pytest
 
 from cpjax.config import PRESETS
 from cpjax.errors import CpjaxError
-from cpjax.loaders import embedded_gguf_path, load_gguf, load_model, load_safetensors, \
-    save_safetensors
+from cpjax.loaders import (
+    embedded_gguf_path,
+    load_gguf,
+    load_model,
+    load_safetensors,
+    save_safetensors,
+)
 from cpjax.loaders.tokenizer import Tokenizer
 from cpjax.model.llama import unpermute_rope_rows
 
@@ -47,16 +52,16 @@ def _write_tiny_gguf(path, params, arch="llama", quantize_ffn=True):
         writer.add_tensor(p + "attn_q.weight", f32(_permute_like_llama_cpp(wq, c.n_heads)))
         writer.add_tensor(p + "attn_k.weight", f32(_permute_like_llama_cpp(wk, c.n_kv_heads)))
         writer.add_tensor(p + "attn_v.weight", f32(np.asarray(lay["wv"][i]).reshape(c.dim, -1).T))
-        writer.add_tensor(p + "attn_output.weight",
-                          f32(np.asarray(lay["wo"][i]).reshape(-1, c.dim).T))
+        writer.add_tensor(
+            p + "attn_output.weight", f32(np.asarray(lay["wo"][i]).reshape(-1, c.dim).T)
+        )
         writer.add_tensor(p + "attn_norm.weight", f32(lay["attn_norm"][i]))
         writer.add_tensor(p + "ffn_norm.weight", f32(lay["mlp_norm"][i]))
         for name, key in (("ffn_gate", "w_gate"), ("ffn_up", "w_up"), ("ffn_down", "w_down")):
             w = f32(np.asarray(lay[key][i]).T)
             if quantize_ffn:
                 q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
-                writer.add_tensor(p + name + ".weight", q,
-                                  raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                writer.add_tensor(p + name + ".weight", q, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             else:
                 writer.add_tensor(p + name + ".weight", w)
     writer.write_header_to_file()
@@ -74,12 +79,19 @@ def test_tiny_gguf_round_trip(tmp_path, tiny_params):
     path = tmp_path / "tiny.gguf"
     _write_tiny_gguf(path, tiny_params)
     config, params = load_gguf(path)
-    assert (config.dim, config.n_layers, config.n_heads, config.n_kv_heads, config.ffn_dim,
-            config.vocab_size, config.tie_embeddings) == (64, 2, 4, 2, 128, 256, False)
+    assert (
+        config.dim,
+        config.n_layers,
+        config.n_heads,
+        config.n_kv_heads,
+        config.ffn_dim,
+        config.vocab_size,
+        config.tie_embeddings,
+    ) == (64, 2, 4, 2, 128, 256, False)
     exact = ["wq", "wk", "wv", "wo", "attn_norm", "mlp_norm"]
     for key in exact:
         np.testing.assert_array_equal(params["layers"][key], tiny_params["layers"][key])
-    for key in ("w_gate", "w_up", "w_down"):       # Q8_0: 8-bit blocks of 32
+    for key in ("w_gate", "w_up", "w_down"):  # Q8_0: 8-bit blocks of 32
         want = np.asarray(tiny_params["layers"][key])
         assert np.abs(params["layers"][key] - want).max() < 0.01 * np.abs(want).max()
     np.testing.assert_array_equal(params["lm_head"], tiny_params["lm_head"])
@@ -109,6 +121,7 @@ def test_safetensors_round_trip_and_errors(tmp_path, tiny_params):
     config, params = load_safetensors(tmp_path / "ckpt")
     assert config.dim == CFG.dim and config.tie_embeddings is False
     import jax
+
     jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, tiny_params))
     with pytest.raises(CpjaxError, match="does not exist"):
         load_safetensors(tmp_path / "nope")
@@ -139,8 +152,9 @@ def test_the_table_round_trips_through_safetensors_export_and_load(tmp_path, tie
     assert ("lm_head.weight" in tensors) == (not tied)
     q = tensors["model.layers.1.self_attn.q_proj.weight"]
     assert q.shape == (CFG.n_heads * CFG.head_dim, CFG.dim)
-    np.testing.assert_array_equal(q.T.reshape(CFG.dim, CFG.n_heads, CFG.head_dim),
-                                  params["layers"]["wq"][1])
+    np.testing.assert_array_equal(
+        q.T.reshape(CFG.dim, CFG.n_heads, CFG.head_dim), params["layers"]["wq"][1]
+    )
     loaded_config, loaded = load_safetensors(tmp_path / "ckpt")
     assert loaded_config.tie_embeddings is tied
     assert jax.tree.structure(loaded) == jax.tree.structure(params)
@@ -177,9 +191,20 @@ def smollm2():
 def test_embedded_smollm2_config_and_params(smollm2):
     config, params, _ = smollm2
     preset = PRESETS["smollm2-135m"]
-    for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                  "ffn_dim", "rope_theta", "max_seq_len", "tie_embeddings", "bos_id",
-                  "eos_ids"):
+    for field in (
+        "vocab_size",
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "head_dim",
+        "ffn_dim",
+        "rope_theta",
+        "max_seq_len",
+        "tie_embeddings",
+        "bos_id",
+        "eos_ids",
+    ):
         assert getattr(config, field) == getattr(preset, field), field
     assert config.norm_eps == pytest.approx(preset.norm_eps)
     assert "lm_head" not in params
@@ -188,8 +213,14 @@ def test_embedded_smollm2_config_and_params(smollm2):
     assert os.path.basename(embedded_gguf_path()) == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-TEXTS = ["Hello world!", "  leading spaces and\nnew lines\n\n", "def f(x):\n    return x**2",
-         "naïve café — 東京 🚀", "<|im_start|>user\nhi<|im_end|>\n", "The year 1984."]
+TEXTS = [
+    "Hello world!",
+    "  leading spaces and\nnew lines\n\n",
+    "def f(x):\n    return x**2",
+    "naïve café — 東京 🚀",
+    "<|im_start|>user\nhi<|im_end|>\n",
+    "The year 1984.",
+]
 
 
 def test_tokenizer_round_trip_and_special_tokens(smollm2):
@@ -197,7 +228,7 @@ def test_tokenizer_round_trip_and_special_tokens(smollm2):
     for text in TEXTS:
         assert tok.decode(tok.encode(text), skip_special=False) == text
     assert tok.encode("<|im_start|>") == [1] and tok.eos_ids == (2,)
-    assert tok.encode("12345") == [tok.encode(d)[0] for d in "12345"]   # SmolLM splits digits
+    assert tok.encode("12345") == [tok.encode(d)[0] for d in "12345"]  # SmolLM splits digits
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}])
     assert prompt.endswith("<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
 

@@ -11,16 +11,24 @@ from jax.sharding import PartitionSpec as P
 from cpjax.attention import blockwise, reference, with_past
 from cpjax.config import PRESETS, RopeScaling
 from cpjax.errors import CpjaxError
-from cpjax.model.llama import (Llama, apply_rope, check_layout, init_params, param_count,
-                               param_shapes, rope_inv_freq)
+from cpjax.model.llama import (
+    Llama,
+    apply_rope,
+    check_layout,
+    init_params,
+    param_count,
+    param_shapes,
+    rope_inv_freq,
+)
 from cpjax.parallel import sharding
 from cpjax.parallel.mesh import make_mesh
 
 CFG = PRESETS["tiny"]
 
 
-def _forward_logits(params, tokens, positions, segments, attend=reference.attend,
-                    dtype=jnp.float32):
+def _forward_logits(
+    params, tokens, positions, segments, attend=reference.attend, dtype=jnp.float32
+):
     model = Llama(CFG, with_past(attend), dtype)
     variables = {"params": jax.tree.map(lambda x: x.astype(dtype), params)}
     out = model.apply(variables, tokens, positions, segments)
@@ -29,15 +37,33 @@ def _forward_logits(params, tokens, positions, segments, attend=reference.attend
 
 def test_param_shapes_follow_the_documented_layout(tiny_params):
     shapes = jax.tree.map(lambda x: x.shape, tiny_params)
-    l, d, hq, hkv, dh, f, v = (CFG.n_layers, CFG.dim, CFG.n_heads, CFG.n_kv_heads, CFG.head_dim,
-                               CFG.ffn_dim, CFG.vocab_size)
+    l, d, hq, hkv, dh, f, v = (
+        CFG.n_layers,
+        CFG.dim,
+        CFG.n_heads,
+        CFG.n_kv_heads,
+        CFG.head_dim,
+        CFG.ffn_dim,
+        CFG.vocab_size,
+    )
     assert shapes == {
-        "embed": (v, d), "final_norm": (d,), "lm_head": (d, v),
-        "layers": {"attn_norm": (l, d), "wq": (l, d, hq, dh), "wk": (l, d, hkv, dh),
-                   "wv": (l, d, hkv, dh), "wo": (l, hq, dh, d), "mlp_norm": (l, d),
-                   "w_gate": (l, d, f), "w_up": (l, d, f), "w_down": (l, f, d)}}
+        "embed": (v, d),
+        "final_norm": (d,),
+        "lm_head": (d, v),
+        "layers": {
+            "attn_norm": (l, d),
+            "wq": (l, d, hq, dh),
+            "wk": (l, d, hkv, dh),
+            "wv": (l, d, hkv, dh),
+            "wo": (l, hq, dh, d),
+            "mlp_norm": (l, d),
+            "w_gate": (l, d, f),
+            "w_up": (l, d, f),
+            "w_down": (l, f, d),
+        },
+    }
     smol = param_shapes(PRESETS["smollm2-135m"])
-    assert "lm_head" not in smol   # tied embeddings
+    assert "lm_head" not in smol  # tied embeddings
     n = sum(math.prod(x.shape) for x in jax.tree.leaves(smol))
     assert n == param_count(PRESETS["smollm2-135m"])
     assert abs(n - 134.5e6) < 0.5e6
@@ -51,10 +77,12 @@ def test_param_count_is_the_size_of_init_params_and_of_the_model(name):
     size = lambda tree: sum(math.prod(x.shape) for x in jax.tree.leaves(tree))  # noqa: E731
     from_init = jax.eval_shape(lambda: init_params(config, 0))
     tokens = jnp.zeros((1,), jnp.int32)
-    declared = jax.eval_shape(Llama(config, with_past(reference.attend)).init,
-                              jax.random.key(0), tokens, tokens, tokens)["params"]
-    assert jax.tree.map(lambda x: x.shape, declared) == jax.tree.map(lambda x: x.shape,
-                                                                     param_shapes(config))
+    declared = jax.eval_shape(
+        Llama(config, with_past(reference.attend)).init, jax.random.key(0), tokens, tokens, tokens
+    )["params"]
+    assert jax.tree.map(lambda x: x.shape, declared) == jax.tree.map(
+        lambda x: x.shape, param_shapes(config)
+    )
     assert param_count(config) == size(from_init) == size(declared)
 
 
@@ -69,10 +97,14 @@ def test_inside_a_mesh_the_model_declares_the_local_shards():
     mesh = make_mesh(4, 2)
     model = Llama(CFG, with_past(reference.attend), mesh_axis_sizes=tuple(mesh.shape.items()))
     tokens = jnp.zeros((1,), jnp.int32)
-    local_init = jax.shard_map(lambda: model.init(jax.random.key(0), tokens, tokens,
-                                                  tokens)["params"],
-                               mesh=mesh, in_specs=(), out_specs=P(), check_vma=False)
-    shapes = jax.eval_shape(local_init)     # out_specs=P(): the global shape is one shard's
+    local_init = jax.shard_map(
+        lambda: model.init(jax.random.key(0), tokens, tokens, tokens)["params"],
+        mesh=mesh,
+        in_specs=(),
+        out_specs=P(),
+        check_vma=False,
+    )
+    shapes = jax.eval_shape(local_init)  # out_specs=P(): the global shape is one shard's
     l, d, dh, f = CFG.n_layers, CFG.dim, CFG.head_dim, CFG.ffn_dim
     layers = jax.tree.map(lambda x: x.shape, shapes["layers"])
     assert layers["wq"] == (l, d, CFG.n_heads // 2, dh)
@@ -87,14 +119,18 @@ def test_a_layout_the_forward_cannot_run_is_a_clear_error(monkeypatch):
     mesh = (("context", 2), ("tensor", 2))
     check_layout(mesh)
     monkeypatch.setitem(sharding.RULES, "embed", "tensor")
-    with pytest.raises(CpjaxError, match="logical axis 'embed' to mesh axis 'tensor' of size 2, "
-                                         "but the Llama forward keeps 'embed' whole"):
+    with pytest.raises(
+        CpjaxError,
+        match="logical axis 'embed' to mesh axis 'tensor' of size 2, "
+        "but the Llama forward keeps 'embed' whole",
+    ):
         check_layout(mesh)
-    check_layout((("context", 2), ("tensor", 1)))    # a size-1 axis splits nothing
+    check_layout((("context", 2), ("tensor", 1)))  # a size-1 axis splits nothing
     monkeypatch.setitem(sharding.RULES, "embed", None)
     monkeypatch.setitem(sharding.RULES, "kv_heads", None)
-    with pytest.raises(CpjaxError, match="split 'q_heads' as \\('tensor', 2\\) but 'kv_heads' "
-                                         "as None"):
+    with pytest.raises(
+        CpjaxError, match="split 'q_heads' as \\('tensor', 2\\) but 'kv_heads' as None"
+    ):
         check_layout(mesh)
 
 
@@ -102,8 +138,9 @@ def test_a_layout_the_forward_cannot_run_is_a_clear_error(monkeypatch):
 def test_shapes_and_dtypes(tiny_params, dtype):
     t = 19
     tokens = jnp.arange(t, dtype=jnp.int32) * 7 % CFG.vocab_size
-    logits, out = _forward_logits(tiny_params, tokens, jnp.arange(t), jnp.zeros(t, jnp.int32),
-                                  dtype=dtype)
+    logits, out = _forward_logits(
+        tiny_params, tokens, jnp.arange(t), jnp.zeros(t, jnp.int32), dtype=dtype
+    )
     assert logits.shape == (t, CFG.vocab_size) and logits.dtype == jnp.float32
     assert out.hidden.shape == (t, CFG.dim) and out.hidden.dtype == dtype
     assert out.k.shape == (CFG.n_layers, t, CFG.n_kv_heads, CFG.head_dim)
@@ -176,8 +213,9 @@ def test_rope_is_a_relative_rotation():
 
 def test_llama31_rope_scaling_matches_published_rule():
     """Low frequencies divided by the factor, high ones kept, a smooth ramp in between."""
-    sc = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                     original_max_position_embeddings=8192)
+    sc = RopeScaling(
+        factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+    )
     plain = np.asarray(rope_inv_freq(128, 500000.0, None))
     scaled = np.asarray(rope_inv_freq(128, 500000.0, sc))
     wavelen = 2 * np.pi / plain

@@ -7,9 +7,7 @@ import pytest
 
 from cpjax.attention import reference
 from pallas_kernels import decode_attention, flash_attention
-from tests.test_attention import (CASES, _random_qkv, assert_attention_close,
-                                  case_inputs)
-
+from tests.test_attention import CASES, _random_qkv, assert_attention_close, case_inputs
 
 _check = assert_attention_close
 
@@ -29,8 +27,9 @@ def test_flash_attention_gqa_and_head_dims_with_window(group, head_dim):
     q_pos, kv_pos = np.arange(25, 70, dtype=np.int32), np.arange(70, dtype=np.int32)
     q_seg, kv_seg = np.zeros(45, np.int32), np.zeros(70, np.int32)
     want = reference.attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=20)
-    got = flash_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=20, block_q=16,
-                          block_k=32, interpret=True)
+    got = flash_attention(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=20, block_q=16, block_k=32, interpret=True
+    )
     _check(*got, *want, atol=1e-5)
 
 
@@ -40,8 +39,9 @@ def test_flash_attention_bf16():
     pos, seg = np.arange(40, dtype=np.int32), np.zeros(40, np.int32)
     want = reference.attend(q, k, v, pos, pos, seg, seg)
     qb, kb, vb = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
-    out, lse = flash_attention(qb, kb, vb, pos, pos, seg, seg, block_q=16, block_k=16,
-                               interpret=True)
+    out, lse = flash_attention(
+        qb, kb, vb, pos, pos, seg, seg, block_q=16, block_k=16, interpret=True
+    )
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), want[0], atol=3e-2, rtol=2e-2)
     np.testing.assert_allclose(lse, want[1], atol=2e-2, rtol=2e-2)
@@ -54,19 +54,19 @@ def test_decode_attention_matches_reference(tq, group, n_splits):
     q, k, v = _random_qkv(rng, tq, tk, group * hkv, hkv, d)
     kv_pos = np.arange(tk, dtype=np.int32)
     kv_seg = np.zeros(tk, np.int32)
-    kv_seg[200:] = -1                   # empty cache slots
-    kv_seg[:9] = 4                      # another sequence in the cache
+    kv_seg[200:] = -1  # empty cache slots
+    kv_seg[:9] = 4  # another sequence in the cache
     q_pos = np.arange(200 - tq, 200, dtype=np.int32)
     q_seg = np.zeros(tq, np.int32)
     want = reference.attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-    got = decode_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, n_splits=n_splits,
-                           block_k=32, interpret=True)
+    got = decode_attention(
+        q, k, v, q_pos, kv_pos, q_seg, kv_seg, n_splits=n_splits, block_k=32, interpret=True
+    )
     _check(*got, *want, atol=1e-5)
 
 
 def test_rings_with_pallas_match_reference_on_8_devices(tiny_params):
     from cpjax.config import PRESETS
-    from cpjax.engine import Engine
     from cpjax.engine import ContextParallel, Engine
     from cpjax.parallel.mesh import make_mesh
 
@@ -74,7 +74,12 @@ def test_rings_with_pallas_match_reference_on_8_devices(tiny_params):
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, 150).astype(np.int32)
     want = Engine(cfg, tiny_params, attention="reference").logits(ids)
     for strategy in ("pass_kv", "pass_q"):
-        engine = Engine(cfg, tiny_params, ContextParallel(mesh=make_mesh(8), strategy=strategy), attention="pallas")
+        engine = Engine(
+            cfg,
+            tiny_params,
+            ContextParallel(mesh=make_mesh(8), strategy=strategy),
+            attention="pallas",
+        )
         assert np.abs(engine.logits(ids) - want).max() <= 1e-5 * max(1.0, np.abs(want).max())
 
 
@@ -82,6 +87,7 @@ def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
     import json
 
     from experiments.bench_kernels import main
+
     main(["--smoke", "--out", str(tmp_path / "k.json")])
     rows = json.loads((tmp_path / "k.json").read_text())["rows"]
     assert {r["impl"] for r in rows} >= {"pallas", "blockwise_xla", "pallas_decode"}
@@ -105,7 +111,8 @@ def test_kernel_benchmark_script_runs_in_smoke_mode(tmp_path):
 requires_gpu = pytest.mark.skipif(
     jax.default_backend() != "gpu",
     reason="compiles the kernels with Triton (interpret=False): needs a GPU backend "
-           "(run experiments/gpu_check.sh on a GPU machine)")
+    "(run experiments/gpu_check.sh on a GPU machine)",
+)
 TF32_ATOL = 4e-3
 BF16_ATOL = 1e-2
 
@@ -123,8 +130,9 @@ def _on_gpu_reference(q, k, v, *layout, window=None):
 def test_flash_attention_compiled_matches_reference_on_gpu(name, blocks):
     q, k, v, layout = case_inputs(name)
     with jax.default_matmul_precision("highest"):
-        got = flash_attention(q, k, v, *layout, block_q=blocks[0], block_k=blocks[1],
-                              interpret=False)
+        got = flash_attention(
+            q, k, v, *layout, block_q=blocks[0], block_k=blocks[1], interpret=False
+        )
     _check(*got, *_on_gpu_reference(q, k, v, *layout), atol=1e-5)
 
 
@@ -136,8 +144,7 @@ def test_decode_attention_compiled_matches_reference_on_gpu(tq, group, n_splits)
     q, k, v = _random_qkv(rng, tq, tk, group * hkv, hkv, d)
     layout = _decode_layout(tq, tk, filled=200)
     with jax.default_matmul_precision("highest"):
-        got = decode_attention(q, k, v, *layout, n_splits=n_splits, block_k=32,
-                               interpret=False)
+        got = decode_attention(q, k, v, *layout, n_splits=n_splits, block_k=32, interpret=False)
     _check(*got, *_on_gpu_reference(q, k, v, *layout), atol=1e-5)
 
 
@@ -148,8 +155,7 @@ def _decode_layout(tq, tk, filled):
     kv_seg = np.zeros(tk, np.int32)
     kv_seg[filled:] = -1
     kv_seg[:9] = 4
-    return [np.arange(filled - tq, filled, dtype=np.int32), kv_pos, np.zeros(tq, np.int32),
-            kv_seg]
+    return [np.arange(filled - tq, filled, dtype=np.int32), kv_pos, np.zeros(tq, np.int32), kv_seg]
 
 
 def _gpu_inputs(seed, tq, tk, hq, hkv, d, dtype):
@@ -163,25 +169,41 @@ def _check_at_dtype(got, want, dtype):
     _check(out, lse, *want, atol=BF16_ATOL if dtype == jnp.bfloat16 else TF32_ATOL)
 
 
-GPU_DTYPES = pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32],
-                                     ids=["bf16", "fp32_tf32"])
-GPU_HEADS = pytest.mark.parametrize("hq, hkv, d", [(32, 8, 128), (9, 3, 64)],
-                                    ids=["32q8kv_d128", "9q3kv_d64_smollm2"])
+GPU_DTYPES = pytest.mark.parametrize(
+    "dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32_tf32"]
+)
+GPU_HEADS = pytest.mark.parametrize(
+    "hq, hkv, d", [(32, 8, 128), (9, 3, 64)], ids=["32q8kv_d128", "9q3kv_d64_smollm2"]
+)
 
 
 @requires_gpu
 @GPU_DTYPES
 @GPU_HEADS
-@pytest.mark.parametrize("t, block_q, block_k, window", [
-    (1000, 128, 64, None), (1000, 64, 64, None), (1000, 64, 64, 256), (4097, 128, 64, None)])
-def test_flash_attention_compiled_at_model_shapes_on_gpu(dtype, hq, hkv, d, t, block_q,
-                                                         block_k, window):
+@pytest.mark.parametrize(
+    "t, block_q, block_k, window",
+    [(1000, 128, 64, None), (1000, 64, 64, None), (1000, 64, 64, 256), (4097, 128, 64, None)],
+)
+def test_flash_attention_compiled_at_model_shapes_on_gpu(
+    dtype, hq, hkv, d, t, block_q, block_k, window
+):
     """Causal prefill at the shapes and blocks the GPU runs, default (TF32) precision."""
     q, k, v = _gpu_inputs(t, t, t, hq, hkv, d, dtype)
     pos, seg = np.arange(t, dtype=np.int32), np.zeros(t, np.int32)
     with jax.default_matmul_precision("default"):
-        got = flash_attention(q, k, v, pos, pos, seg, seg, block_q=block_q, block_k=block_k,
-                              window=window, interpret=False)
+        got = flash_attention(
+            q,
+            k,
+            v,
+            pos,
+            pos,
+            seg,
+            seg,
+            block_q=block_q,
+            block_k=block_k,
+            window=window,
+            interpret=False,
+        )
     _check_at_dtype(got, _on_gpu_reference(q, k, v, pos, pos, seg, seg, window=window), dtype)
 
 
@@ -194,6 +216,5 @@ def test_decode_attention_compiled_at_model_shapes_on_gpu(dtype, hq, hkv, d, tq)
     q, k, v = _gpu_inputs(tq, tq, 5000, hq, hkv, d, dtype)
     layout = _decode_layout(tq, 5000, filled=4000)
     with jax.default_matmul_precision("default"):
-        got = decode_attention(q, k, v, *layout, n_splits=16, block_k=128,
-                               interpret=False)
+        got = decode_attention(q, k, v, *layout, n_splits=16, block_k=128, interpret=False)
     _check_at_dtype(got, _on_gpu_reference(q, k, v, *layout), dtype)

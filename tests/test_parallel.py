@@ -7,11 +7,15 @@ from jax.sharding import PartitionSpec as P
 from cpjax.config import PRESETS
 from cpjax.engine import ContextParallel, Engine
 from cpjax.errors import CpjaxError
-from cpjax.parallel.comm import formula_bytes_per_layer, hlo_collective_bytes
-from cpjax.parallel.layout import (balanced_layout, causal_work_per_rank, chunk_counts,
-                                   ring_step_work)
-from cpjax.parallel.mesh import make_mesh
 from cpjax.parallel import sharding
+from cpjax.parallel.comm import formula_bytes_per_layer, hlo_collective_bytes
+from cpjax.parallel.layout import (
+    balanced_layout,
+    causal_work_per_rank,
+    chunk_counts,
+    ring_step_work,
+)
+from cpjax.parallel.mesh import make_mesh
 from cpjax.parallel.ring import STRATEGIES
 
 CFG = PRESETS["tiny"]
@@ -28,15 +32,14 @@ def test_layout_round_trips_and_pads_each_sequence_to_2n(n, lengths):
     padded = sum(-(-t // (2 * n)) * 2 * n for t in lengths)
     assert layout.source.size == padded == n * layout.local_len
     assert (layout.segments < 0).sum() == padded - sum(lengths)
-    for seg, length in enumerate(lengths):      # positions are each sequence's own 0..T-1
+    for seg, length in enumerate(lengths):  # positions are each sequence's own 0..T-1
         assert sorted(layout.positions[layout.segments == seg]) == list(range(length))
 
 
 def test_layout_rank_r_holds_chunks_r_and_2n_minus_1_minus_r():
-    layout = balanced_layout([16], 4)           # 8 chunks of 2 tokens
+    layout = balanced_layout([16], 4)  # 8 chunks of 2 tokens
     per_rank = layout.source.reshape(4, 4)
-    assert per_rank.tolist() == [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11],
-                                 [6, 7, 8, 9]]
+    assert per_rank.tolist() == [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11], [6, 7, 8, 9]]
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 8])
@@ -73,8 +76,10 @@ def test_every_ring_step_and_rank_is_balanced_within_the_stated_bounds(n):
     assert work.sum() == 4097 * 4098 // 2
 
 
-@pytest.mark.parametrize("length, n, old_total, bound_total, bound_step",
-                         [(129, 8, 0.073, 0.055, 0.11), (17, 4, 0.25, 0.18, 0.34)])
+@pytest.mark.parametrize(
+    "length, n, old_total, bound_total, bound_step",
+    [(129, 8, 0.073, 0.055, 0.11), (17, 4, 0.25, 0.18, 0.34)],
+)
 def test_short_sequences_of_the_issue(length, n, old_total, bound_total, bound_step):
     """The lengths that front padding left 7.3 % and 25 % off in total: now 5.4 % / 17.6 % in
     total, 10.8 % / 33 % per ring step, and no rank is idle at any step."""
@@ -102,8 +107,13 @@ def engines(tiny_params):
     def get(context, tensor, strategy):
         key = (context, tensor, strategy)
         if key not in cache:
-            cache[key] = Engine(CFG, tiny_params, ContextParallel(mesh=make_mesh(context, tensor), strategy=strategy))
+            cache[key] = Engine(
+                CFG,
+                tiny_params,
+                ContextParallel(mesh=make_mesh(context, tensor), strategy=strategy),
+            )
         return cache[key]
+
     return get
 
 
@@ -117,7 +127,7 @@ def _close(got, want, tol=1e-5):
 def test_logits_and_scores_equal_single_device(engines, single, mesh, strategy):
     engine = engines(*mesh, strategy)
     rng = np.random.default_rng(sum(mesh))
-    for length in (2 * mesh[0] * 8, 2 * mesh[0] * 8 + 5, 203):   # multiple of 2N and not
+    for length in (2 * mesh[0] * 8, 2 * mesh[0] * 8 + 5, 203):  # multiple of 2N and not
         ids = rng.integers(0, CFG.vocab_size, length).astype(np.int32)
         _close(engine.logits(ids), single.logits(ids))
         _close(engine.score(ids), single.score(ids))
@@ -142,10 +152,14 @@ def test_greedy_generation_after_cp_prefill_is_identical(engines, single, mesh, 
     assert engines(*mesh, strategy).generate(prompt, 12) == single.generate(prompt, 12)
 
 
-@pytest.mark.parametrize("changes", [{"ffn": None}, {"q_heads": None, "kv_heads": None}],
-                         ids=["ffn-replicated", "heads-replicated"])
-def test_editing_the_rules_alone_changes_the_layout_not_the_logits(monkeypatch, tiny_params,
-                                                                   single, changes):
+@pytest.mark.parametrize(
+    "changes",
+    [{"ffn": None}, {"q_heads": None, "kv_heads": None}],
+    ids=["ffn-replicated", "heads-replicated"],
+)
+def test_editing_the_rules_alone_changes_the_layout_not_the_logits(
+    monkeypatch, tiny_params, single, changes
+):
     """The model derives its shard shapes and psums from RULES: replicate the FFN (or the
     heads) on a context 2 x tensor 2 mesh and the logits stay those of one device."""
     for axis, mesh_axis in changes.items():
@@ -159,8 +173,10 @@ def test_editing_the_rules_alone_changes_the_layout_not_the_logits(monkeypatch, 
 
 def test_two_axes_of_one_array_on_one_mesh_axis_is_an_error(monkeypatch):
     monkeypatch.setitem(sharding.RULES, "embed", "tensor")
-    with pytest.raises(CpjaxError, match="map logical axes 'embed' and 'q_heads' of one array "
-                                         ".* both to mesh axis 'tensor'"):
+    with pytest.raises(
+        CpjaxError,
+        match="map logical axes 'embed' and 'q_heads' of one array .* both to mesh axis 'tensor'",
+    ):
         sharding.spec(("layers", "embed", "q_heads", "head_dim"))
     assert sharding.spec(("embed",)) == P("tensor")
 
@@ -169,13 +185,22 @@ def test_two_axes_of_one_array_on_one_mesh_axis_is_an_error(monkeypatch):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_hlo_collectives_and_bytes_match_the_formula(engines, strategy):
     engine = engines(4, 1, strategy)
-    layout = engine.placement.row_layout(np.arange(128), np.zeros(128, np.int32), engine.bucket,
-                                         engine.forward.attention)
+    layout = engine.placement.row_layout(
+        np.arange(128), np.zeros(128, np.int32), engine.bucket, engine.forward.attention
+    )
     args = engine._rows(layout, np.arange(128) % CFG.vocab_size)
     hlo = engine._program("logits", strategy).lower(engine.params, *args).compile().as_text()
     sent = hlo_collective_bytes(hlo, 4)
-    expected = formula_bytes_per_layer(strategy, 4, layout.local_len, layout.local_len,
-                                       CFG.n_heads, CFG.n_kv_heads, CFG.head_dim, 4)
+    expected = formula_bytes_per_layer(
+        strategy,
+        4,
+        layout.local_len,
+        layout.local_len,
+        CFG.n_heads,
+        CFG.n_kv_heads,
+        CFG.head_dim,
+        4,
+    )
     assert sum(sent.values()) == expected
     if strategy == "pass_kv":
         assert sent["collective-permute"] > 0 and sent["all-gather"] == sent["all-to-all"] == 0
@@ -226,8 +251,11 @@ ENTRY main {
 
 
 def test_hlo_bytes_count_each_asynchronous_collective_once():
-    want = {"collective-permute": 2 * 16 * 2 * 8 * 2, "all-to-all": 3 * 4 * 64 * 4 // 4,
-            "all-gather": 3 * 32 * 4 // 4 + 3 * 16 * 4 // 4}
+    want = {
+        "collective-permute": 2 * 16 * 2 * 8 * 2,
+        "all-to-all": 3 * 4 * 64 * 4 // 4,
+        "all-gather": 3 * 32 * 4 // 4 + 3 * 16 * 4 // 4,
+    }
     assert hlo_collective_bytes(_CPU_HLO, 4) == want
     # the GPU text holds one more all-to-all (all-to-all-start), besides the wrapped one
     assert hlo_collective_bytes(_GPU_HLO, 4) == {**want, "all-to-all": 2 * want["all-to-all"]}

@@ -12,13 +12,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
-from cpjax.attention.merge import merge, merge_stacked
 from cpjax.attention import masks, reference
-from cpjax.config import PRESETS
 from cpjax.attention.masks import PAD_SEGMENT
+from cpjax.attention.merge import merge, merge_stacked
+from cpjax.config import PRESETS
 from cpjax.dispatch import get_attention
 from cpjax.engine import ContextParallel, Engine
-from cpjax.parallel.layout import balanced_layout, causal_work_per_rank, chunk_counts, ring_step_work
+from cpjax.parallel.layout import (
+    balanced_layout,
+    causal_work_per_rank,
+    chunk_counts,
+    ring_step_work,
+)
 from cpjax.parallel.mesh import CONTEXT, make_mesh
 from cpjax.parallel.ring import STRATEGIES, ring_attention
 from tests.test_parallel import _close
@@ -28,8 +33,13 @@ RANKS = (1, 2, 4, 8)
 
 
 def _settings(n):
-    return settings(max_examples=n, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=n,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # ============================================================================ 1. layout
@@ -39,8 +49,9 @@ def layouts(draw):
     n = draw(st.sampled_from(RANKS))
     lengths = draw(st.lists(st.integers(1, 70), min_size=1, max_size=5))
     starts = draw(st.lists(st.integers(0, 1000), min_size=len(lengths), max_size=len(lengths)))
-    segs = draw(st.lists(st.integers(0, 50), min_size=len(lengths), max_size=len(lengths),
-                         unique=True))
+    segs = draw(
+        st.lists(st.integers(0, 50), min_size=len(lengths), max_size=len(lengths), unique=True)
+    )
     pad_multiple = draw(st.sampled_from([1, 2, 3, 4, 8]))
     shift = draw(st.integers(-10, 10))
     return lengths, n, starts, segs, pad_multiple, shift
@@ -74,9 +85,9 @@ def test_layout_is_a_permutation_of_the_real_tokens_and_round_trips(case):
     offset_of_token = np.repeat(np.cumsum([0] + lengths[:-1]), lengths)
     src = layout.source[real]
     np.testing.assert_array_equal(layout.segments[real], np.asarray(segs)[seq_of_token[src]])
-    np.testing.assert_array_equal(layout.positions[real],
-                                  np.asarray(starts)[seq_of_token[src]] + src
-                                  - offset_of_token[src])
+    np.testing.assert_array_equal(
+        layout.positions[real], np.asarray(starts)[seq_of_token[src]] + src - offset_of_token[src]
+    )
     per_rank = real.reshape(n, layout.local_len).sum(axis=1)
     np.testing.assert_array_equal(layout.real_per_rank(), per_rank)
     assert per_rank.sum() == total
@@ -95,28 +106,29 @@ def test_rank_r_holds_chunks_r_and_2n_minus_1_minus_r_of_every_sequence(case):
     base = balanced_layout(lengths, n, starts, segs, pad_multiple)
     rot = base.rotated(shift)
     src = base.source.reshape(n, base.local_len)
-    np.testing.assert_array_equal(rot.source.reshape(n, -1),
-                                  np.roll(src, shift % n, axis=0))
+    np.testing.assert_array_equal(rot.source.reshape(n, -1), np.roll(src, shift % n, axis=0))
     np.testing.assert_array_equal(rot.real_per_rank(), np.roll(base.real_per_rank(), shift))
     for field in ("positions", "segments"):
-        np.testing.assert_array_equal(getattr(rot, field).reshape(n, -1),
-                                      np.roll(getattr(base, field).reshape(n, -1), shift % n,
-                                              axis=0))
+        np.testing.assert_array_equal(
+            getattr(rot, field).reshape(n, -1),
+            np.roll(getattr(base, field).reshape(n, -1), shift % n, axis=0),
+        )
 
     at = 0
     offset = 0
     for length in lengths:
         c0 = -(-length // (2 * n))
         width = -(-c0 // pad_multiple) * pad_multiple
-        blocks = src[:, at:at + 2 * width]
-        chunks = [blocks[r, :width] for r in range(n)] + \
-                 [blocks[r, width:] for r in reversed(range(n))]
+        blocks = src[:, at : at + 2 * width]
+        chunks = [blocks[r, :width] for r in range(n)] + [
+            blocks[r, width:] for r in reversed(range(n))
+        ]
         order = np.concatenate(chunks)
         np.testing.assert_array_equal(order[order >= 0], offset + np.arange(length))
         counts = chunk_counts(length, n)
         np.testing.assert_array_equal([(chunk >= 0).sum() for chunk in chunks], counts)
         assert set(counts) <= {c0 - 1, c0}
-        for chunk, count in zip(chunks, counts):      # [real rows, consecutive][padding]
+        for chunk, count in zip(chunks, counts):  # [real rows, consecutive][padding]
             assert (chunk[:count] >= 0).all() and (chunk[count:] < 0).all()
             np.testing.assert_array_equal(np.diff(chunk[:count]), 1)
         at += 2 * width
@@ -125,10 +137,15 @@ def test_rank_r_holds_chunks_r_and_2n_minus_1_minus_r_of_every_sequence(case):
 
 
 @_settings(150)
-@given(st.sampled_from(RANKS), st.lists(st.integers(1, 6), min_size=1, max_size=4),
-       st.sampled_from([1, 2, 4]), st.integers(0, 7))
-def test_causal_work_is_exactly_equal_when_lengths_are_multiples_of_2n(n, blocks, pad_multiple,
-                                                                       shift):
+@given(
+    st.sampled_from(RANKS),
+    st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    st.sampled_from([1, 2, 4]),
+    st.integers(0, 7),
+)
+def test_causal_work_is_exactly_equal_when_lengths_are_multiples_of_2n(
+    n, blocks, pad_multiple, shift
+):
     """Paper §2's promise: with every sequence a multiple of 2N long, each rank's queries see
     exactly the same number of causal (query, key) pairs at every pass-KV ring step, for any
     packing, bucket, rotation."""
@@ -136,13 +153,18 @@ def test_causal_work_is_exactly_equal_when_lengths_are_multiples_of_2n(n, blocks
     layout = balanced_layout(lengths, n, pad_multiple=pad_multiple).rotated(shift)
     work = ring_step_work(layout)
     assert (work == work[:, :1]).all()
-    assert work.sum() == causal_work_per_rank(layout).sum() == sum(t * (t + 1) // 2
-                                                                   for t in lengths)
+    assert (
+        work.sum() == causal_work_per_rank(layout).sum() == sum(t * (t + 1) // 2 for t in lengths)
+    )
 
 
 @_settings(150)
-@given(st.sampled_from((2, 4, 8)), st.lists(st.integers(1, 300), min_size=1, max_size=3),
-       st.sampled_from([1, 2, 4]), st.integers(0, 7))
+@given(
+    st.sampled_from((2, 4, 8)),
+    st.lists(st.integers(1, 300), min_size=1, max_size=3),
+    st.sampled_from([1, 2, 4]),
+    st.integers(0, 7),
+)
 def test_every_ring_step_is_balanced_within_the_proven_ratio(n, lengths, pad_multiple, shift):
     """For any packing of sequences of >= 4N tokens (chunks of w >= 2 rows), bucket and
     rotation, each pass-KV step's most loaded rank sees at most (w / (w - 1))^2 times the
@@ -161,7 +183,7 @@ TQ, TK, HQ, HKV, D = 6, 12, 4, 2, 8
 def attention_parts(draw):
     """Random q/k/v with masks (including blind and padding queries) and a partition of the
     keys into 1..4 disjoint parts (some possibly empty)."""
-    seed = draw(st.integers(0, 2 ** 31 - 1))
+    seed = draw(st.integers(0, 2**31 - 1))
     scale = draw(st.sampled_from([0.1, 1.0, 30.0]))
     n_parts = draw(st.integers(1, 4))
     part_of_key = np.array(draw(st.lists(st.integers(0, n_parts - 1), min_size=TK, max_size=TK)))
@@ -213,8 +235,7 @@ def test_merging_partials_over_disjoint_key_sets_equals_attention_over_the_union
     for part in reversed(parts[:-1]):
         out_r, lse_r = merge(*part, out_r, lse_r)
     _assert_same((out_r, lse_r), want)
-    stacked = merge_stacked(jnp.stack([p[0] for p in parts]),
-                                      jnp.stack([p[1] for p in parts]))
+    stacked = merge_stacked(jnp.stack([p[0] for p in parts]), jnp.stack([p[1] for p in parts]))
     _assert_same(stacked, want)
     blind = ~np.asarray(masks.visibility_mask(q_pos, kv_pos, q_seg, kv_seg)).any(axis=1)
     for got_out, got_lse in ((out, lse), stacked):
@@ -236,10 +257,10 @@ def test_merge_is_commutative_and_associative(case, random):
     _assert_same(merge(*ab, *c), merge(*a, *merge(*b, *c)))
     order = [a, b, c]
     random.shuffle(order)
-    _assert_same(merge_stacked(jnp.stack([p[0] for p in order]),
-                                         jnp.stack([p[1] for p in order])),
-                 merge_stacked(jnp.stack([a[0], b[0], c[0]]),
-                                         jnp.stack([a[1], b[1], c[1]])))
+    _assert_same(
+        merge_stacked(jnp.stack([p[0] for p in order]), jnp.stack([p[1] for p in order])),
+        merge_stacked(jnp.stack([a[0], b[0], c[0]]), jnp.stack([a[1], b[1], c[1]])),
+    )
 
 
 def test_merge_with_a_fully_empty_side_is_the_other_side_exactly():
@@ -249,15 +270,17 @@ def test_merge_with_a_fully_empty_side_is_the_other_side_exactly():
     out = jnp.asarray(rng.standard_normal((TQ, HQ, D)), jnp.float32)
     lse = jnp.asarray(rng.standard_normal((TQ, HQ)), jnp.float32)
     empty_out, empty_lse = jnp.full_like(out, 7.0), jnp.full_like(lse, -jnp.inf)
-    for got_out, got_lse in (merge(out, lse, empty_out, empty_lse),
-                             merge(empty_out, empty_lse, out, lse)):
+    for got_out, got_lse in (
+        merge(out, lse, empty_out, empty_lse),
+        merge(empty_out, empty_lse, out, lse),
+    ):
         np.testing.assert_array_equal(np.asarray(got_out), np.asarray(out))
         np.testing.assert_array_equal(np.asarray(got_lse), np.asarray(lse))
 
 
 # ============================================================================ 3. rings
-SLOTS = 64          # new-token slots over all ranks (each rank: SLOTS / N)
-PAST = 8            # cache rows per rank
+SLOTS = 64  # new-token slots over all ranks (each rank: SLOTS / N)
+PAST = 8  # cache rows per rank
 _RING_FNS = {}
 
 
@@ -269,9 +292,13 @@ def _ring_fn(n, strategy):
 
         def local(q, k, v, pos, seg, pk, pv, ppos, pseg):
             return plan(q, k, v, pos, seg, (pk, pv, ppos, pseg))
+
         row = P(CONTEXT)
-        _RING_FNS[key] = jax.jit(jax.shard_map(local, mesh=make_mesh(n), in_specs=(row,) * 9,
-                                               out_specs=(row, row), check_vma=False))
+        _RING_FNS[key] = jax.jit(
+            jax.shard_map(
+                local, mesh=make_mesh(n), in_specs=(row,) * 9, out_specs=(row, row), check_vma=False
+            )
+        )
     return _RING_FNS[key]
 
 
@@ -286,12 +313,18 @@ def _reference_padded(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
     tq, tk = q.shape[0], k.shape[0]
 
     def pad(x, rows, fill=0):
-        return np.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1),
-                      constant_values=fill)
+        return np.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
+
     kv_rows = SLOTS + max(RANKS) * PAST
     out, lse = _reference_attend_fixed(
-        pad(q, SLOTS), pad(k, kv_rows), pad(v, kv_rows), pad(q_pos, SLOTS),
-        pad(kv_pos, kv_rows), pad(q_seg, SLOTS, PAD_SEGMENT), pad(kv_seg, kv_rows, PAD_SEGMENT))
+        pad(q, SLOTS),
+        pad(k, kv_rows),
+        pad(v, kv_rows),
+        pad(q_pos, SLOTS),
+        pad(kv_pos, kv_rows),
+        pad(q_seg, SLOTS, PAD_SEGMENT),
+        pad(kv_seg, kv_rows, PAD_SEGMENT),
+    )
     assert tq <= SLOTS and tk <= kv_rows
     return np.asarray(out)[:tq], np.asarray(lse)[:tq]
 
@@ -301,18 +334,24 @@ def ring_cases(draw, n):
     """A packed row of 1..4 sequences that fits ``SLOTS`` slots in the balanced layout of N
     ranks, rotated, plus a per-rank cache shard with arbitrary positions/segments."""
     lengths = draw(st.lists(st.integers(1, 40), min_size=1, max_size=4))
-    while sum(-(-t // (2 * n)) * 2 * n for t in lengths) > SLOTS:     # keep the prefix that fits
-        lengths = lengths[:-1]                  # (one sequence of <= 40 always fits)
+    while sum(-(-t // (2 * n)) * 2 * n for t in lengths) > SLOTS:  # keep the prefix that fits
+        lengths = lengths[:-1]  # (one sequence of <= 40 always fits)
     k = len(lengths)
     starts = draw(st.lists(st.integers(0, 30), min_size=k, max_size=k))
     segs = draw(st.lists(st.integers(0, 5), min_size=k, max_size=k, unique=True))
     shift = draw(st.integers(0, n - 1))
-    past_seg = draw(st.lists(st.sampled_from([-1] + segs), min_size=n * PAST,
-                             max_size=n * PAST))
+    past_seg = draw(st.lists(st.sampled_from([-1] + segs), min_size=n * PAST, max_size=n * PAST))
     past_pos = draw(st.lists(st.integers(0, 60), min_size=n * PAST, max_size=n * PAST))
-    seed = draw(st.integers(0, 2 ** 31 - 1))
-    return lengths, starts, segs, shift, np.array(past_seg, np.int32), \
-        np.array(past_pos, np.int32), seed
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (
+        lengths,
+        starts,
+        segs,
+        shift,
+        np.array(past_seg, np.int32),
+        np.array(past_pos, np.int32),
+        seed,
+    )
 
 
 def _pad_ranks(values, n, width, fill):
@@ -343,13 +382,21 @@ def test_every_ring_strategy_equals_reference_attention(n, data):
 
     source = _pad_ranks(layout.source, n, local, -1)
     args = [_pad_ranks(layout.shard(x), n, local, 0) for x in (q, k, v)]
-    args += [_pad_ranks(layout.positions, n, local, 0),
-             _pad_ranks(layout.segments, n, local, PAD_SEGMENT)]
+    args += [
+        _pad_ranks(layout.positions, n, local, 0),
+        _pad_ranks(layout.segments, n, local, PAD_SEGMENT),
+    ]
     args += [pk, pv, past_pos, past_seg]
 
-    want_out, want_lse = _reference_padded(q, np.concatenate([k, pk]), np.concatenate([v, pv]),
-                                           pos, np.concatenate([pos, past_pos]), seg,
-                                           np.concatenate([seg, past_seg]))
+    want_out, want_lse = _reference_padded(
+        q,
+        np.concatenate([k, pk]),
+        np.concatenate([v, pv]),
+        pos,
+        np.concatenate([pos, past_pos]),
+        seg,
+        np.concatenate([seg, past_seg]),
+    )
     real = source >= 0
     for strategy in STRATEGIES:
         out, lse = (np.asarray(x) for x in _ring_fn(n, strategy)(*args))
@@ -362,12 +409,14 @@ def test_every_ring_strategy_equals_reference_attention(n, data):
 
 # ---------------------------------------------------------------------------- whole model
 _ENGINES = {}
-ROW = 192           # packed rows in 64-token buckets fill exactly 3 buckets: one compile
+ROW = 192  # packed rows in 64-token buckets fill exactly 3 buckets: one compile
 
 
 def _engine(tiny_params, n, strategy):
     if (n, strategy) not in _ENGINES:
-        _ENGINES[n, strategy] = Engine(CFG, tiny_params, ContextParallel(mesh=make_mesh(n), strategy=strategy))
+        _ENGINES[n, strategy] = Engine(
+            CFG, tiny_params, ContextParallel(mesh=make_mesh(n), strategy=strategy)
+        )
     return _ENGINES[n, strategy]
 
 
@@ -377,16 +426,16 @@ def packed_rows(draw):
     buckets = draw(st.sampled_from([(3,), (1, 2), (2, 1), (1, 1, 1)]))
     lengths = [draw(st.integers(64 * (b - 1) + 1, 64 * b)) for b in buckets]
     starts = draw(st.lists(st.integers(0, 500), min_size=len(lengths), max_size=len(lengths)))
-    segs = draw(st.lists(st.integers(0, 9), min_size=len(lengths), max_size=len(lengths),
-                         unique=True))
-    seed = draw(st.integers(0, 2 ** 31 - 1))
+    segs = draw(
+        st.lists(st.integers(0, 9), min_size=len(lengths), max_size=len(lengths), unique=True)
+    )
+    seed = draw(st.integers(0, 2**31 - 1))
     return lengths, starts, segs, seed
 
 
 @_settings(8)
 @given(packed_rows())
-def test_context_parallel_logits_equal_single_device_for_every_ring_and_n(tiny_params, single,
-                                                                          row):
+def test_context_parallel_logits_equal_single_device_for_every_ring_and_n(tiny_params, single, row):
     """The tiny model's logits of a packed row (random lengths, start positions, segment ids)
     are the single-device engine's, to 1e-5, for every strategy and N in {1, 2, 4, 8}."""
     lengths, starts, segs, seed = row
@@ -397,11 +446,14 @@ def test_context_parallel_logits_equal_single_device_for_every_ring_and_n(tiny_p
     # The single engine compiles per length: fill the row up to ROW with one more sequence
     # (its own segment id, so it influences no other token) and keep the rows of the first ones.
     pad = ROW - total
-    want = single.logits(np.pad(ids, (0, pad)), np.concatenate([pos, np.arange(pad)]),
-                         np.pad(seg, (0, pad), constant_values=10))[:total]
+    want = single.logits(
+        np.pad(ids, (0, pad)),
+        np.concatenate([pos, np.arange(pad)]),
+        np.pad(seg, (0, pad), constant_values=10),
+    )[:total]
     assert np.isfinite(want).all()
     for n in RANKS:
-        for strategy in STRATEGIES[:1] if n == 1 else STRATEGIES:     # N=1 has no ring
+        for strategy in STRATEGIES[:1] if n == 1 else STRATEGIES:  # N=1 has no ring
             got = _engine(tiny_params, n, strategy).logits(ids, pos, seg)
             assert got.shape == want.shape
             _close(got, want)
@@ -413,6 +465,14 @@ def test_engine_layout_of_packed_rows_stays_in_one_shape_bucket(tiny_params, n):
     example would recompile)."""
     engine = _engine(tiny_params, n, "pass_kv")
     for lengths in ([1, 1, 1], [64, 64, 64], [65, 1], [192], [129]):
-        assert engine.placement.prefill_layout(lengths, [0] * len(lengths), range(len(lengths)),
-                                               [0] * n, engine.bucket,
-                                               engine.forward.attention).source.size == ROW
+        assert (
+            engine.placement.prefill_layout(
+                lengths,
+                [0] * len(lengths),
+                range(len(lengths)),
+                [0] * n,
+                engine.bucket,
+                engine.forward.attention,
+            ).source.size
+            == ROW
+        )

@@ -37,9 +37,14 @@ def _visits(impl, q_pos, q_seg, kv_pos, kv_seg, blocks: dict):
         return int(visit_lists(q_pos, kv_pos, q_seg, kv_seg, block_k)[1].sum()), block_q, block_k
     if impl.name == "blockwise":
         block_q, block_k = blockwise.block_sizes(q_pos.size, kv_pos.size, block_q, block_k)
-    counts = visible_block_schedule(pad_rows(q_pos, block_q, 0), pad_rows(kv_pos, block_k, 0),
-                                    pad_rows(q_seg, block_q, PAD_SEGMENT),
-                                    pad_rows(kv_seg, block_k, PAD_SEGMENT), block_q, block_k)[1]
+    counts = visible_block_schedule(
+        pad_rows(q_pos, block_q, 0),
+        pad_rows(kv_pos, block_k, 0),
+        pad_rows(q_seg, block_q, PAD_SEGMENT),
+        pad_rows(kv_seg, block_k, PAD_SEGMENT),
+        block_q,
+        block_k,
+    )[1]
     return int(counts.sum()), block_q, block_k
 
 
@@ -56,8 +61,7 @@ def test_chunk_aligned_pass_kv_visits_only_the_causal_blocks(name, n):
     """
     impl = get_attention(name)
     length = 2 * n * 100 - 5
-    layout = balanced_layout([length], n,
-                             pad_multiple=chunk_rows_multiple(impl, n, BUCKET, length))
+    layout = balanced_layout([length], n, pad_multiple=chunk_rows_multiple(impl, n, BUCKET, length))
     pos = layout.positions.reshape(n, -1)
     seg = layout.segments.reshape(n, -1)
     blocks = chunk_blocks(impl, layout.local_len)
@@ -65,11 +69,12 @@ def test_chunk_aligned_pass_kv_visits_only_the_causal_blocks(name, n):
     for rank in range(n):
         for step in range(n):
             source = (rank - step) % n
-            visited, block_q, block_k = _visits(impl, pos[rank], seg[rank], pos[source],
-                                                seg[source], blocks)
+            visited, block_q, block_k = _visits(
+                impl, pos[rank], seg[rank], pos[source], seg[source], blocks
+            )
             area += visited * block_q * block_k
-    chunk = 128                            # 100 rows padded to the tile
-    causal_area = (2 * n - 1) * chunk ** 2 + chunk * (chunk + block_q)
+    chunk = 128  # 100 rows padded to the tile
+    causal_area = (2 * n - 1) * chunk**2 + chunk * (chunk + block_q)
     assert area == n * causal_area
     assert layout.local_len == 2 * chunk and chunk % block_q == 0 and block_q == block_k
 
@@ -90,8 +95,8 @@ def test_chunk_blocks_tile_one_chunk_or_keep_the_defaults():
     assert chunk_blocks(blockwise_impl, 2 * 384) == {"block_q": 128, "block_k": 128}
     assert chunk_blocks(blockwise_impl, 2 * 1024) == {"block_q": 256, "block_k": 512}
     assert chunk_blocks(pallas, 2 * 192) == {"block_q": 64, "block_k": 64}
-    assert chunk_blocks(pallas, 2 * 100) == {}        # not a multiple of the tile
-    assert chunk_blocks(pallas, 2 * 32) == {}         # under one tile
+    assert chunk_blocks(pallas, 2 * 100) == {}  # not a multiple of the tile
+    assert chunk_blocks(pallas, 2 * 32) == {}  # under one tile
     assert chunk_blocks(get_attention("reference"), 2 * 128) == {}
 
 
@@ -112,8 +117,7 @@ def test_ring_with_chunk_aligned_blocks_matches_reference(name):
     kernels, the 128-row chunk for blockwise) equals the reference attention."""
     impl, n = get_attention(name), 2
     length = 2 * n * 100 - 5
-    layout = balanced_layout([length], n,
-                             pad_multiple=chunk_rows_multiple(impl, n, BUCKET, length))
+    layout = balanced_layout([length], n, pad_multiple=chunk_rows_multiple(impl, n, BUCKET, length))
     rng = np.random.default_rng(1)
     dtype = jnp.bfloat16 if name == "pallas_mgpu" else jnp.float32
     q, k, v = (jnp.asarray(rng.standard_normal((length, h, 64)), dtype) for h in (2, 1, 1))
@@ -125,8 +129,12 @@ def test_ring_with_chunk_aligned_blocks_matches_reference(name):
     plan = ring_attention("pass_kv", impl, CONTEXT, n)
     per_rank = lambda x: jnp.asarray(layout.shard(x)).reshape(n, -1, *x.shape[1:])  # noqa: E731
     out, lse = jax.jit(jax.vmap(lambda *a: plan(*a, None), axis_name=CONTEXT))(
-        per_rank(q), per_rank(k), per_rank(v), layout.positions.reshape(n, -1),
-        layout.segments.reshape(n, -1))
+        per_rank(q),
+        per_rank(k),
+        per_rank(v),
+        layout.positions.reshape(n, -1),
+        layout.segments.reshape(n, -1),
+    )
     out = layout.unshard(np.asarray(out, np.float32).reshape(-1, 2, 64))
     lse = layout.unshard(np.asarray(lse).reshape(-1, 2))
     if dtype == jnp.bfloat16:

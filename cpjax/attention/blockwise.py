@@ -17,8 +17,14 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from cpjax.attention.masks import (BlockBounds, block_bounds, check_attend_inputs,
-                                   fully_visible, may_overlap, visibility_mask)
+from cpjax.attention.masks import (
+    BlockBounds,
+    block_bounds,
+    check_attend_inputs,
+    fully_visible,
+    may_overlap,
+    visibility_mask,
+)
 from cpjax.attention.padding import pad_kv_rows, pad_query_rows
 
 #: Default blocks: large enough to amortise the loop on CPU, multiples of the 64-row tile.
@@ -32,8 +38,19 @@ def block_sizes(tq: int, tk: int, block_q: int, block_k: int) -> tuple[int, int]
     return min(block_q, max(tq, 1)), min(block_k, max(tk, 1))
 
 
-def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = None,
-           block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
+def attend(
+    q,
+    k,
+    v,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    *,
+    window: Optional[int] = None,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+):
     """Masked GQA attention by blocks; see ``reference.attend`` for shapes and semantics.
 
     Args:
@@ -57,8 +74,11 @@ def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = Non
     n_q, n_k = qp.shape[0] // block_q, kp.shape[0] // block_k
 
     # GEMM-friendly layouts: [block, Hkv, G*bq | bk, D]; row r of a query block is (g, q).
-    q_blocks = (qp.reshape(n_q, block_q, hkv, group, d).transpose(0, 2, 3, 1, 4)
-                .reshape(n_q, hkv, group * block_q, d))
+    q_blocks = (
+        qp.reshape(n_q, block_q, hkv, group, d)
+        .transpose(0, 2, 3, 1, 4)
+        .reshape(n_q, hkv, group * block_q, d)
+    )
     k_blocks = kp.reshape(n_k, block_k, hkv, d).transpose(0, 2, 1, 3)
     v_blocks = vp.reshape(n_k, block_k, hkv, d).transpose(0, 2, 1, 3)
     kv_pos_blocks = kv_pos_p.reshape(n_k, block_k)
@@ -67,17 +87,18 @@ def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = Non
     kv_bounds = block_bounds(kv_pos_p, kv_seg_p, block_k)
 
     def one_query_block(i):
-        qb = q_blocks[i].astype(jnp.float32) * scale            # [Hkv, G*bq, D]
+        qb = q_blocks[i].astype(jnp.float32) * scale  # [Hkv, G*bq, D]
         qb_pos = jax.lax.dynamic_slice_in_dim(q_pos_p, i * block_q, block_q)
         qb_seg = jax.lax.dynamic_slice_in_dim(q_seg_p, i * block_q, block_q)
         qb_bounds = BlockBounds(*(b[i] for b in q_bounds))
 
         def update(j, carry, masked: bool):
-            m, l, acc = carry                                    # [Hkv, G*bq] x2, [.., D]
+            m, l, acc = carry  # [Hkv, G*bq] x2, [.., D]
             s = jnp.einsum("hrd,hkd->hrk", qb, k_blocks[j].astype(jnp.float32))
             if masked:
-                mask = visibility_mask(qb_pos, kv_pos_blocks[j], qb_seg, kv_seg_blocks[j],
-                                       window)                   # [bq, bk]
+                mask = visibility_mask(
+                    qb_pos, kv_pos_blocks[j], qb_seg, kv_seg_blocks[j], window
+                )  # [bq, bk]
                 s = jnp.where(jnp.tile(mask, (group, 1))[None], s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -85,7 +106,8 @@ def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = Non
             alpha = jnp.exp(m - m_safe)
             l_new = alpha * l + p.sum(axis=-1)
             acc_new = alpha[..., None] * acc + jnp.einsum(
-                "hrk,hkd->hrd", p, v_blocks[j].astype(jnp.float32))
+                "hrk,hkd->hrd", p, v_blocks[j].astype(jnp.float32)
+            )
             return m_new, l_new, acc_new
 
         def maybe_update(j, carry):
@@ -93,17 +115,25 @@ def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = Non
             visible = may_overlap(qb_bounds, kvb_bounds, window)
             full = fully_visible(qb_bounds, kvb_bounds, window)
             branch = jnp.where(visible, jnp.where(full, 2, 1), 0)
-            return jax.lax.switch(branch, [
-                lambda _, c: c,
-                functools.partial(update, masked=True),
-                functools.partial(update, masked=False)], j, carry)
+            return jax.lax.switch(
+                branch,
+                [
+                    lambda _, c: c,
+                    functools.partial(update, masked=True),
+                    functools.partial(update, masked=False),
+                ],
+                j,
+                carry,
+            )
 
         rows = group * block_q
-        init = (jnp.full((hkv, rows), -jnp.inf, jnp.float32),
-                jnp.zeros((hkv, rows), jnp.float32),
-                jnp.zeros((hkv, rows, d), jnp.float32))
+        init = (
+            jnp.full((hkv, rows), -jnp.inf, jnp.float32),
+            jnp.zeros((hkv, rows), jnp.float32),
+            jnp.zeros((hkv, rows, d), jnp.float32),
+        )
         m, l, acc = jax.lax.fori_loop(0, n_k, maybe_update, init)
-        seen = l != 0      # NaN counts as seen: a NaN input must surface, not vanish
+        seen = l != 0  # NaN counts as seen: a NaN input must surface, not vanish
         out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
         lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
         out = out.reshape(hkv, group, block_q, d).transpose(2, 0, 1, 3).reshape(block_q, hq, d)

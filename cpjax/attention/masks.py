@@ -43,10 +43,13 @@ def check_attend_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> None:
         chex.assert_shape([kv_pos, kv_seg], (k.shape[0],))
         chex.assert_axis_dimension(k, 2, q.shape[2])
     except AssertionError as error:
-        raise CpjaxError(f"attention inputs (q, k, v, q_pos, kv_pos, q_seg, kv_seg): {error}"
-                         ) from None
-    require(q.shape[1] % k.shape[1] == 0,
-            f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
+        raise CpjaxError(
+            f"attention inputs (q, k, v, q_pos, kv_pos, q_seg, kv_seg): {error}"
+        ) from None
+    require(
+        q.shape[1] % k.shape[1] == 0,
+        f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})",
+    )
 
 
 def visible(q_pos, kv_pos, q_seg, kv_seg, window: Optional[int] = None):
@@ -79,17 +82,19 @@ class BlockBounds(NamedTuple):
     max_pos: jax.Array
     min_seg: jax.Array
     max_seg: jax.Array
-    all_real: jax.Array   # no padding row in the block
+    all_real: jax.Array  # no padding row in the block
 
 
 def bounds(pos, seg) -> BlockBounds:
     """:class:`BlockBounds` of ``pos, seg [..., rows]`` reduced over the last axis (rows)."""
     real = seg >= 0
-    return BlockBounds(min_pos=jnp.min(jnp.where(real, pos, _BIG), axis=-1),
-                       max_pos=jnp.max(jnp.where(real, pos, -_BIG), axis=-1),
-                       min_seg=jnp.min(jnp.where(real, seg, _BIG), axis=-1),
-                       max_seg=jnp.max(jnp.where(real, seg, -1), axis=-1),
-                       all_real=jnp.min(seg, axis=-1) >= 0)
+    return BlockBounds(
+        min_pos=jnp.min(jnp.where(real, pos, _BIG), axis=-1),
+        max_pos=jnp.max(jnp.where(real, pos, -_BIG), axis=-1),
+        min_seg=jnp.min(jnp.where(real, seg, _BIG), axis=-1),
+        max_seg=jnp.max(jnp.where(real, seg, -1), axis=-1),
+        all_real=jnp.min(seg, axis=-1) >= 0,
+    )
 
 
 def block_bounds(pos, seg, block: int) -> BlockBounds:
@@ -113,15 +118,22 @@ def fully_visible(q: BlockBounds, kv: BlockBounds, window: Optional[int] = None)
     True only when both blocks are free of padding and hold one and the same segment, and every
     key position is at or before every query position (and inside the window).
     """
-    ok = (q.all_real & kv.all_real & (q.min_seg == q.max_seg) & (kv.min_seg == kv.max_seg)
-          & (q.min_seg == kv.min_seg) & (kv.max_pos <= q.min_pos))
+    ok = (
+        q.all_real
+        & kv.all_real
+        & (q.min_seg == q.max_seg)
+        & (kv.min_seg == kv.max_seg)
+        & (q.min_seg == kv.min_seg)
+        & (kv.max_pos <= q.min_pos)
+    )
     if window is not None:
         ok &= (q.max_pos - kv.min_pos) < window
     return ok
 
 
-def visible_block_schedule(q_pos, kv_pos, q_seg, kv_seg, block_q: int, block_k: int,
-                           window: Optional[int] = None):
+def visible_block_schedule(
+    q_pos, kv_pos, q_seg, kv_seg, block_q: int, block_k: int, window: Optional[int] = None
+):
     """For each query block, the key blocks that some of its queries may see.
 
     Args:
@@ -135,7 +147,10 @@ def visible_block_schedule(q_pos, kv_pos, q_seg, kv_seg, block_q: int, block_k: 
     """
     q_bounds = block_bounds(q_pos, q_seg, block_q)
     kv_bounds = block_bounds(kv_pos, kv_seg, block_k)
-    overlap = may_overlap(BlockBounds(*(b[:, None] for b in q_bounds)),
-                          BlockBounds(*(b[None, :] for b in kv_bounds)), window)
+    overlap = may_overlap(
+        BlockBounds(*(b[:, None] for b in q_bounds)),
+        BlockBounds(*(b[None, :] for b in kv_bounds)),
+        window,
+    )
     blocks = jnp.argsort(~overlap, axis=1, stable=True).astype(jnp.int32)
     return blocks, overlap.sum(axis=1, dtype=jnp.int32)

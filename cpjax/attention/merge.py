@@ -49,7 +49,7 @@ def merge_reduced(out, lse, reduce_max, reduce_sum):
     lse = lse.astype(jnp.float32)
     top = reduce_max(lse)
     safe_top = jnp.where(jnp.isfinite(top), top, 0.0)
-    weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - safe_top))   # a NaN stays NaN
+    weight = jnp.where(lse == -jnp.inf, 0.0, jnp.exp(lse - safe_top))  # a NaN stays NaN
     total = reduce_sum(weight)
     summed = reduce_sum(weight[..., None] * out.astype(jnp.float32))
     seen = total != 0

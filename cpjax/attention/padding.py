@@ -24,13 +24,19 @@ def pad_rows(x, multiple: int, value):
 def pad_kv_rows(k, v, kv_pos, kv_seg, multiple: int):
     """``k, v [Tk, Hkv, D]`` and int32 ``kv_pos, kv_seg [Tk]`` padded to a multiple of rows;
     padding rows carry segment ``PAD_SEGMENT`` (invisible)."""
-    return (pad_rows(k, multiple, 0), pad_rows(v, multiple, 0),
-            pad_rows(kv_pos.astype(jnp.int32), multiple, 0),
-            pad_rows(kv_seg.astype(jnp.int32), multiple, PAD_SEGMENT))
+    return (
+        pad_rows(k, multiple, 0),
+        pad_rows(v, multiple, 0),
+        pad_rows(kv_pos.astype(jnp.int32), multiple, 0),
+        pad_rows(kv_seg.astype(jnp.int32), multiple, PAD_SEGMENT),
+    )
 
 
 def pad_query_rows(q, q_pos, q_seg, multiple: int):
     """``q [Tq, Hq, D]`` and int32 ``q_pos, q_seg [Tq]`` padded to a multiple of rows; padding
     rows carry segment ``PAD_SEGMENT`` (they see nothing)."""
-    return (pad_rows(q, multiple, 0), pad_rows(q_pos.astype(jnp.int32), multiple, 0),
-            pad_rows(q_seg.astype(jnp.int32), multiple, PAD_SEGMENT))
+    return (
+        pad_rows(q, multiple, 0),
+        pad_rows(q_pos.astype(jnp.int32), multiple, 0),
+        pad_rows(q_seg.astype(jnp.int32), multiple, PAD_SEGMENT),
+    )

@@ -14,6 +14,7 @@ def with_past(attend: Callable) -> Callable:
     keys/values and, when ``past = (k, v, pos, seg)`` is given, to those too; the two partial
     results merge by log-sum-exp.
     """
+
     def plan(q, k, v, positions, segments, past):
         out, lse = attend(q, k, v, positions, positions, segments, segments)
         if past is None:
@@ -21,4 +22,5 @@ def with_past(attend: Callable) -> Callable:
         past_out, past_lse = attend(q, *past[:2], positions, past[2], segments, past[3])
         out, lse = merge(out, lse, past_out, past_lse)
         return out.astype(q.dtype), lse
+
     return plan

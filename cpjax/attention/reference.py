@@ -19,8 +19,19 @@ from cpjax.attention.masks import check_attend_inputs, visibility_mask
 NEG_INF = float("-inf")
 
 
-def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = None,
-           block_q: Optional[int] = None, block_k: Optional[int] = None):
+def attend(
+    q,
+    k,
+    v,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    *,
+    window: Optional[int] = None,
+    block_q: Optional[int] = None,
+    block_k: Optional[int] = None,
+):
     """Exact masked softmax attention with grouped-query heads.
 
     Args:

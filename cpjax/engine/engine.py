@@ -71,51 +71,69 @@ class Engine:
     check_finite: bool = False
 
     def __post_init__(self):
-        require(isinstance(self.config, ModelConfig),
-                f"config: expected a ModelConfig, got {type(self.config).__name__}")
-        require(isinstance(self.placement, (SingleDevice, ContextParallel)),
-                f"placement: expected SingleDevice() or ContextParallel(mesh, ...), got "
-                f"{type(self.placement).__name__}")
+        require(
+            isinstance(self.config, ModelConfig),
+            f"config: expected a ModelConfig, got {type(self.config).__name__}",
+        )
+        require(
+            isinstance(self.placement, (SingleDevice, ContextParallel)),
+            f"placement: expected SingleDevice() or ContextParallel(mesh, ...), got "
+            f"{type(self.placement).__name__}",
+        )
         self.dtype = check.dtype(self.dtype)
-        require(isinstance(self.bucket, int) and self.bucket >= 1,
-                f"bucket={self.bucket!r}: must be an int >= 1")
+        require(
+            isinstance(self.bucket, int) and self.bucket >= 1,
+            f"bucket={self.bucket!r}: must be an int >= 1",
+        )
         check_choice("attention implementation", self.attention, ATTENTION_IMPLEMENTATIONS)
-        require(isinstance(self.params, dict),
-                f"params: expected the parameter dict of a loader or init_params, got "
-                f"{type(self.params).__name__}")
-        check_param_shapes(self.config, {name: np.shape(x) for name, x in
-                                         leaves_by_name(self.params).items()})
+        require(
+            isinstance(self.params, dict),
+            f"params: expected the parameter dict of a loader or init_params, got "
+            f"{type(self.params).__name__}",
+        )
+        check_param_shapes(
+            self.config, {name: np.shape(x) for name, x in leaves_by_name(self.params).items()}
+        )
         self.placement.check_model(self.config)
-        self.forward = self.placement.forward(self.config, self.dtype,
-                                              get_attention(self.attention))
+        self.forward = self.placement.forward(
+            self.config, self.dtype, get_attention(self.attention)
+        )
         self.params = self.placement.place_params(self.params, self.config, self.dtype)
         self._programs: dict = {}
         self._head = jax.jit(functools.partial(steps.head, Llama(self.config, None, self.dtype)))
 
     # ----------------------------------------------------------------- compiled steps
-    def _program(self, name: str, strategy: Optional[str] = None,
-                 window: Optional[int] = None) -> Callable:
+    def _program(
+        self, name: str, strategy: Optional[str] = None, window: Optional[int] = None
+    ) -> Callable:
         """The compiled step ``name`` (for a prefill ring and cache window), built once."""
         key = (name, strategy, window)
         if key not in self._programs:
             if name == "decode":
-                body = functools.partial(steps.DECODE_BODIES[self.placement.decode_strategy],
-                                         self.forward)
-                self._programs[key] = self.placement.compile(body, _DECODE_IN, _DECODE_OUT, self.config,
-                                                             self.params, donate=("cache",))
+                body = functools.partial(
+                    steps.DECODE_BODIES[self.placement.decode_strategy], self.forward
+                )
+                self._programs[key] = self.placement.compile(
+                    body, _DECODE_IN, _DECODE_OUT, self.config, self.params, donate=("cache",)
+                )
             else:
                 body, n_rows, outs, donate = _ROW_STEPS[name]
-                bound = (functools.partial(body, self.forward, strategy, window)
-                         if "cache" in outs else functools.partial(body, self.forward, strategy))
+                bound = (
+                    functools.partial(body, self.forward, strategy, window)
+                    if "cache" in outs
+                    else functools.partial(body, self.forward, strategy)
+                )
                 ins = ("params", *["rows"] * n_rows, *(("cache",) if "cache" in outs else ()))
-                self._programs[key] = self.placement.compile(bound, ins, outs, self.config,
-                                                             self.params, donate=donate)
+                self._programs[key] = self.placement.compile(
+                    bound, ins, outs, self.config, self.params, donate=donate
+                )
         return self._programs[key]
 
     def _rows(self, layout, *values) -> list:
         """``values [total]`` and the layout's positions and segments, placed as rows."""
-        return self.placement.put("rows", *(layout.shard(v) for v in values), layout.positions,
-                                  layout.segments)
+        return self.placement.put(
+            "rows", *(layout.shard(v) for v in values), layout.positions, layout.segments
+        )
 
     # ----------------------------------------------------------------- public API
     def check_length(self, n_tokens: int, what: str = "prompt") -> None:
@@ -128,8 +146,9 @@ class Engine:
 
     def prefill_slots(self, n_tokens: int) -> int:
         """Cache slots (over all ranks) a prefill of ``n_tokens`` occupies (its padded length)."""
-        return self.placement.prefill_layout([n_tokens], [0], [0], [0] * self.placement.n_ranks,
-                                             self.bucket, self.forward.attention).source.size
+        return self.placement.prefill_layout(
+            [n_tokens], [0], [0], [0] * self.placement.n_ranks, self.bucket, self.forward.attention
+        ).source.size
 
     def new_cache(self, capacity: int) -> KVCache:
         """An empty cache with room for ``capacity`` tokens (sharded like the placement)."""
@@ -151,11 +170,11 @@ class Engine:
         """``[T, V]`` float32 logits of a packed row (positions default to 0..T-1, segment 0)."""
         ids = check.token_ids(ids, self.config.vocab_size)
         t = ids.size
-        positions = check.positions(np.arange(t) if positions is None else positions, t,
-                                    self.config)
+        positions = check.positions(
+            np.arange(t) if positions is None else positions, t, self.config
+        )
         segments = check.segments(np.zeros(t, np.int32) if segments is None else segments, t)
-        layout = self.placement.row_layout(positions, segments, self.bucket,
-                                           self.forward.attention)
+        layout = self.placement.row_layout(positions, segments, self.bucket, self.forward.attention)
         program = self._program("logits", self.strategy_for(t, 0))
         out = layout.unshard(fetch(program(self.params, *self._rows(layout, ids))))
         self._check_output("logits", out, ids, positions, segments)
@@ -181,9 +200,12 @@ class Engine:
 
     def _score_whole(self, ids: np.ndarray) -> np.ndarray:
         n = ids.size - 1
-        layout = self.placement.row_layout(np.arange(n), np.zeros(n, np.int32),
-                                           max(self.bucket, steps.SCORE_CHUNK),
-                                           self.forward.attention)
+        layout = self.placement.row_layout(
+            np.arange(n),
+            np.zeros(n, np.int32),
+            max(self.bucket, steps.SCORE_CHUNK),
+            self.forward.attention,
+        )
         program = self._program("score", self.strategy_for(n, 0))
         lp = program(self.params, *self._rows(layout, ids[:-1], ids[1:]))
         return layout.unshard(fetch(lp).astype(np.float32))
@@ -194,7 +216,7 @@ class Engine:
         cache = self.new_cache(sum(self.prefill_slots(b - a) for a, b in pieces))
         logprobs = []
         for a, b in pieces:
-            lp, cache = self.prefill_logprobs(ids[a:b], ids[a + 1:b + 1], cache, a)
+            lp, cache = self.prefill_logprobs(ids[a:b], ids[a + 1 : b + 1], cache, a)
             logprobs.append(lp)
         return np.concatenate(logprobs)
 
@@ -202,30 +224,38 @@ class Engine:
         """``(layout, compiled program)`` of a (partial) prefill of sequences of ``lengths``:
         checks that each continues its segment and that the cache has room, lays the rows out
         (on the emptiest shards) and picks the ring and the cache window."""
-        check.continues_cache({s: self.next_position(cache, s) for s in segments}, segments,
-                              starts)
+        check.continues_cache({s: self.next_position(cache, s) for s in segments}, segments, starts)
         fills = self.rank_fill(cache)
-        layout = self.placement.prefill_layout(lengths, starts, segments, fills, self.bucket,
-                                               self.forward.attention)
+        layout = self.placement.prefill_layout(
+            lengths, starts, segments, fills, self.bucket, self.forward.attention
+        )
         self.placement.check_prefill_room(cache, fills, layout)
         strategy = self.strategy_for(sum(lengths), sum(fills))
         return layout, self._program(name, strategy, self.placement.cache_window(cache, fills))
 
-    def prefill_logprobs(self, ids, targets, cache: KVCache, start_position: int = 0,
-                         segment: int = 0):
+    def prefill_logprobs(
+        self, ids, targets, cache: KVCache, start_position: int = 0, segment: int = 0
+    ):
         """Partial prefill of ``ids [n]`` that also scores ``targets [n]`` (the token after
         each): returns ``(log-probabilities [n] float32, cache)``."""
         ids, targets = check.scored(ids, targets, self.config.vocab_size)
-        (segment,), (start_position,) = check.turns(self.config, [ids.size], [segment],
-                                                    [start_position])
+        (segment,), (start_position,) = check.turns(
+            self.config, [ids.size], [segment], [start_position]
+        )
         past = self._past_for_check(cache)
-        layout, program = self._plan_prefill("prefill_logprobs", [ids.size], [start_position],
-                                             [segment], cache)
+        layout, program = self._plan_prefill(
+            "prefill_logprobs", [ids.size], [start_position], [segment], cache
+        )
         lp, cache = program(self.params, *self._rows(layout, ids, targets), cache)
         lp = layout.unshard(fetch(lp).astype(np.float32))
-        self._check_output("prefill_logprobs", lp, ids,
-                           start_position + np.arange(ids.size), np.full(ids.size, segment),
-                           past)
+        self._check_output(
+            "prefill_logprobs",
+            lp,
+            ids,
+            start_position + np.arange(ids.size),
+            np.full(ids.size, segment),
+            past,
+        )
         return lp, cache
 
     def prefill_batch(self, sequences, cache: KVCache, segments=None, start_positions=None):
@@ -241,8 +271,7 @@ class Engine:
             what the cache holds for that segment.
         Returns ``(logits [B, V] of each sequence's last token, cache)``.
         """
-        ids, segments, starts = check.sequences(self.config, sequences, segments,
-                                                start_positions)
+        ids, segments, starts = check.sequences(self.config, sequences, segments, start_positions)
         past = self._past_for_check(cache)
         lengths = [x.size for x in ids]
         layout, program = self._plan_prefill("prefill", lengths, starts, segments, cache)
@@ -250,11 +279,15 @@ class Engine:
         last = np.cumsum(lengths) - 1
         slots = np.array([np.flatnonzero(layout.source == i)[0] for i in last])
         logits = self._head(self.params, fetch(hidden[slots]))
-        if self.check_finite:   # replay every new token against the cache as it was
+        if self.check_finite:  # replay every new token against the cache as it was
             self._check_output(
-                "prefill", logits, np.concatenate(ids),
+                "prefill",
+                logits,
+                np.concatenate(ids),
                 np.concatenate([p + np.arange(x.size) for x, p in zip(ids, starts)]),
-                np.concatenate([np.full(x.size, g) for x, g in zip(ids, segments)]), past)
+                np.concatenate([np.full(x.size, g) for x, g in zip(ids, segments)]),
+                past,
+            )
         return logits, cache
 
     def prefill(self, ids, cache: KVCache, start_position: int = 0, segment: int = 0):
@@ -275,15 +308,20 @@ class Engine:
         """
         chunk = self.placement.prefill_chunk or max(len(ids), 1)
         offsets = range(0, len(ids), chunk)
-        for offset in tqdm(offsets, desc="prefill", unit="chunk", disable=len(offsets) == 1,
-                           leave=False):
-            logits, cache = self.prefill(ids[offset:offset + chunk], cache,
-                                         start_position=start_position + offset,
-                                         segment=segment)
+        for offset in tqdm(
+            offsets, desc="prefill", unit="chunk", disable=len(offsets) == 1, leave=False
+        ):
+            logits, cache = self.prefill(
+                ids[offset : offset + chunk],
+                cache,
+                start_position=start_position + offset,
+                segment=segment,
+            )
         return logits, cache
 
-    def decode(self, tokens, positions, segments, step: int, cache: KVCache,
-               sampling: Sampling = GREEDY):
+    def decode(
+        self, tokens, positions, segments, step: int, cache: KVCache, sampling: Sampling = GREEDY
+    ):
         """One decode step for ``B`` sequences.
 
         Args:
@@ -293,32 +331,46 @@ class Engine:
             that stores each new K/V depend on it); one compiled step serves all steps.
         Returns ``(logits [B, V], next tokens [B] int32, cache)``.
         """
-        tokens = check.token_ids(np.asarray(tokens).reshape(-1), self.config.vocab_size,
-                                 name="decode tokens")
-        positions = check.positions(np.asarray(positions).reshape(-1), tokens.size, self.config,
-                                    "decode positions")
-        segments = check.segments(np.asarray(segments).reshape(-1), tokens.size,
-                                  "decode segments")
+        tokens = check.token_ids(
+            np.asarray(tokens).reshape(-1), self.config.vocab_size, name="decode tokens"
+        )
+        positions = check.positions(
+            np.asarray(positions).reshape(-1), tokens.size, self.config, "decode positions"
+        )
+        segments = check.segments(np.asarray(segments).reshape(-1), tokens.size, "decode segments")
         step = check.count(step, "step")
-        require(isinstance(sampling, Sampling),
-                f"sampling: expected a Sampling, got {type(sampling).__name__}")
+        require(
+            isinstance(sampling, Sampling),
+            f"sampling: expected a Sampling, got {type(sampling).__name__}",
+        )
         self.placement.check_decode_room(cache, self.rank_fill(cache), tokens.size)
         past = self._past_for_check(cache)
-        args = self.placement.put("replicated", tokens, positions, segments, np.int32(step),
-                                  *sampling.as_arrays())
-        logits, next_tokens, cache = self._program("decode")(self.params, *args[:4], cache,
-                                                             *args[4:])
+        args = self.placement.put(
+            "replicated", tokens, positions, segments, np.int32(step), *sampling.as_arrays()
+        )
+        logits, next_tokens, cache = self._program("decode")(
+            self.params, *args[:4], cache, *args[4:]
+        )
         self._check_output("decode", logits, tokens, positions, segments, past)
         return logits, next_tokens, cache
 
     def first_tokens(self, logits, sampling: Sampling = GREEDY, turn: int = 0) -> np.ndarray:
         """Tokens ``[B]`` drawn from the prefill logits ``[B, V]`` of turn ``turn``."""
-        return np.asarray(_sample_first(jnp.asarray(logits),
-                                        np.int32(sampling_lib.FIRST_TOKEN_KEYS + turn),
-                                        *sampling.as_arrays()))
+        return np.asarray(
+            _sample_first(
+                jnp.asarray(logits),
+                np.int32(sampling_lib.FIRST_TOKEN_KEYS + turn),
+                *sampling.as_arrays(),
+            )
+        )
 
-    def generate_batch(self, prompts, max_new_tokens: int, stop_ids: Iterable[int] = (),
-                       sampling: Sampling = GREEDY) -> list[list[int]]:
+    def generate_batch(
+        self,
+        prompts,
+        max_new_tokens: int,
+        stop_ids: Iterable[int] = (),
+        sampling: Sampling = GREEDY,
+    ) -> list[list[int]]:
         """Generate for ``B`` prompts at once (packed prefill, batched decode).
 
         Returns each sequence's new tokens, ending at (and including) its first stop id.
@@ -330,8 +382,7 @@ class Engine:
         if max_new_tokens == 0:
             return [[] for _ in ids]
         stop = set(int(s) for s in stop_ids)
-        capacity = self.capacity_for(sum(x.size for x in ids), len(ids) * max_new_tokens,
-                                     len(ids))
+        capacity = self.capacity_for(sum(x.size for x in ids), len(ids) * max_new_tokens, len(ids))
         logits, cache = self.prefill_batch(ids, self.new_cache(capacity), segments)
         tokens = self.first_tokens(logits, sampling)
         positions = np.array([x.size for x in ids], np.int32)
@@ -349,8 +400,13 @@ class Engine:
                     done[b] = int(t) in stop
         return outputs
 
-    def generate_stream(self, prompt_ids, max_new_tokens: int, stop_ids: Iterable[int] = (),
-                        sampling: Sampling = GREEDY) -> Iterator[int]:
+    def generate_stream(
+        self,
+        prompt_ids,
+        max_new_tokens: int,
+        stop_ids: Iterable[int] = (),
+        sampling: Sampling = GREEDY,
+    ) -> Iterator[int]:
         """Yield new token ids one by one (greedy by default), stopping after a stop id."""
         ids = check.token_ids(prompt_ids, self.config.vocab_size, name="prompt token ids")
         max_new_tokens = check.count(max_new_tokens, "max_new_tokens")
@@ -358,9 +414,14 @@ class Engine:
         session = Session(self, self.capacity_for(ids.size, max_new_tokens))
         yield from session.turn(ids, max_new_tokens, stop_ids, sampling)
 
-    def generate(self, prompt_ids, max_new_tokens: int, stop_ids: Iterable[int] = (),
-                 on_token: Optional[Callable[[int], None]] = None,
-                 sampling: Sampling = GREEDY) -> list[int]:
+    def generate(
+        self,
+        prompt_ids,
+        max_new_tokens: int,
+        stop_ids: Iterable[int] = (),
+        on_token: Optional[Callable[[int], None]] = None,
+        sampling: Sampling = GREEDY,
+    ) -> list[int]:
         """Generate (greedy by default); returns the new token ids (including a final stop id)."""
         out = []
         for token in self.generate_stream(prompt_ids, max_new_tokens, stop_ids, sampling):
@@ -377,19 +438,32 @@ class Engine:
             return None
         return PastKV(*(fetch(x) for x in (cache.k, cache.v, cache.pos, cache.seg)))
 
-    def _check_output(self, what: str, values, tokens, positions, segments,
-                      past: Optional[PastKV] = None) -> None:
+    def _check_output(
+        self, what: str, values, tokens, positions, segments, past: Optional[PastKV] = None
+    ) -> None:
         """In check mode, raise :class:`NonFiniteError` naming the first layer whose output
         holds NaN/Inf if ``values`` (the output of ``what``) does."""
         if not self.check_finite or np.isfinite(np.asarray(values, np.float32)).all():
             return
         from cpjax.model.diagnostics import first_nonfinite
-        where = first_nonfinite(self.config, jax.tree.map(fetch, self.params), tokens,
-                                positions, segments, past, self.dtype)
+
+        where = first_nonfinite(
+            self.config,
+            jax.tree.map(fetch, self.params),
+            tokens,
+            positions,
+            segments,
+            past,
+            self.dtype,
+        )
         raise NonFiniteError(
             f"{what}: the output holds NaN/Inf; "
-            + (f"it first appears in {where}" if where else
-               "a single-device replay of the same inputs stays finite (a parallel-path bug?)"))
+            + (
+                f"it first appears in {where}"
+                if where
+                else "a single-device replay of the same inputs stays finite (a parallel-path bug?)"
+            )
+        )
 
 
 @jax.jit
@@ -399,5 +473,6 @@ def _next_position(pos, seg, segment):
 
 @jax.jit
 def _sample_first(logits, key_index, key, temperature, top_k, top_p):
-    return sampling_lib.sample(logits, key, key_index, jnp.arange(logits.shape[0]), temperature,
-                               top_k, top_p)
+    return sampling_lib.sample(
+        logits, key, key_index, jnp.arange(logits.shape[0]), temperature, top_k, top_p
+    )

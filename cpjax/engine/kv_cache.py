@@ -43,10 +43,13 @@ def init_cache(config: ModelConfig, capacity: int, dtype=jnp.float32, ranks: int
     """An empty cache of ``capacity`` slots in all, cut into ``ranks`` equal shards (each
     rank's shard is a contiguous block of slots; ``fill`` is ``[ranks]``)."""
     shape = (config.n_layers, capacity, config.n_kv_heads, config.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   pos=jnp.zeros((capacity,), jnp.int32),
-                   seg=jnp.full((capacity,), PAD_SEGMENT, jnp.int32),
-                   fill=jnp.zeros((ranks,), jnp.int32))
+    return KVCache(
+        k=jnp.zeros(shape, dtype),
+        v=jnp.zeros(shape, dtype),
+        pos=jnp.zeros((capacity,), jnp.int32),
+        seg=jnp.full((capacity,), PAD_SEGMENT, jnp.int32),
+        fill=jnp.zeros((ranks,), jnp.int32),
+    )
 
 
 def append(cache: KVCache, k, v, pos, seg, n_real) -> KVCache:

@@ -24,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from cpjax.config import ModelConfig
-from cpjax.engine import kv_cache
 from cpjax.dispatch import AttentionImpl
+from cpjax.engine import kv_cache
 from cpjax.engine.kv_cache import KVCache
 from cpjax.engine.steps import Forward
 from cpjax.errors import require
@@ -39,7 +39,7 @@ from cpjax.parallel.mesh import CONTEXT, SINGLE_RANK, TENSOR, Ranks
 from cpjax.parallel.ring import chunk_rows_multiple
 from cpjax.parallel.sharding import spec, tree_specs
 
-WINDOW_ROWS = 256    # granularity of the cache window a context-parallel prefill attends
+WINDOW_ROWS = 256  # granularity of the cache window a context-parallel prefill attends
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -56,7 +56,7 @@ class SingleDevice:
     """
 
     prefill_chunk: Optional[int] = 2048
-    decode_strategy: str = "allreduce"   # one rank: plain attention over the cache
+    decode_strategy: str = "allreduce"  # one rank: plain attention over the cache
 
     n_ranks = 1
 
@@ -90,22 +90,27 @@ class SingleDevice:
         """A packed row as it is, padded at the end to a multiple of ``rows``."""
         return padded_layout(positions, segments, rows)
 
-    def prefill_layout(self, lengths, starts, segments, fills, rows: int,
-                       attention: AttentionImpl) -> Layout:
+    def prefill_layout(
+        self, lengths, starts, segments, fills, rows: int, attention: AttentionImpl
+    ) -> Layout:
         positions = np.concatenate([s + np.arange(n) for n, s in zip(lengths, starts)])
         segs = np.concatenate([np.full(n, g) for n, g in zip(lengths, segments)])
         return padded_layout(positions, segs, rows)
 
     def check_prefill_room(self, cache: KVCache, fills, layout: Layout) -> None:
-        require(fills[0] + layout.local_len <= cache.capacity,
-                f"KV cache overflow: {fills[0]} cached + {layout.total} new tokens (padded to "
-                f"{layout.local_len}) exceed the capacity of {cache.capacity}; create the cache "
-                f"with a larger capacity")
+        require(
+            fills[0] + layout.local_len <= cache.capacity,
+            f"KV cache overflow: {fills[0]} cached + {layout.total} new tokens (padded to "
+            f"{layout.local_len}) exceed the capacity of {cache.capacity}; create the cache "
+            f"with a larger capacity",
+        )
 
     def check_decode_room(self, cache: KVCache, fills, batch: int) -> None:
-        require(fills[0] + batch <= cache.capacity,
-                f"KV cache overflow: the cache is full ({fills[0]} of {cache.capacity} slots); "
-                f"create it with a larger capacity")
+        require(
+            fills[0] + batch <= cache.capacity,
+            f"KV cache overflow: the cache is full ({fills[0]} of {cache.capacity} slots); "
+            f"create it with a larger capacity",
+        )
 
     def strategy_for(self, new_tokens: int, cached_tokens: int, config, dtype) -> str:
         """One rank has no ring; every strategy is plain attention."""
@@ -136,11 +141,14 @@ class ContextParallel:
     decode_strategy: str = "allreduce"
     hardware: Optional[str] = None
 
-    prefill_chunk = None   # the mesh bounds memory: one prefill per prompt
+    prefill_chunk = None  # the mesh bounds memory: one prefill per prompt
 
     def __post_init__(self):
-        require(isinstance(self.mesh, Mesh), f"mesh: expected a jax Mesh with axes "
-                f"{CONTEXT!r} and {TENSOR!r}, got {type(self.mesh).__name__}")
+        require(
+            isinstance(self.mesh, Mesh),
+            f"mesh: expected a jax Mesh with axes "
+            f"{CONTEXT!r} and {TENSOR!r}, got {type(self.mesh).__name__}",
+        )
         check_choice("context-parallel strategy", self.strategy, PREFILL_STRATEGIES)
         check_choice("decode strategy", self.decode_strategy, DECODE_STRATEGIES)
 
@@ -157,16 +165,22 @@ class ContextParallel:
 
     def check_model(self, config: ModelConfig) -> None:
         """Heads, KV heads and the FFN width must split evenly over the tensor axis."""
-        for name, value in (("n_heads", config.n_heads), ("n_kv_heads", config.n_kv_heads),
-                            ("ffn_dim", config.ffn_dim)):
-            require(value % self.n_tensor == 0,
-                    f"tensor={self.n_tensor} does not divide {name}={value} of model "
-                    f"{config.name!r}; choose a tensor size that divides the number of heads "
-                    f"and KV heads")
+        for name, value in (
+            ("n_heads", config.n_heads),
+            ("n_kv_heads", config.n_kv_heads),
+            ("ffn_dim", config.ffn_dim),
+        ):
+            require(
+                value % self.n_tensor == 0,
+                f"tensor={self.n_tensor} does not divide {name}={value} of model "
+                f"{config.name!r}; choose a tensor size that divides the number of heads "
+                f"and KV heads",
+            )
 
     def forward(self, config: ModelConfig, dtype, attention: AttentionImpl) -> Forward:
-        return Forward(config, dtype, attention, Ranks(CONTEXT, self.n_ranks),
-                       tuple(self.mesh.shape.items()))
+        return Forward(
+            config, dtype, attention, Ranks(CONTEXT, self.n_ranks), tuple(self.mesh.shape.items())
+        )
 
     # ----------------------------------------------------------------- placing arrays
     def _sharding(self, partition: P) -> NamedSharding:
@@ -175,8 +189,11 @@ class ContextParallel:
     def place_params(self, params, config: ModelConfig, dtype):
         """The parameters in ``dtype``, sharded by the rules table; never gathered on one
         device (a checkpoint restored onto the mesh stays where it is)."""
-        return jax.tree.map(lambda x, s: put(x, self._sharding(s), dtype), params,
-                            tree_specs(param_axes(config), params))
+        return jax.tree.map(
+            lambda x, s: put(x, self._sharding(s), dtype),
+            params,
+            tree_specs(param_axes(config), params),
+        )
 
     def _specs(self, kind: str, params=None, config: Optional[ModelConfig] = None):
         row = P(CONTEXT)
@@ -195,12 +212,14 @@ class ContextParallel:
         """
         per_rank = round_up(-(-capacity // self.n_ranks) + 1, 64)
         shardings = jax.tree.map(self._sharding, self._specs("cache"))
-        make = functools.partial(kv_cache.init_cache, config, per_rank * self.n_ranks, dtype,
-                                 self.n_ranks)
+        make = functools.partial(
+            kv_cache.init_cache, config, per_rank * self.n_ranks, dtype, self.n_ranks
+        )
         return jax.jit(make, out_shardings=shardings)()
 
-    def compile(self, fn: Callable, in_kinds, out_kinds, config: ModelConfig, params,
-                donate=()) -> Callable:
+    def compile(
+        self, fn: Callable, in_kinds, out_kinds, config: ModelConfig, params, donate=()
+    ) -> Callable:
         """``jit(shard_map(fn))`` with each argument's specs from its kind.
 
         check_vma=False: user attention kernels (loops whose carries start as constants) need
@@ -208,9 +227,13 @@ class ContextParallel:
         """
         in_specs = tuple(self._specs(k, params, config) for k in in_kinds)
         out_specs = tuple(self._specs(k, params, config) for k in out_kinds)
-        mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=in_specs,
-                               out_specs=out_specs[0] if len(out_specs) == 1 else out_specs,
-                               check_vma=False)
+        mapped = jax.shard_map(
+            fn,
+            mesh=self.mesh,
+            in_specs=in_specs,
+            out_specs=out_specs[0] if len(out_specs) == 1 else out_specs,
+            check_vma=False,
+        )
         return jax.jit(mapped, donate_argnames=donate)
 
     def put(self, kind: str, *arrays) -> list:
@@ -221,8 +244,9 @@ class ContextParallel:
         return [int(f) for f in fetch(cache.fill)]
 
     # ----------------------------------------------------------------- layouts and room
-    def _balanced(self, lengths, starts, segment_ids, rows: int,
-                  attention: AttentionImpl) -> Layout:
+    def _balanced(
+        self, lengths, starts, segment_ids, rows: int, attention: AttentionImpl
+    ) -> Layout:
         """Balanced layout whose chunks are padded so ``rows`` bucket the shapes and
         ``attention``'s tiles never straddle two chunks (``ring.chunk_rows_multiple``)."""
         pad = chunk_rows_multiple(attention, self.n_ranks, rows, max(lengths))
@@ -232,30 +256,37 @@ class ContextParallel:
         """The balanced layout of a packed row (each segment's positions consecutive)."""
         return self._balanced(*segment_runs(positions, segments), rows, attention)
 
-    def prefill_layout(self, lengths, starts, segments, fills, rows: int,
-                       attention: AttentionImpl) -> Layout:
+    def prefill_layout(
+        self, lengths, starts, segments, fills, rows: int, attention: AttentionImpl
+    ) -> Layout:
         """Each new sequence balanced over the ranks on its own, the whole rotated so the
         fullest cache shard stays as small as it can (a short turn's tokens go to the ranks
         that hold the fewest)."""
         layout = self._balanced(lengths, starts, segments, rows, attention)
         real = layout.real_per_rank()
         fills = np.asarray(fills)
-        best = min(range(layout.n_ranks),
-                   key=lambda shift: (int((fills + np.roll(real, shift)).max()), shift))
+        best = min(
+            range(layout.n_ranks),
+            key=lambda shift: (int((fills + np.roll(real, shift)).max()), shift),
+        )
         return layout.rotated(best)
 
     def check_prefill_room(self, cache: KVCache, fills, layout: Layout) -> None:
         per_rank = cache.capacity // self.n_ranks
-        require(max(fills) + layout.local_len <= per_rank,
-                f"KV cache overflow: a rank holds {max(fills)} of its {per_rank} slots and this "
-                f"prefill adds {layout.local_len} per rank ({layout.total} tokens over "
-                f"{self.n_ranks} ranks); create the cache with a larger capacity")
+        require(
+            max(fills) + layout.local_len <= per_rank,
+            f"KV cache overflow: a rank holds {max(fills)} of its {per_rank} slots and this "
+            f"prefill adds {layout.local_len} per rank ({layout.total} tokens over "
+            f"{self.n_ranks} ranks); create the cache with a larger capacity",
+        )
 
     def check_decode_room(self, cache: KVCache, fills, batch: int) -> None:
         per_rank = cache.capacity // self.n_ranks
-        require(max(fills) + -(-batch // self.n_ranks) <= per_rank,
-                f"KV cache overflow: a rank has used {max(fills)} of its {per_rank} slots; "
-                f"create the cache with a larger capacity")
+        require(
+            max(fills) + -(-batch // self.n_ranks) <= per_rank,
+            f"KV cache overflow: a rank has used {max(fills)} of its {per_rank} slots; "
+            f"create the cache with a larger capacity",
+        )
 
     def cache_window(self, cache: KVCache, fills) -> int:
         """Cache slots per rank a prefill attends (and pass-KV circulates): the fullest rank's
@@ -274,10 +305,15 @@ class ContextParallel:
         name = self.hardware or ("h100-nvlink" if jax.default_backend() == "gpu" else "cpu")
         return get_hardware(name)
 
-    def strategy_for(self, new_tokens: int, cached_tokens: int, config: ModelConfig,
-                     dtype) -> str:
+    def strategy_for(self, new_tokens: int, cached_tokens: int, config: ModelConfig, dtype) -> str:
         """The prefill ring for ``new_tokens`` after ``cached_tokens`` (see ``strategy``)."""
         if self.strategy != "auto":
             return self.strategy
-        return choose_strategy(new_tokens, cached_tokens, config, self.n_ranks, self._hardware,
-                               bytes_per_element=jnp.dtype(dtype).itemsize)
+        return choose_strategy(
+            new_tokens,
+            cached_tokens,
+            config,
+            self.n_ranks,
+            self._hardware,
+            bytes_per_element=jnp.dtype(dtype).itemsize,
+        )

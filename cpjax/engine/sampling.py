@@ -36,25 +36,37 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        require(isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature >= 0,
-                f"temperature={self.temperature!r}: must be a finite number >= 0 "
-                f"(0 means greedy)")
-        require(isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0,
-                f"top_k={self.top_k!r}: must be an integer >= 0 (0 keeps every token)")
-        require(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
-                f"top_p={self.top_p!r}: must be in (0, 1] (1 keeps every token)")
-        require(isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2 ** 32,
-                f"seed={self.seed!r}: must be an integer in [0, 2**32)")
+        require(
+            isinstance(self.temperature, (int, float))
+            and math.isfinite(self.temperature)
+            and self.temperature >= 0,
+            f"temperature={self.temperature!r}: must be a finite number >= 0 (0 means greedy)",
+        )
+        require(
+            isinstance(self.top_k, (int, np.integer)) and self.top_k >= 0,
+            f"top_k={self.top_k!r}: must be an integer >= 0 (0 keeps every token)",
+        )
+        require(
+            isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1,
+            f"top_p={self.top_p!r}: must be in (0, 1] (1 keeps every token)",
+        )
+        require(
+            isinstance(self.seed, (int, np.integer)) and 0 <= self.seed < 2**32,
+            f"seed={self.seed!r}: must be an integer in [0, 2**32)",
+        )
 
     def as_arrays(self) -> tuple:
         """``(key, temperature, top_k, top_p)`` for the compiled samplers."""
-        return (jax.random.PRNGKey(self.seed), jnp.float32(self.temperature),
-                jnp.int32(self.top_k), jnp.float32(self.top_p))
+        return (
+            jax.random.PRNGKey(self.seed),
+            jnp.float32(self.temperature),
+            jnp.int32(self.top_k),
+            jnp.float32(self.top_p),
+        )
 
 
 GREEDY = Sampling()
-FIRST_TOKEN_KEYS = 1 << 30   # key indices of the tokens drawn from prefill logits
+FIRST_TOKEN_KEYS = 1 << 30  # key indices of the tokens drawn from prefill logits
 
 
 def _filtered_logits(logits, temperature, top_k, top_p):
@@ -64,7 +76,7 @@ def _filtered_logits(logits, temperature, top_k, top_p):
     ranked = scaled[order]
     rank = jnp.arange(ranked.shape[0])
     probs = jax.nn.softmax(ranked)
-    before = jnp.cumsum(probs) - probs        # mass of the strictly more likely tokens
+    before = jnp.cumsum(probs) - probs  # mass of the strictly more likely tokens
     keep = (before < top_p) & ((top_k == 0) | (rank < top_k))
     keep = keep.at[0].set(True)
     kept = jnp.where(keep, ranked, -jnp.inf)
@@ -83,12 +95,15 @@ def sample(logits, key, step, sequence_ids, temperature, top_k, top_p):
 
     Greedy (``temperature == 0``) skips the sort that top-k/top-p filtering needs.
     """
+
     def drawn():
         step_key = jax.random.fold_in(key, step)
         keys = jax.vmap(lambda b: jax.random.fold_in(step_key, b))(sequence_ids)
         return jax.vmap(sample_one, in_axes=(0, 0, None, None, None))(
-            logits, keys, temperature, top_k, top_p)
+            logits, keys, temperature, top_k, top_p
+        )
 
     def greedy():
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
     return jax.lax.cond(temperature > 0, drawn, greedy)

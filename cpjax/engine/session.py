@@ -52,22 +52,25 @@ class Session:
             ids = np.concatenate([np.array([self.pending], np.int32), ids])
         require(ids.size > 0, "a turn needs at least one new token")
         self.engine.check_length(self.cached + ids.size, "conversation")
-        logits, self.cache = self.engine.prefill_prompt(ids, self.cache, self.cached,
-                                                        self.segment)
+        logits, self.cache = self.engine.prefill_prompt(ids, self.cache, self.cached, self.segment)
         self.cached += ids.size
         self.pending = None
         return logits
 
-    def turn(self, ids, max_new_tokens: int, stop_ids: Iterable[int] = (),
-             sampling: Sampling = GREEDY) -> Iterator[int]:
+    def turn(
+        self, ids, max_new_tokens: int, stop_ids: Iterable[int] = (), sampling: Sampling = GREEDY
+    ) -> Iterator[int]:
         """Prefill ``ids`` and yield up to ``max_new_tokens`` new tokens (stops after a stop id).
 
         The last yielded token stays pending: it enters the cache with the next turn.
         """
-        require(isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 0,
-                f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0")
-        self.engine.check_length(self.position + np.size(ids) + max_new_tokens,
-                                 "conversation plus max_new_tokens")
+        require(
+            isinstance(max_new_tokens, (int, np.integer)) and max_new_tokens >= 0,
+            f"max_new_tokens={max_new_tokens!r}: must be an integer >= 0",
+        )
+        self.engine.check_length(
+            self.position + np.size(ids) + max_new_tokens, "conversation plus max_new_tokens"
+        )
         start = time.perf_counter()
         logits = self.prefill(ids)
         if max_new_tokens == 0:
@@ -83,7 +86,8 @@ class Session:
             if token in stop:
                 break
             _, tokens, self.cache = self.engine.decode(
-                [token], [self.cached], [self.segment], self.step, self.cache, sampling)
+                [token], [self.cached], [self.segment], self.step, self.cache, sampling
+            )
             self.step += 1
             self.cached += 1
             token = int(np.asarray(tokens)[0])
@@ -91,5 +95,6 @@ class Session:
             stamps.append(time.perf_counter())
             yield token
         # The first decode step may compile; the rate counts the ones after it.
-        self.last_decode_tok_s = ((len(stamps) - 1) / (stamps[-1] - stamps[0])
-                                  if len(stamps) > 1 else None)
+        self.last_decode_tok_s = (
+            (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+        )

@@ -41,7 +41,7 @@ class Forward:
     dtype: Any
     attention: AttentionImpl
     ranks: Ranks
-    mesh_axis_sizes: tuple = ()   # ((axis, size), ...) of the mesh the step runs inside
+    mesh_axis_sizes: tuple = ()  # ((axis, size), ...) of the mesh the step runs inside
 
     def model(self, plan: Callable) -> Llama:
         """The model with attention ``plan`` (one rank's view of the parameters)."""
@@ -49,12 +49,12 @@ class Forward:
 
     def ring(self, strategy: str) -> Llama:
         """The model whose attention is the prefill ring ``strategy`` over the ranks."""
-        return self.model(ring_attention(strategy, self.attention, self.ranks.axis,
-                                         self.ranks.size))
+        return self.model(
+            ring_attention(strategy, self.attention, self.ranks.axis, self.ranks.size)
+        )
 
 
-def run(model: Llama, params, tokens, positions, segments, past: Optional[PastKV] = None
-        ) -> Output:
+def run(model: Llama, params, tokens, positions, segments, past: Optional[PastKV] = None) -> Output:
     """The trunk: hidden states ``[T, D]`` and the new K/V ``[L, T, Hkv, Dh]``."""
     return model.apply({"params": params}, tokens, positions, segments, past)
 
@@ -77,8 +77,9 @@ def token_logprobs(model: Llama, params, hidden, targets):
         picked = jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
-    lp = jax.lax.map(chunk_logprobs, (hidden.reshape(-1, chunk, hidden.shape[-1]),
-                                      targets.reshape(-1, chunk)))
+    lp = jax.lax.map(
+        chunk_logprobs, (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk))
+    )
     return lp.reshape(-1)
 
 
@@ -96,8 +97,14 @@ def _store(local: KVCache, out: Output, positions, segments, keep) -> KVCache:
     other rows are written as padding behind them and overwritten by the next append."""
     order = jnp.argsort(~keep, stable=True)
     segs = jnp.where(keep, segments, PAD_SEGMENT)
-    return kv_cache.append(local, out.k[:, order], out.v[:, order], positions[order],
-                           segs[order], keep.sum().astype(jnp.int32))
+    return kv_cache.append(
+        local,
+        out.k[:, order],
+        out.v[:, order],
+        positions[order],
+        segs[order],
+        keep.sum().astype(jnp.int32),
+    )
 
 
 def _past(local: KVCache, window: Optional[int]) -> Optional[PastKV]:
@@ -106,13 +113,20 @@ def _past(local: KVCache, window: Optional[int]) -> Optional[PastKV]:
         return None
     if window is None:
         return local.as_past()
-    return PastKV(local.k[:, :window], local.v[:, :window], local.pos[:window],
-                  local.seg[:window])
+    return PastKV(local.k[:, :window], local.v[:, :window], local.pos[:window], local.seg[:window])
 
 
 # ------------------------------------------------------------------------- prefill bodies
-def prefill(fwd: Forward, strategy: str, window: Optional[int], params, tokens, positions,
-            segments, cache: KVCache):
+def prefill(
+    fwd: Forward,
+    strategy: str,
+    window: Optional[int],
+    params,
+    tokens,
+    positions,
+    segments,
+    cache: KVCache,
+):
     """(Partial) prefill: the new rows ``[T]`` attend each other and the first ``window``
     slots of every rank's cache (by the ring ``strategy``), and are appended to this rank's
     shard. Returns ``(hidden [T, D], cache)``."""
@@ -121,8 +135,17 @@ def prefill(fwd: Forward, strategy: str, window: Optional[int], params, tokens, 
     return out.hidden, _global(_store(local, out, positions, segments, segments >= 0))
 
 
-def prefill_logprobs(fwd: Forward, strategy: str, window: Optional[int], params, tokens,
-                     targets, positions, segments, cache: KVCache):
+def prefill_logprobs(
+    fwd: Forward,
+    strategy: str,
+    window: Optional[int],
+    params,
+    tokens,
+    targets,
+    positions,
+    segments,
+    cache: KVCache,
+):
     """:func:`prefill` that also scores ``targets [T]``: ``(logprobs [T], cache)``."""
     hidden, cache = prefill(fwd, strategy, window, params, tokens, positions, segments, cache)
     return token_logprobs(fwd.ring(strategy), params, hidden, targets), cache
@@ -131,8 +154,9 @@ def prefill_logprobs(fwd: Forward, strategy: str, window: Optional[int], params,
 def score(fwd: Forward, strategy: str, params, tokens, targets, positions, segments):
     """Log-probability of ``targets[t]`` after the row's tokens visible to ``t``: ``[T]``."""
     model = fwd.ring(strategy)
-    return token_logprobs(model, params, run(model, params, tokens, positions, segments).hidden,
-                          targets)
+    return token_logprobs(
+        model, params, run(model, params, tokens, positions, segments).hidden, targets
+    )
 
 
 def logits(fwd: Forward, strategy: str, params, tokens, positions, segments):
@@ -142,8 +166,19 @@ def logits(fwd: Forward, strategy: str, params, tokens, positions, segments):
 
 
 # ------------------------------------------------------------------------- decode bodies
-def replicated_decode(fwd: Forward, params, tokens, positions, segments, step, cache: KVCache,
-                      key, temperature, top_k, top_p):
+def replicated_decode(
+    fwd: Forward,
+    params,
+    tokens,
+    positions,
+    segments,
+    step,
+    cache: KVCache,
+    key,
+    temperature,
+    top_k,
+    top_p,
+):
     """One token for each of ``B`` sequences with the queries on every rank.
 
     Every rank runs all ``B`` tokens, attends its cache shard, the partials merge across ranks
@@ -153,20 +188,33 @@ def replicated_decode(fwd: Forward, params, tokens, positions, segments, step, c
     local = _local(cache)
     batch, rank = tokens.shape[0], fwd.ranks.index()
     owners = decode_lib.decode_owners(fwd.ranks.all_gather(local.fill), step, batch)
-    model = fwd.model(decode_lib.replicated_decode_attention(fwd.attention.attend, fwd.ranks,
-                                                             owners == rank))
+    model = fwd.model(
+        decode_lib.replicated_decode_attention(fwd.attention.attend, fwd.ranks, owners == rank)
+    )
     out = run(model, params, tokens, positions, segments, local.as_past())
     logits_ = head(model, params, out.hidden)
-    next_tokens = sampling_lib.sample(logits_, key, step + 1, jnp.arange(batch), temperature,
-                                      top_k, top_p)
+    next_tokens = sampling_lib.sample(
+        logits_, key, step + 1, jnp.arange(batch), temperature, top_k, top_p
+    )
     rows, real = decode_lib.owned_slots(owners, rank, fwd.ranks.size)
     out = Output(out.hidden, out.k[:, rows], out.v[:, rows])
     local = _store(local, out, positions[rows], segments[rows], real)
     return logits_, next_tokens, _global(local)
 
 
-def ring_decode(fwd: Forward, params, tokens, positions, segments, step, cache: KVCache, key,
-                temperature, top_k, top_p):
+def ring_decode(
+    fwd: Forward,
+    params,
+    tokens,
+    positions,
+    segments,
+    step,
+    cache: KVCache,
+    key,
+    temperature,
+    top_k,
+    top_p,
+):
     """The paper's batched ring pass-Q decode.
 
     Each rank takes the queries of the tokens it owns (``decode_owners``), padded to
@@ -184,11 +232,17 @@ def ring_decode(fwd: Forward, params, tokens, positions, segments, step, cache: 
     my_logits = head(model, params, out.hidden)
     my_next = sampling_lib.sample(my_logits, key, step + 1, mine, temperature, top_k, top_p)
     local = _store(local, out, positions[mine], my_segments, real)
-    where = fwd.ranks.all_gather(jnp.where(real, mine, batch), tiled=True)   # batch: dropped
-    all_tokens = jnp.zeros((batch,), jnp.int32).at[where].set(
-        fwd.ranks.all_gather(my_next, tiled=True), mode="drop")
-    all_logits = jnp.zeros((batch, my_logits.shape[-1]), my_logits.dtype).at[where].set(
-        fwd.ranks.all_gather(my_logits, tiled=True), mode="drop")
+    where = fwd.ranks.all_gather(jnp.where(real, mine, batch), tiled=True)  # batch: dropped
+    all_tokens = (
+        jnp.zeros((batch,), jnp.int32)
+        .at[where]
+        .set(fwd.ranks.all_gather(my_next, tiled=True), mode="drop")
+    )
+    all_logits = (
+        jnp.zeros((batch, my_logits.shape[-1]), my_logits.dtype)
+        .at[where]
+        .set(fwd.ranks.all_gather(my_logits, tiled=True), mode="drop")
+    )
     return all_logits, all_tokens, _global(local)
 
 

@@ -24,14 +24,20 @@ def _held_back(text: str, stop_strings: Sequence[str]) -> int:
     return longest
 
 
-def stream_text(token_ids: Iterable[int], tokenizer, stop_strings: Sequence[str] = (),
-                consumed: list | None = None) -> Iterator[str]:
+def stream_text(
+    token_ids: Iterable[int],
+    tokenizer,
+    stop_strings: Sequence[str] = (),
+    consumed: list | None = None,
+) -> Iterator[str]:
     """Yield the text of ``token_ids`` piece by piece, ending before the first stop string.
 
     ``consumed`` (optional list) receives every token id read from ``token_ids``.
     """
-    require(all(isinstance(s, str) and s for s in stop_strings),
-            f"stop strings {list(stop_strings)!r}: each must be a non-empty string")
+    require(
+        all(isinstance(s, str) and s for s in stop_strings),
+        f"stop strings {list(stop_strings)!r}: each must be a non-empty string",
+    )
     ids: list[int] = []
     printed = 0
     text = ""
@@ -40,10 +46,9 @@ def stream_text(token_ids: Iterable[int], tokenizer, stop_strings: Sequence[str]
         if consumed is not None:
             consumed.append(int(token))
         text = tokenizer.decode(ids)
-        if text.endswith("\ufffd"):        # the rest of a multi-byte character is coming
+        if text.endswith("\ufffd"):  # the rest of a multi-byte character is coming
             continue
-        hits = [i for i in (text.find(s, max(0, printed - len(s))) for s in stop_strings)
-                if i >= 0]
+        hits = [i for i in (text.find(s, max(0, printed - len(s))) for s in stop_strings) if i >= 0]
         if hits:
             end = min(hits)
             if end > printed:

@@ -6,5 +6,11 @@ from cpjax.loaders.safetensors import load_safetensors, save_safetensors
 from cpjax.loaders.source import load_model
 from cpjax.loaders.tokenizer import Tokenizer
 
-__all__ = ["Tokenizer", "embedded_gguf_path", "load_gguf", "load_model", "load_safetensors",
-           "save_safetensors"]
+__all__ = [
+    "Tokenizer",
+    "embedded_gguf_path",
+    "load_gguf",
+    "load_model",
+    "load_safetensors",
+    "save_safetensors",
+]

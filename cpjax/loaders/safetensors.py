@@ -26,12 +26,17 @@ from cpjax.model.llama import PARAMS
 Params = dict[str, Any]
 
 # safetensors dtype names -> numpy dtypes (bfloat16 from ml_dtypes, which jax depends on).
-_FLOAT_DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32),
-                 "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16)}
+_FLOAT_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+}
 
 
-def check_tensor_names(present: Iterable[str], expected: list[str],
-                       ignored: Callable[[str], bool], where: str) -> None:
+def check_tensor_names(
+    present: Iterable[str], expected: list[str], ignored: Callable[[str], bool], where: str
+) -> None:
     """Raise :class:`CpjaxError` naming the first missing tensor, or the unexpected ones (those
     neither ``expected`` nor ``ignored``), before any tensor is converted."""
     present = set(present)
@@ -41,14 +46,18 @@ def check_tensor_names(present: Iterable[str], expected: list[str],
         raise CpjaxError(f"{where}: tensor {missing[0]!r} is missing{more}")
     unexpected = sorted(n for n in present - set(expected) if not ignored(n))
     if unexpected:
-        raise CpjaxError(f"{where}: unexpected tensors {unexpected[:5]} (cpjax loads the plain "
-                         f"Llama architecture: no biases or extra modules)")
+        raise CpjaxError(
+            f"{where}: unexpected tensors {unexpected[:5]} (cpjax loads the plain "
+            f"Llama architecture: no biases or extra modules)"
+        )
 
 
 def require_shape(array: np.ndarray, expected: tuple[int, ...], what: str) -> None:
     """Raise :class:`CpjaxError` naming ``what`` unless ``array`` has shape ``expected``."""
-    require(tuple(array.shape) == tuple(expected),
-            f"{what} has shape {tuple(array.shape)}, expected {tuple(expected)} for this config")
+    require(
+        tuple(array.shape) == tuple(expected),
+        f"{what} has shape {tuple(array.shape)}, expected {tuple(expected)} for this config",
+    )
 
 
 # ------------------------------------------------------------------------------ config.json
@@ -58,14 +67,17 @@ def _rope_scaling(hf: dict, where: str) -> RopeScaling | None:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "default":
         return None
-    require(rope_type == "llama3",
-            f"{where}: rope scaling type {rope_type!r} is not supported (cpjax supports plain "
-            f"RoPE and 'llama3')")
-    return RopeScaling(factor=float(rope["factor"]),
-                       low_freq_factor=float(rope["low_freq_factor"]),
-                       high_freq_factor=float(rope["high_freq_factor"]),
-                       original_max_position_embeddings=int(
-                           rope["original_max_position_embeddings"]))
+    require(
+        rope_type == "llama3",
+        f"{where}: rope scaling type {rope_type!r} is not supported (cpjax supports plain "
+        f"RoPE and 'llama3')",
+    )
+    return RopeScaling(
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
+    )
 
 
 def _token_ids(value) -> tuple[int, ...]:
@@ -77,32 +89,49 @@ def _token_ids(value) -> tuple[int, ...]:
 
 def config_from_hf(hf: dict, name: str, where: str) -> ModelConfig:
     """``ModelConfig`` from the dict of an HF ``LlamaForCausalLM`` ``config.json`` at ``where``."""
-    require(hf.get("model_type") == "llama",
-            f"{where}: model_type {hf.get('model_type')!r} is not supported (cpjax loads "
-            f"'llama' checkpoints)")
-    require(hf.get("hidden_act", "silu") == "silu",
-            f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported (Llama uses 'silu')")
+    require(
+        hf.get("model_type") == "llama",
+        f"{where}: model_type {hf.get('model_type')!r} is not supported (cpjax loads "
+        f"'llama' checkpoints)",
+    )
+    require(
+        hf.get("hidden_act", "silu") == "silu",
+        f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported (Llama uses 'silu')",
+    )
     for flag in ("attention_bias", "mlp_bias"):
-        require(not hf.get(flag, False), f"{where}: {flag}=true is not supported (cpjax's "
-                                         f"Llama has no biases)")
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size"):
+        require(
+            not hf.get(flag, False),
+            f"{where}: {flag}=true is not supported (cpjax's Llama has no biases)",
+        )
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+    ):
         require(key in hf, f"{where}: required key {key!r} is missing")
     heads = int(hf["num_attention_heads"])
     rope = hf.get("rope_parameters") or {}
     bos = _token_ids(hf.get("bos_token_id"))
     try:
         return ModelConfig(
-            name=name, vocab_size=int(hf["vocab_size"]), dim=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]), n_heads=heads,
+            name=name,
+            vocab_size=int(hf["vocab_size"]),
+            dim=int(hf["hidden_size"]),
+            n_layers=int(hf["num_hidden_layers"]),
+            n_heads=heads,
             n_kv_heads=int(hf.get("num_key_value_heads") or heads),
             head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-            ffn_dim=int(hf["intermediate_size"]), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            ffn_dim=int(hf["intermediate_size"]),
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
             rope_scaling=_rope_scaling(hf, where),
             max_seq_len=int(hf.get("max_position_embeddings", 2048)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_id=bos[0] if bos else None, eos_ids=_token_ids(hf.get("eos_token_id")))
+            bos_id=bos[0] if bos else None,
+            eos_ids=_token_ids(hf.get("eos_token_id")),
+        )
     except CpjaxError as exc:
         raise CpjaxError(f"{where}: {exc}") from None
 
@@ -110,21 +139,34 @@ def config_from_hf(hf: dict, name: str, where: str) -> ModelConfig:
 def config_to_hf(config: ModelConfig) -> dict:
     """The ``config.json`` dict of ``config`` (the inverse of :func:`config_from_hf`)."""
     c = config
-    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-          "vocab_size": c.vocab_size, "hidden_size": c.dim, "num_hidden_layers": c.n_layers,
-          "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
-          "head_dim": c.head_dim, "intermediate_size": c.ffn_dim, "hidden_act": "silu",
-          "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-          "max_position_embeddings": c.max_seq_len, "tie_word_embeddings": c.tie_embeddings,
-          "bos_token_id": c.bos_id, "eos_token_id": list(c.eos_ids) or None,
-          "torch_dtype": "float32"}
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.dim,
+        "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim,
+        "intermediate_size": c.ffn_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": c.norm_eps,
+        "rope_theta": c.rope_theta,
+        "max_position_embeddings": c.max_seq_len,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": c.bos_id,
+        "eos_token_id": list(c.eos_ids) or None,
+        "torch_dtype": "float32",
+    }
     if c.rope_scaling is not None:
         s = c.rope_scaling
-        hf["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor,
-                              "low_freq_factor": s.low_freq_factor,
-                              "high_freq_factor": s.high_freq_factor,
-                              "original_max_position_embeddings":
-                                  s.original_max_position_embeddings}
+        hf["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
     return hf
 
 
@@ -139,27 +181,36 @@ def read_safetensors_file(path: str) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         prefix = f.read(8)
         header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else size
-        require(8 + header_len <= size,
-                f"{path!r} is not a safetensors file (truncated or corrupt header)")
+        require(
+            8 + header_len <= size,
+            f"{path!r} is not a safetensors file (truncated or corrupt header)",
+        )
         try:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CpjaxError(f"{path!r} is not a safetensors file (bad header: {exc})") from None
     header.pop("__metadata__", None)
     data_len = size - 8 - header_len
-    data = (np.memmap(path, np.uint8, mode="r", offset=8 + header_len) if data_len
-            else np.zeros(0, np.uint8))
+    data = (
+        np.memmap(path, np.uint8, mode="r", offset=8 + header_len)
+        if data_len
+        else np.zeros(0, np.uint8)
+    )
     tensors = {}
     for name, info in header.items():
         dtype = _FLOAT_DTYPES.get(info["dtype"])
-        require(dtype is not None,
-                f"{path!r}: tensor {name!r} has dtype {info['dtype']}; cpjax reads "
-                f"{', '.join(_FLOAT_DTYPES)} checkpoints")
+        require(
+            dtype is not None,
+            f"{path!r}: tensor {name!r} has dtype {info['dtype']}; cpjax reads "
+            f"{', '.join(_FLOAT_DTYPES)} checkpoints",
+        )
         start, end = info["data_offsets"]
         shape = tuple(info["shape"])
-        require(end <= data_len and end - start == math.prod(shape) * dtype.itemsize,
-                f"{path!r}: tensor {name!r} ({info['dtype']} {list(shape)}) does not fit the "
-                f"file (truncated or corrupt)")
+        require(
+            end <= data_len and end - start == math.prod(shape) * dtype.itemsize,
+            f"{path!r}: tensor {name!r} ({info['dtype']} {list(shape)}) does not fit the "
+            f"file (truncated or corrupt)",
+        )
         tensors[name] = data[start:end].view(dtype).reshape(shape)
     return tensors
 
@@ -172,8 +223,11 @@ def _read_checkpoint(directory: str) -> dict[str, np.ndarray]:
     origin: dict[str, str] = {}
     for file in files:
         for name, array in read_safetensors_file(os.path.join(directory, file)).items():
-            require(name not in tensors, f"model directory {directory!r}: tensor {name!r} is "
-                                         f"in both {origin.get(name)!r} and {file!r}")
+            require(
+                name not in tensors,
+                f"model directory {directory!r}: tensor {name!r} is "
+                f"in both {origin.get(name)!r} and {file!r}",
+            )
             tensors[name], origin[name] = array, file
     return tensors
 
@@ -199,8 +253,12 @@ def load_safetensors(directory, dtype=np.float32) -> tuple[ModelConfig, Params]:
     where = f"model directory {directory!r}"
     # Unused extras: RoPE buffers of old checkpoints, and the copy of a tied output head.
     lm_head = table.by_name(PARAMS)["lm_head"].hf
-    check_tensor_names(tensors, table.tensor_names(PARAMS, config, "hf"),
-                       lambda n: n.endswith("rotary_emb.inv_freq") or n == lm_head, where)
+    check_tensor_names(
+        tensors,
+        table.tensor_names(PARAMS, config, "hf"),
+        lambda n: n.endswith("rotary_emb.inv_freq") or n == lm_head,
+        where,
+    )
 
     def read(_, name: str, shape: tuple[int, ...]) -> np.ndarray:
         require_shape(tensors[name], shape, f"{where}: tensor {name!r}")

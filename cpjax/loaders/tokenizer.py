@@ -28,18 +28,36 @@ from typing import Any, Optional, Sequence
 from cpjax.errors import CpjaxError, require
 from cpjax.loaders.gguf_reader import field, open_gguf
 
-_CONTROL, _USER_DEFINED = 3, 4   # llama.cpp token types
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 #: End-of-turn markers that also stop generation when the chat template writes them.
 _TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                 r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 #: ``tokenizer.ggml.pre`` -> split regex applied before the byte-level mapping (as HF does).
 _PRE_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "falcon-h1",
-                     "pixtral", "midm-2.0", "lfm2", "jina-v5-nano", "dbrx"), _LLAMA3_SPLIT),
+    **dict.fromkeys(
+        (
+            "llama3",
+            "llama-v3",
+            "llama-bpe",
+            "smaug-bpe",
+            "falcon3",
+            "falcon-h1",
+            "pixtral",
+            "midm-2.0",
+            "lfm2",
+            "jina-v5-nano",
+            "dbrx",
+        ),
+        _LLAMA3_SPLIT,
+    ),
     "tekken": _TEKKEN_SPLIT,
 }
 
@@ -47,8 +65,11 @@ _PRE_SPLITS = {
 @functools.lru_cache(maxsize=1)
 def _byte_spelling() -> dict[int, str]:
     """GPT-2's printable spelling of each byte, the alphabet of byte-level BPE vocabularies."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     spelling = {b: chr(b) for b in printable}
     others = [b for b in range(256) if b not in spelling]
     spelling.update({b: chr(256 + n) for n, b in enumerate(others)})
@@ -61,42 +82,61 @@ def _pre_tokenizer(pre: Optional[str]):
     split = _PRE_SPLITS.get(pre)
     if split is None:
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                                    pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                             use_regex=False)])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
-def byte_level_bpe(tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int],
-                   pre: Optional[str]):
+def byte_level_bpe(
+    tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], pre: Optional[str]
+):
     """A ``tokenizers.Tokenizer`` for a GGUF byte-level BPE vocabulary (HF's construction).
 
     Tokens not written in the byte alphabet are respelled from their UTF-8 bytes; CONTROL tokens
     become special tokens (unless so respelled: llama.cpp mislabels), USER_DEFINED ones plain
     added tokens.
     """
-    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as Backend
 
     spelling = _byte_spelling()
     alphabet = set(spelling.values())
-    spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
-               for t in tokens]
-    backend = Backend(models.BPE(vocab={t: i for i, t in enumerate(spelled)},
-                                 merges=[tuple(m.split(" ", 1)) for m in merges]))
+    spelled = [
+        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens
+    ]
+    backend = Backend(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(spelled)},
+            merges=[tuple(m.split(" ", 1)) for m in merges],
+        )
+    )
     backend.pre_tokenizer = _pre_tokenizer(pre)
     backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                for t, kind in zip(tokens, token_types)
-                                if kind == _CONTROL and set(t) <= alphabet])
-    backend.add_tokens([AddedToken(t, special=False, normalized=False)
-                        for t, kind, s in zip(tokens, token_types, spelled)
-                        if kind == _USER_DEFINED and t == s])
+    backend.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, kind in zip(tokens, token_types)
+            if kind == _CONTROL and set(t) <= alphabet
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind, s in zip(tokens, token_types, spelled)
+            if kind == _USER_DEFINED and t == s
+        ]
+    )
     return backend
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
     # HF's override: jinja's own tojson escapes HTML characters.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise_exception(message: str):
@@ -114,15 +154,20 @@ def _compile(template: str):
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
     return env.from_string(template)
 
 
-def render_chat_template(template: str, messages: Sequence[dict], add_generation_prompt: bool,
-                         special_tokens: dict[str, str]) -> str:
+def render_chat_template(
+    template: str,
+    messages: Sequence[dict],
+    add_generation_prompt: bool,
+    special_tokens: dict[str, str],
+) -> str:
     """Render an HF-style chat template as HF's ``apply_chat_template(tokenize=False)`` does.
 
     ``special_tokens`` are the template variables ``bos_token``, ``eos_token``, ... (HF's
@@ -131,13 +176,19 @@ def render_chat_template(template: str, messages: Sequence[dict], add_generation
     from jinja2.exceptions import TemplateError
 
     for i, message in enumerate(messages):
-        require(isinstance(message, dict) and "role" in message,
-                f"messages[{i}]={message!r}: each chat message must be a dict with a 'role' "
-                f"(and usually a 'content')")
+        require(
+            isinstance(message, dict) and "role" in message,
+            f"messages[{i}]={message!r}: each chat message must be a dict with a 'role' "
+            f"(and usually a 'content')",
+        )
     try:
         return _compile(template).render(
-            messages=copy.deepcopy(list(messages)), tools=None, documents=None,
-            add_generation_prompt=add_generation_prompt, **special_tokens)
+            messages=copy.deepcopy(list(messages)),
+            tools=None,
+            documents=None,
+            add_generation_prompt=add_generation_prompt,
+            **special_tokens,
+        )
     except TemplateError as exc:
         raise CpjaxError(f"chat template failed to render: {exc}") from None
 
@@ -161,9 +212,16 @@ class Tokenizer:
       chat_template: the jinja2 chat template, or None.
     """
 
-    def __init__(self, backend, *, bos_id: Optional[int], eos_ids: Sequence[int],
-                 chat_template: Optional[str], special_tokens: dict[str, str],
-                 add_bos_token: bool = False):
+    def __init__(
+        self,
+        backend,
+        *,
+        bos_id: Optional[int],
+        eos_ids: Sequence[int],
+        chat_template: Optional[str],
+        special_tokens: dict[str, str],
+        add_bos_token: bool = False,
+    ):
         self.backend = backend
         self.bos_id = bos_id
         self.eos_ids = tuple(eos_ids)
@@ -187,26 +245,40 @@ class Tokenizer:
         where = f"model file {path!r}"
         reader = open_gguf(path)
         kind = field(reader, "tokenizer.ggml.model")
-        require(kind == "gpt2", f"{where}: tokenizer type {kind!r} is not supported (cpjax "
-                                f"reads byte-level BPE vocabularies, 'gpt2')")
+        require(
+            kind == "gpt2",
+            f"{where}: tokenizer type {kind!r} is not supported (cpjax "
+            f"reads byte-level BPE vocabularies, 'gpt2')",
+        )
         tokens = field(reader, "tokenizer.ggml.tokens")
         merges = field(reader, "tokenizer.ggml.merges")
-        require(tokens is not None and merges is not None,
-                f"{where}: tokenizer metadata 'tokenizer.ggml.tokens'/'tokenizer.ggml.merges' is "
-                f"missing")
+        require(
+            tokens is not None and merges is not None,
+            f"{where}: tokenizer metadata 'tokenizer.ggml.tokens'/'tokenizer.ggml.merges' is "
+            f"missing",
+        )
         types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
         backend = byte_level_bpe(tokens, merges, types, field(reader, "tokenizer.ggml.pre"))
-        ids = {name: field(reader, f"tokenizer.ggml.{key}") for name, key in (
-            ("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-            ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id"))}
+        ids = {
+            name: field(reader, f"tokenizer.ggml.{key}")
+            for name, key in (
+                ("bos_token", "bos_token_id"),
+                ("eos_token", "eos_token_id"),
+                ("unk_token", "unknown_token_id"),
+                ("pad_token", "padding_token_id"),
+            )
+        }
         template = field(reader, "tokenizer.chat_template")
-        return cls(backend, bos_id=ids["bos_token"],
-                   eos_ids=_end_ids(backend, (ids["eos_token"],
-                                              field(reader, "tokenizer.ggml.eot_token_id")),
-                                    template),
-                   chat_template=template,
-                   special_tokens={k: tokens[i] for k, i in ids.items() if i is not None},
-                   add_bos_token=bool(field(reader, "tokenizer.ggml.add_bos_token", False)))
+        return cls(
+            backend,
+            bos_id=ids["bos_token"],
+            eos_ids=_end_ids(
+                backend, (ids["eos_token"], field(reader, "tokenizer.ggml.eot_token_id")), template
+            ),
+            chat_template=template,
+            special_tokens={k: tokens[i] for k, i in ids.items() if i is not None},
+            add_bos_token=bool(field(reader, "tokenizer.ggml.add_bos_token", False)),
+        )
 
     @classmethod
     def from_file(cls, tokenizer_json) -> "Tokenizer":
@@ -215,8 +287,7 @@ class Tokenizer:
         from tokenizers import Tokenizer as Backend
 
         tokenizer_json = os.fspath(tokenizer_json)
-        require(os.path.isfile(tokenizer_json), f"tokenizer file {tokenizer_json!r} does not "
-                                                f"exist")
+        require(os.path.isfile(tokenizer_json), f"tokenizer file {tokenizer_json!r} does not exist")
         backend = Backend.from_file(tokenizer_json)
         folder = os.path.dirname(tokenizer_json)
         config: dict[str, Any] = {}
@@ -227,35 +298,54 @@ class Tokenizer:
         if os.path.isfile(os.path.join(folder, "chat_template.jinja")):
             with open(os.path.join(folder, "chat_template.jinja"), encoding="utf-8") as f:
                 template = f.read()
-        special = {name: (tok if isinstance(tok, str) else tok["content"])
-                   for name in ("bos_token", "eos_token", "unk_token", "pad_token")
-                   if (tok := config.get(name)) is not None}
+        special = {
+            name: (tok if isinstance(tok, str) else tok["content"])
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (tok := config.get(name)) is not None
+        }
         bos = special.get("bos_token")
         eos = special.get("eos_token")
-        return cls(backend, bos_id=None if bos is None else backend.token_to_id(bos),
-                   eos_ids=_end_ids(backend, (None if eos is None else backend.token_to_id(eos),),
-                                    template),
-                   chat_template=template, special_tokens=special,
-                   add_bos_token=bool(config.get("add_bos_token", False)))
+        return cls(
+            backend,
+            bos_id=None if bos is None else backend.token_to_id(bos),
+            eos_ids=_end_ids(
+                backend, (None if eos is None else backend.token_to_id(eos),), template
+            ),
+            chat_template=template,
+            special_tokens=special,
+            add_bos_token=bool(config.get("add_bos_token", False)),
+        )
 
     def to_dict(self) -> dict:
         """Everything that rebuilds this tokenizer, JSON-ready (:meth:`from_dict` inverts it):
         the ``tokenizers`` JSON of the backend, special ids and tokens, the chat template."""
-        return {"kind": "tokenizers", "backend": json.loads(self.backend.to_str()),
-                "bos_id": self.bos_id, "eos_ids": list(self.eos_ids),
-                "chat_template": self.chat_template, "special_tokens": self.special_tokens,
-                "add_bos_token": self.add_bos_token}
+        return {
+            "kind": "tokenizers",
+            "backend": json.loads(self.backend.to_str()),
+            "bos_id": self.bos_id,
+            "eos_ids": list(self.eos_ids),
+            "chat_template": self.chat_template,
+            "special_tokens": self.special_tokens,
+            "add_bos_token": self.add_bos_token,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Tokenizer":
         """The tokenizer that :meth:`to_dict` described."""
         from tokenizers import Tokenizer as Backend
 
-        require(data.get("kind") == "tokenizers",
-                f"tokenizer kind {data.get('kind')!r}: expected 'tokenizers'")
-        return cls(Backend.from_str(json.dumps(data["backend"])), bos_id=data["bos_id"],
-                   eos_ids=data["eos_ids"], chat_template=data["chat_template"],
-                   special_tokens=data["special_tokens"], add_bos_token=data["add_bos_token"])
+        require(
+            data.get("kind") == "tokenizers",
+            f"tokenizer kind {data.get('kind')!r}: expected 'tokenizers'",
+        )
+        return cls(
+            Backend.from_str(json.dumps(data["backend"])),
+            bos_id=data["bos_id"],
+            eos_ids=data["eos_ids"],
+            chat_template=data["chat_template"],
+            special_tokens=data["special_tokens"],
+            add_bos_token=data["add_bos_token"],
+        )
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Token ids of ``text`` (special tokens written in the text stay whole); BOS first
@@ -267,10 +357,12 @@ class Tokenizer:
         """Text of ``ids``; special tokens (``<|im_end|>`` ...) dropped if ``skip_special``."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special)
 
-    def apply_chat_template(self, messages: Sequence[dict],
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, messages: Sequence[dict], add_generation_prompt: bool = True
+    ) -> str:
         """The prompt text for ``messages`` (``[{"role": ..., "content": ...}, ...]``), equal to
         HF's ``apply_chat_template(messages, tokenize=False, add_generation_prompt=...)``."""
         require(self.chat_template is not None, "this model has no chat template; drop --chat")
-        return render_chat_template(self.chat_template, messages, add_generation_prompt,
-                                    self.special_tokens)
+        return render_chat_template(
+            self.chat_template, messages, add_generation_prompt, self.special_tokens
+        )

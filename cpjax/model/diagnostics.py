@@ -25,12 +25,22 @@ def _finite(x, rows) -> bool:
 
 
 def _bad_params(tree, prefix: str) -> list[str]:
-    return [f"{prefix}{name}" for name, x in leaves_by_name(tree).items()
-            if not np.isfinite(np.asarray(x, np.float32)).all()]
+    return [
+        f"{prefix}{name}"
+        for name, x in leaves_by_name(tree).items()
+        if not np.isfinite(np.asarray(x, np.float32)).all()
+    ]
 
 
-def first_nonfinite(config: ModelConfig, params, tokens, positions, segments,
-                    past: Optional[PastKV] = None, dtype=jnp.float32) -> Optional[str]:
+def first_nonfinite(
+    config: ModelConfig,
+    params,
+    tokens,
+    positions,
+    segments,
+    past: Optional[PastKV] = None,
+    dtype=jnp.float32,
+) -> Optional[str]:
     """The first stage of the forward pass whose output holds NaN/Inf, or None if none does.
 
     Args:
@@ -41,22 +51,21 @@ def first_nonfinite(config: ModelConfig, params, tokens, positions, segments,
     Returns a phrase such as ``"layer 3 (attention)"`` or ``"the embedding"``, followed by the
     non-finite parameters of that stage when there are any.
     """
-    tokens, positions, segments = (np.asarray(x, np.int32) for x in
-                                   (tokens, positions, segments))
+    tokens, positions, segments = (np.asarray(x, np.int32) for x in (tokens, positions, segments))
     rows = segments >= 0
     attention = with_past(reference.attend)
     x = jnp.take(jnp.asarray(params["embed"], dtype), tokens, axis=0)
     if not _finite(x, rows):
         return _named("the embedding", _bad_params({"embed": params["embed"]}, ""))
     empty = np.zeros((0,), np.int32)
-    context = (positions, segments, *((past.pos, past.seg) if past is not None
-                                      else (empty, empty)))
+    context = (positions, segments, *((past.pos, past.seg) if past is not None else (empty, empty)))
     block = Block(config, attention, dtype)
     for i in range(config.n_layers):
-        layer = jax.tree.map(lambda w: jnp.asarray(w[i], dtype), params["layers"])
+        layer = jax.tree.map(lambda w, i=i: jnp.asarray(w[i], dtype), params["layers"])
         layer_past = None if past is None else (past.k[i], past.v[i])
-        (x, _), state = block.apply({"params": layer}, x, context, layer_past,
-                                    mutable=["intermediates"])
+        (x, _), state = block.apply(
+            {"params": layer}, x, context, layer_past, mutable=["intermediates"]
+        )
         after_attention = state["intermediates"]["after_attention"][0]
         for stage, value in (("attention", after_attention), ("MLP", x)):
             if not _finite(value, rows):
@@ -64,8 +73,7 @@ def first_nonfinite(config: ModelConfig, params, tokens, positions, segments,
     hidden = rms_norm(x, jnp.asarray(params["final_norm"], dtype), config.norm_eps)
     if not _finite(hidden, rows):
         return _named("the final norm", _bad_params({"final_norm": params["final_norm"]}, ""))
-    logits = Llama(config, attention, dtype).apply({"params": params}, hidden,
-                                                   method=Llama.logits)
+    logits = Llama(config, attention, dtype).apply({"params": params}, hidden, method=Llama.logits)
     if not _finite(logits, rows):
         return _named("the output projection (logits)", _bad_params(params, ""))
     return None

@@ -38,10 +38,26 @@ from cpjax.model import params as table
 from cpjax.model.params import Param, leaf_name, leaves_by_name
 from cpjax.parallel.sharding import MeshAxisSizes, local_shape, split_axes, sum_axes
 
-__all__ = ["Block", "KV_AXES", "Llama", "Output", "PARAMS", "PastKV", "apply_rope",
-           "check_layout", "check_param_shapes", "init_params", "leaf_name", "leaves_by_name",
-           "param_axes", "param_count", "param_shapes", "rms_norm", "rope_inv_freq",
-           "unpermute_rope_rows"]
+__all__ = [
+    "Block",
+    "KV_AXES",
+    "Llama",
+    "Output",
+    "PARAMS",
+    "PastKV",
+    "apply_rope",
+    "check_layout",
+    "check_param_shapes",
+    "init_params",
+    "leaf_name",
+    "leaves_by_name",
+    "param_axes",
+    "param_count",
+    "param_shapes",
+    "rms_norm",
+    "rope_inv_freq",
+    "unpermute_rope_rows",
+]
 
 
 def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -51,8 +67,7 @@ def unpermute_rope_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     (rotate_half pairs -> adjacent pairs); this is its inverse.
     """
     rows, cols = weight.shape
-    return (weight.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2)
-            .reshape(rows, cols))
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
 _normal = jax.nn.initializers.normal(stddev=0.02)
@@ -63,41 +78,113 @@ _BLK = "blk.{layer}."
 #: Every Llama parameter, once. Axes: V vocab, D embed, L layers, Hq q_heads, Hkv kv_heads,
 #: Dh head_dim, F ffn. HF weights are ``[out, in]`` (``hf_in_axes`` leading axes are "in").
 PARAMS: table.Table = (
-    Param("embed", lambda c: (c.vocab_size, c.dim), ("vocab", "embed"), _normal,
-          hf="model.embed_tokens.weight", gguf="token_embd.weight"),
-    Param("final_norm", lambda c: (c.dim,), ("embed",), _ones,
-          hf="model.norm.weight", gguf="output_norm.weight"),
-    Param("lm_head", lambda c: (c.dim, c.vocab_size), ("embed", "vocab"), _normal,
-          hf="lm_head.weight", gguf="output.weight", hf_in_axes=1,
-          present=lambda c: not c.tie_embeddings),
-    Param("layers/attn_norm", lambda c: (c.n_layers, c.dim), ("layers", "embed"), _ones,
-          hf=_LAYER + "input_layernorm.weight", gguf=_BLK + "attn_norm.weight"),
-    Param("layers/wq", lambda c: (c.n_layers, c.dim, c.n_heads, c.head_dim),
-          ("layers", "embed", "q_heads", "head_dim"), _normal,
-          hf=_LAYER + "self_attn.q_proj.weight", gguf=_BLK + "attn_q.weight", hf_in_axes=1,
-          from_gguf=lambda w, c: unpermute_rope_rows(w, c.n_heads)),
-    Param("layers/wk", lambda c: (c.n_layers, c.dim, c.n_kv_heads, c.head_dim),
-          ("layers", "embed", "kv_heads", "head_dim"), _normal,
-          hf=_LAYER + "self_attn.k_proj.weight", gguf=_BLK + "attn_k.weight", hf_in_axes=1,
-          from_gguf=lambda w, c: unpermute_rope_rows(w, c.n_kv_heads)),
-    Param("layers/wv", lambda c: (c.n_layers, c.dim, c.n_kv_heads, c.head_dim),
-          ("layers", "embed", "kv_heads", "head_dim"), _normal,
-          hf=_LAYER + "self_attn.v_proj.weight", gguf=_BLK + "attn_v.weight", hf_in_axes=1),
-    Param("layers/wo", lambda c: (c.n_layers, c.n_heads, c.head_dim, c.dim),
-          ("layers", "q_heads", "head_dim", "embed"), _normal,
-          hf=_LAYER + "self_attn.o_proj.weight", gguf=_BLK + "attn_output.weight",
-          hf_in_axes=2),
-    Param("layers/mlp_norm", lambda c: (c.n_layers, c.dim), ("layers", "embed"), _ones,
-          hf=_LAYER + "post_attention_layernorm.weight", gguf=_BLK + "ffn_norm.weight"),
-    Param("layers/w_gate", lambda c: (c.n_layers, c.dim, c.ffn_dim), ("layers", "embed", "ffn"),
-          _normal, hf=_LAYER + "mlp.gate_proj.weight", gguf=_BLK + "ffn_gate.weight",
-          hf_in_axes=1),
-    Param("layers/w_up", lambda c: (c.n_layers, c.dim, c.ffn_dim), ("layers", "embed", "ffn"),
-          _normal, hf=_LAYER + "mlp.up_proj.weight", gguf=_BLK + "ffn_up.weight",
-          hf_in_axes=1),
-    Param("layers/w_down", lambda c: (c.n_layers, c.ffn_dim, c.dim), ("layers", "ffn", "embed"),
-          _normal, hf=_LAYER + "mlp.down_proj.weight", gguf=_BLK + "ffn_down.weight",
-          hf_in_axes=1),
+    Param(
+        "embed",
+        lambda c: (c.vocab_size, c.dim),
+        ("vocab", "embed"),
+        _normal,
+        hf="model.embed_tokens.weight",
+        gguf="token_embd.weight",
+    ),
+    Param(
+        "final_norm",
+        lambda c: (c.dim,),
+        ("embed",),
+        _ones,
+        hf="model.norm.weight",
+        gguf="output_norm.weight",
+    ),
+    Param(
+        "lm_head",
+        lambda c: (c.dim, c.vocab_size),
+        ("embed", "vocab"),
+        _normal,
+        hf="lm_head.weight",
+        gguf="output.weight",
+        hf_in_axes=1,
+        present=lambda c: not c.tie_embeddings,
+    ),
+    Param(
+        "layers/attn_norm",
+        lambda c: (c.n_layers, c.dim),
+        ("layers", "embed"),
+        _ones,
+        hf=_LAYER + "input_layernorm.weight",
+        gguf=_BLK + "attn_norm.weight",
+    ),
+    Param(
+        "layers/wq",
+        lambda c: (c.n_layers, c.dim, c.n_heads, c.head_dim),
+        ("layers", "embed", "q_heads", "head_dim"),
+        _normal,
+        hf=_LAYER + "self_attn.q_proj.weight",
+        gguf=_BLK + "attn_q.weight",
+        hf_in_axes=1,
+        from_gguf=lambda w, c: unpermute_rope_rows(w, c.n_heads),
+    ),
+    Param(
+        "layers/wk",
+        lambda c: (c.n_layers, c.dim, c.n_kv_heads, c.head_dim),
+        ("layers", "embed", "kv_heads", "head_dim"),
+        _normal,
+        hf=_LAYER + "self_attn.k_proj.weight",
+        gguf=_BLK + "attn_k.weight",
+        hf_in_axes=1,
+        from_gguf=lambda w, c: unpermute_rope_rows(w, c.n_kv_heads),
+    ),
+    Param(
+        "layers/wv",
+        lambda c: (c.n_layers, c.dim, c.n_kv_heads, c.head_dim),
+        ("layers", "embed", "kv_heads", "head_dim"),
+        _normal,
+        hf=_LAYER + "self_attn.v_proj.weight",
+        gguf=_BLK + "attn_v.weight",
+        hf_in_axes=1,
+    ),
+    Param(
+        "layers/wo",
+        lambda c: (c.n_layers, c.n_heads, c.head_dim, c.dim),
+        ("layers", "q_heads", "head_dim", "embed"),
+        _normal,
+        hf=_LAYER + "self_attn.o_proj.weight",
+        gguf=_BLK + "attn_output.weight",
+        hf_in_axes=2,
+    ),
+    Param(
+        "layers/mlp_norm",
+        lambda c: (c.n_layers, c.dim),
+        ("layers", "embed"),
+        _ones,
+        hf=_LAYER + "post_attention_layernorm.weight",
+        gguf=_BLK + "ffn_norm.weight",
+    ),
+    Param(
+        "layers/w_gate",
+        lambda c: (c.n_layers, c.dim, c.ffn_dim),
+        ("layers", "embed", "ffn"),
+        _normal,
+        hf=_LAYER + "mlp.gate_proj.weight",
+        gguf=_BLK + "ffn_gate.weight",
+        hf_in_axes=1,
+    ),
+    Param(
+        "layers/w_up",
+        lambda c: (c.n_layers, c.dim, c.ffn_dim),
+        ("layers", "embed", "ffn"),
+        _normal,
+        hf=_LAYER + "mlp.up_proj.weight",
+        gguf=_BLK + "ffn_up.weight",
+        hf_in_axes=1,
+    ),
+    Param(
+        "layers/w_down",
+        lambda c: (c.n_layers, c.ffn_dim, c.dim),
+        ("layers", "ffn", "embed"),
+        _normal,
+        hf=_LAYER + "mlp.down_proj.weight",
+        gguf=_BLK + "ffn_down.weight",
+        hf_in_axes=1,
+    ),
 )
 _BY_NAME = table.by_name(PARAMS)
 
@@ -143,7 +230,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -
     wavelen = 2 * math.pi / inv_freq
     scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
     smooth = (old_ctx / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor)
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
     is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return jnp.where(is_medium, smoothed, scaled)
@@ -151,7 +239,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -
 
 def apply_rope(x, positions, inv_freq):
     """Rotate ``x [T, H, Dh]`` by ``positions [T]`` (HF "rotate_half" pairing i <-> i + Dh/2)."""
-    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]   # [T, Dh/2]
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, Dh/2]
     cos = jnp.cos(angles)[:, None, :]
     sin = jnp.sin(angles)[:, None, :]
     x = x.astype(jnp.float32)
@@ -173,15 +261,19 @@ def check_layout(mesh_axis_sizes: MeshAxisSizes) -> None:
     KV heads split alike (each device pairs its query heads with its own KV heads)."""
     for axis in WHOLE_AXES:
         split = split_axes((axis,), mesh_axis_sizes)[0]
-        require(split is None,
-                f"sharding RULES map logical axis {axis!r} to mesh axis {split and split[0]!r} "
-                f"of size {split and split[1]}, but the Llama forward keeps {axis!r} whole on "
-                f"every device: map it to None")
+        require(
+            split is None,
+            f"sharding RULES map logical axis {axis!r} to mesh axis {split and split[0]!r} "
+            f"of size {split and split[1]}, but the Llama forward keeps {axis!r} whole on "
+            f"every device: map it to None",
+        )
     q, kv = (split_axes((axis,), mesh_axis_sizes)[0] for axis in ("q_heads", "kv_heads"))
-    require(q == kv,
-            f"sharding RULES split 'q_heads' as {q} but 'kv_heads' as {kv} (mesh axis, size) "
-            f"in mesh {dict(mesh_axis_sizes)}: grouped-query attention needs both split over "
-            f"the same mesh axis or neither")
+    require(
+        q == kv,
+        f"sharding RULES split 'q_heads' as {q} but 'kv_heads' as {kv} (mesh axis, size) "
+        f"in mesh {dict(mesh_axis_sizes)}: grouped-query attention needs both split over "
+        f"the same mesh axis or neither",
+    )
 
 
 def contract(spec: str, x, w, w_axes: tuple, mesh_axis_sizes: MeshAxisSizes, **kwargs):
@@ -189,8 +281,9 @@ def contract(spec: str, x, w, w_axes: tuple, mesh_axis_sizes: MeshAxisSizes, **k
     ``spec`` contracts (``w_axes``: ``w``'s logical axes). Under tensor parallelism that is the
     row-parallel projection's sum; outside ``shard_map`` it is the plain einsum."""
     inputs, out = spec.split("->")
-    contracted = tuple(axis for letter, axis in zip(inputs.split(",")[1], w_axes)
-                       if letter not in out)
+    contracted = tuple(
+        axis for letter, axis in zip(inputs.split(",")[1], w_axes) if letter not in out
+    )
     y = jnp.einsum(spec, x, w, **kwargs)
     axes = sum_axes(contracted, mesh_axis_sizes)
     return jax.lax.psum(y, axes) if axes else y
@@ -247,7 +340,7 @@ class Block(nn.Module):
         layer_past = None if past is None else (past[0], past[1], past_pos, past_seg)
         out, _ = self.attention(q, k, v, positions, segments, layer_past)
         x = x + self._project("thk,hkd->td", out.astype(self.dtype), "wo")
-        self.sow("intermediates", "after_attention", x)   # kept only when asked (diagnostics)
+        self.sow("intermediates", "after_attention", x)  # kept only when asked (diagnostics)
 
         h = self._norm(x, "mlp_norm")
         gate = self._project("td,df->tf", h, "w_gate")
@@ -276,14 +369,24 @@ class Llama(nn.Module):
 
     def setup(self):
         check_layout(self.mesh_axis_sizes)
-        declare = lambda name: _local_param(self, name, self.dtype,  # noqa: E731
-                                            self.mesh_axis_sizes)[0]
+        declare = lambda name: _local_param(
+            self,
+            name,
+            self.dtype,  # noqa: E731
+            self.mesh_axis_sizes,
+        )[0]
         self.embed = declare("embed")
         self.final_norm = declare("final_norm")
         if not self.config.tie_embeddings:
             self.lm_head = declare("lm_head")
-        scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                          in_axes=(nn.broadcast, 0), out_axes=0, length=self.config.n_layers)
+        scanned = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0),
+            out_axes=0,
+            length=self.config.n_layers,
+        )
         self.layers = scanned(self.config, self.attention, self.dtype, self.mesh_axis_sizes)
 
     def __call__(self, tokens, positions, segments, past: Optional[PastKV] = None) -> Output:
@@ -308,18 +411,23 @@ class Llama(nn.Module):
 
     def logits(self, hidden):
         """``[..., D]`` hidden states to ``[..., V]`` float32 logits."""
-        if self.config.tie_embeddings:   # contract with the [V, D] table as stored
+        if self.config.tie_embeddings:  # contract with the [V, D] table as stored
             spec, w, name = "...d,vd->...v", self.embed, "embed"
         else:
             spec, w, name = "...d,dv->...v", self.lm_head, "lm_head"
-        return contract(spec, hidden, w, _BY_NAME[name].axes, self.mesh_axis_sizes,
-                        preferred_element_type=jnp.float32)
+        return contract(
+            spec,
+            hidden,
+            w,
+            _BY_NAME[name].axes,
+            self.mesh_axis_sizes,
+            preferred_element_type=jnp.float32,
+        )
 
 
 def init_params(config: ModelConfig, seed: int = 0, dtype=jnp.float32):
     """Random parameters (normal std 0.02, unit norms) as a plain pytree without ``'params'``."""
-    return jax.jit(lambda key: table.init_tree(PARAMS, config, key, dtype))(
-        jax.random.key(seed))
+    return jax.jit(lambda key: table.init_tree(PARAMS, config, key, dtype))(jax.random.key(seed))
 
 
 def param_shapes(config: ModelConfig, dtype=jnp.float32):

@@ -107,8 +107,10 @@ def _nest(items) -> dict:
 
 def shape_tree(table: Table, config: ModelConfig, dtype=jnp.float32) -> dict:
     """The params pytree as ``jax.ShapeDtypeStruct`` leaves (no allocation)."""
-    return _nest((p.name, jax.ShapeDtypeStruct(p.shape(config), jnp.dtype(dtype)))
-                 for p in entries(table, config))
+    return _nest(
+        (p.name, jax.ShapeDtypeStruct(p.shape(config), jnp.dtype(dtype)))
+        for p in entries(table, config)
+    )
 
 
 def axes_tree(table: Table, config: ModelConfig) -> dict:
@@ -120,8 +122,9 @@ def init_tree(table: Table, config: ModelConfig, key: jax.Array, dtype) -> dict:
     """Random params: each entry's ``init`` on its whole shape, one key per entry."""
     present = entries(table, config)
     keys = jax.random.split(key, len(present))
-    return _nest((p.name, p.init(k, p.shape(config), jnp.dtype(dtype)))
-                 for p, k in zip(present, keys))
+    return _nest(
+        (p.name, p.init(k, p.shape(config), jnp.dtype(dtype))) for p, k in zip(present, keys)
+    )
 
 
 def leaf_name(path) -> str:
@@ -142,15 +145,22 @@ def count(table: Table, config: ModelConfig) -> int:
 def check_shapes(table: Table, config: ModelConfig, shapes: dict, what: str) -> None:
     """Raise a :class:`CpjaxError` unless ``shapes`` (``{leaf name: shape}``) has exactly the
     entries and shapes that ``config`` implies, naming (up to three of) the mismatches."""
-    expected = {name: tuple(x.shape)
-                for name, x in leaves_by_name(shape_tree(table, config)).items()}
+    expected = {
+        name: tuple(x.shape) for name, x in leaves_by_name(shape_tree(table, config)).items()
+    }
     got = {name: tuple(shape) for name, shape in shapes.items()}
-    problems = ([f"{n} is missing" for n in expected if n not in got]
-                + [f"{n} is not a parameter of this model" for n in got if n not in expected]
-                + [f"{n} has shape {got[n]}, the config needs {s}"
-                   for n, s in expected.items() if n in got and got[n] != s])
-    shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3
-                                       else "")
+    problems = (
+        [f"{n} is missing" for n in expected if n not in got]
+        + [f"{n} is not a parameter of this model" for n in got if n not in expected]
+        + [
+            f"{n} has shape {got[n]}, the config needs {s}"
+            for n, s in expected.items()
+            if n in got and got[n] != s
+        ]
+    )
+    shown = "; ".join(problems[:3]) + (
+        f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    )
     require(not problems, f"{what} do not match model config {config.name!r}: {shown}")
 
 
@@ -173,8 +183,9 @@ def checkpoint_names(param: Param, config: ModelConfig, fmt: str) -> list[str]:
     """The tensor names of ``param`` in format ``fmt`` (``"hf"`` or ``"gguf"``): one per layer
     if stacked, in layer order."""
     template = getattr(param, fmt)
-    return ([template.format(layer=i) for i in range(config.n_layers)] if param.stacked
-            else [template])
+    return (
+        [template.format(layer=i) for i in range(config.n_layers)] if param.stacked else [template]
+    )
 
 
 def tensor_names(table: Table, config: ModelConfig, fmt: str) -> list[str]:
@@ -204,16 +215,18 @@ def to_hf(param: Param, config: ModelConfig, array) -> np.ndarray:
 TensorReader = Callable[[Param, str, Shape], np.ndarray]
 
 
-def params_from_checkpoint(table: Table, config: ModelConfig, read: TensorReader, fmt: str,
-                           dtype=np.float32) -> dict:
+def params_from_checkpoint(
+    table: Table, config: ModelConfig, read: TensorReader, fmt: str, dtype=np.float32
+) -> dict:
     """The params pytree (numpy, ``dtype``) from the tensors ``read`` gives for the names of
     format ``fmt``; each stacked array is allocated once and filled layer by layer."""
     leaves = []
     for p in entries(table, config):
         names = checkpoint_names(p, config, fmt)
         if not p.stacked:
-            leaves.append((p.name, from_hf(p, config, read(p, names[0], hf_shape(p, config)),
-                                           dtype)))
+            leaves.append(
+                (p.name, from_hf(p, config, read(p, names[0], hf_shape(p, config)), dtype))
+            )
             continue
         array = np.empty(p.shape(config), dtype)
         for i, name in enumerate(names):

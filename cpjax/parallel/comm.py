@@ -16,14 +16,25 @@ import re
 
 from cpjax.errors import CpjaxError
 
-_DTYPE_BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
-                "f64": 8, "s64": 8}
+_DTYPE_BYTES = {
+    "f32": 4,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "s8": 1,
+    "u8": 1,
+    "pred": 1,
+    "f64": 8,
+    "s64": 8,
+}
 _SHAPE = re.compile(r"\b(f32|bf16|f16|s32|u32|s8|u8|pred|f64|s64)\[([\d,]*)\]")
 _OP = re.compile(r"=\s*(.*?)\s+(collective-permute|all-to-all|all-gather)(-start|-done)?\(")
 
 
-def formula_bytes_per_layer(strategy: str, n: int, tq: int, tk: int, hq: int, hkv: int,
-                            dh: int, elem_bytes: int) -> int:
+def formula_bytes_per_layer(
+    strategy: str, n: int, tq: int, tk: int, hq: int, hkv: int, dh: int, elem_bytes: int
+) -> int:
     """Bytes one rank sends per layer under ``strategy`` (see the module docstring)."""
     if n == 1:
         return 0

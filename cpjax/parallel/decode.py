@@ -41,7 +41,7 @@ def decode_owners(fills, step, batch: int):
     key = fills * n + (jnp.arange(n) - step) % n
     owners = []
     for first in range(0, batch, n):
-        ranks = jnp.argsort(key)[:min(n, batch - first)]
+        ranks = jnp.argsort(key)[: min(n, batch - first)]
         owners.append(ranks)
         key = key.at[ranks].add(n)
     return jnp.concatenate(owners).astype(jnp.int32)
@@ -74,16 +74,29 @@ def replicated_decode_attention(attend: Callable, ranks: Ranks, keep_new) -> Cal
     ``pmax`` of the LSE, then ``psum`` of the weighted outputs and weights
     (``cpjax.attention.merge.merge_reduced``). Without an axis it is plain attention.
     """
+
     def plan(q, k, v, positions, segments, past):
-        out, lse = attend(q, k, v, positions, positions, segments,
-                          jnp.where(keep_new, segments, PAD_SEGMENT))
+        out, lse = attend(
+            q, k, v, positions, positions, segments, jnp.where(keep_new, segments, PAD_SEGMENT)
+        )
         if past is not None:
-            past_out, past_lse = attend(q, past[0].astype(k.dtype), past[1].astype(v.dtype),
-                                        positions, past[2], segments, past[3])
+            past_out, past_lse = attend(
+                q,
+                past[0].astype(k.dtype),
+                past[1].astype(v.dtype),
+                positions,
+                past[2],
+                segments,
+                past[3],
+            )
             out, lse = merge(out, lse, past_out, past_lse)
         if ranks.axis is not None:
-            out, lse = merge_reduced(out, lse,
-                                     functools.partial(jax.lax.pmax, axis_name=ranks.axis),
-                                     functools.partial(jax.lax.psum, axis_name=ranks.axis))
+            out, lse = merge_reduced(
+                out,
+                lse,
+                functools.partial(jax.lax.pmax, axis_name=ranks.axis),
+                functools.partial(jax.lax.psum, axis_name=ranks.axis),
+            )
         return out.astype(q.dtype), lse
+
     return plan

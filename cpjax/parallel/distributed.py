@@ -59,14 +59,18 @@ class ProcessGroup:
 
     def __post_init__(self):
         host, _, port = self.coordinator.rpartition(":")
-        require(host != "" and port.isdigit() and 0 < int(port) < 65536,
-                f"coordinator={self.coordinator!r}: expected host:port, e.g. 10.0.0.1:1234")
-        require(isinstance(self.num_processes, int) and self.num_processes >= 1,
-                f"num_processes={self.num_processes!r}: must be an int >= 1")
-        require(isinstance(self.process_id, int)
-                and 0 <= self.process_id < self.num_processes,
-                f"process_id={self.process_id!r}: must be in [0, num_processes="
-                f"{self.num_processes})")
+        require(
+            host != "" and port.isdigit() and 0 < int(port) < 65536,
+            f"coordinator={self.coordinator!r}: expected host:port, e.g. 10.0.0.1:1234",
+        )
+        require(
+            isinstance(self.num_processes, int) and self.num_processes >= 1,
+            f"num_processes={self.num_processes!r}: must be an int >= 1",
+        )
+        require(
+            isinstance(self.process_id, int) and 0 <= self.process_id < self.num_processes,
+            f"process_id={self.process_id!r}: must be in [0, num_processes={self.num_processes})",
+        )
         for name in ("heartbeat_timeout_s", "initialization_timeout_s"):
             value = getattr(self, name)
             require(isinstance(value, int) and value >= 1, f"{name}={value!r}: must be >= 1")
@@ -90,8 +94,11 @@ def process_group_from_env(environ=None) -> ProcessGroup | None:
     if all(v is None for v in values.values()):
         return None
     missing = [ENV_NAMES[f][0] for f, v in values.items() if v is None]
-    require(not missing, f"multi-process environment incomplete: {', '.join(missing)} not set "
-            f"(set {', '.join(n[0] for n in ENV_NAMES.values())} together)")
+    require(
+        not missing,
+        f"multi-process environment incomplete: {', '.join(missing)} not set "
+        f"(set {', '.join(n[0] for n in ENV_NAMES.values())} together)",
+    )
     texts = {ENV_NAMES[f][0]: (f, values[f]) for f in ("num_processes", "process_id")}
     if environ.get(ENV_HEARTBEAT, "") != "":
         texts[ENV_HEARTBEAT] = ("heartbeat_timeout_s", environ[ENV_HEARTBEAT])
@@ -111,24 +118,30 @@ def initialize(group: ProcessGroup) -> None:
     """
     if group.num_processes == 1:
         return
-    require(not jax.distributed.is_initialized(),
-            "jax.distributed is already initialized in this process")
+    require(
+        not jax.distributed.is_initialized(),
+        "jax.distributed is already initialized in this process",
+    )
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if platforms in ("", "cpu") or platforms.startswith("cpu"):
         try:
             jax.config.update("jax_cpu_collectives_implementation", "gloo")
         except (AttributeError, KeyError, ValueError):
-            pass    # a jax without the option chooses its CPU collectives itself
+            pass  # a jax without the option chooses its CPU collectives itself
     try:
         jax.distributed.initialize(
-            coordinator_address=group.coordinator, num_processes=group.num_processes,
+            coordinator_address=group.coordinator,
+            num_processes=group.num_processes,
             process_id=group.process_id,
             initialization_timeout=group.initialization_timeout_s,
-            heartbeat_timeout_seconds=group.heartbeat_timeout_s)
+            heartbeat_timeout_seconds=group.heartbeat_timeout_s,
+        )
     except RuntimeError as exc:
-        raise CpjaxError(f"could not start process {group.process_id} of "
-                         f"{group.num_processes} with coordinator {group.coordinator}: "
-                         f"{exc}") from None
+        raise CpjaxError(
+            f"could not start process {group.process_id} of "
+            f"{group.num_processes} with coordinator {group.coordinator}: "
+            f"{exc}"
+        ) from None
 
 
 def is_main_process() -> bool:
@@ -144,13 +157,18 @@ def global_mesh(context: int, tensor: int = 1):
     ``context`` axis spans the processes (ring steps between hosts).
     """
     from cpjax.parallel.mesh import make_mesh
+
     local, total = jax.local_device_count(), jax.device_count()
-    require(isinstance(tensor, int) and tensor >= 1 and local % tensor == 0,
-            f"tensor={tensor!r}: must divide the {local} devices of each process (tensor "
-            f"parallelism stays inside a host)")
-    require(isinstance(context, int) and context * tensor == total,
-            f"context={context!r} x tensor={tensor}: must use all {total} devices of the "
-            f"{jax.process_count()} processes (context = {total // tensor})")
+    require(
+        isinstance(tensor, int) and tensor >= 1 and local % tensor == 0,
+        f"tensor={tensor!r}: must divide the {local} devices of each process (tensor "
+        f"parallelism stays inside a host)",
+    )
+    require(
+        isinstance(context, int) and context * tensor == total,
+        f"context={context!r} x tensor={tensor}: must use all {total} devices of the "
+        f"{jax.process_count()} processes (context = {total // tensor})",
+    )
     devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
     return make_mesh(context, tensor, devices)
 
@@ -175,8 +193,8 @@ def put(value, sharding, dtype=None) -> jax.Array:
 
 def fetch(array) -> np.ndarray:
     """The whole value of ``array`` as a numpy array, on every process."""
-    if not isinstance(array, jax.Array) or array.is_fully_addressable \
-            or array.is_fully_replicated:
+    if not isinstance(array, jax.Array) or array.is_fully_addressable or array.is_fully_replicated:
         return np.asarray(array)
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))

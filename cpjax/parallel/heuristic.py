@@ -30,16 +30,23 @@ from cpjax.hardware import Hardware
 class StrategyChoice:
     """The decision and the numbers behind it."""
 
-    strategy: str               # "pass_kv" or "pass_q"
-    miss_rate: float            # T / (T + P)
-    hidden_kv_tokens: float     # Eq. 2 threshold on T
+    strategy: str  # "pass_kv" or "pass_q"
+    miss_rate: float  # T / (T + P)
+    hidden_kv_tokens: float  # Eq. 2 threshold on T
     miss_rate_threshold: float  # Eq. 1 (basic) or Eq. 5 (refined) threshold
     reason: str
 
 
-def explain_strategy(new_tokens: int, cached_tokens: int, config: ModelConfig, n_context: int,
-                     hardware: Hardware, *, bytes_per_element: int = 2,
-                     refined: bool = False) -> StrategyChoice:
+def explain_strategy(
+    new_tokens: int,
+    cached_tokens: int,
+    config: ModelConfig,
+    n_context: int,
+    hardware: Hardware,
+    *,
+    bytes_per_element: int = 2,
+    refined: bool = False,
+) -> StrategyChoice:
     """The heuristic's choice with its thresholds (see the module docstring)."""
     require(new_tokens >= 1, f"new_tokens={new_tokens}: must be >= 1")
     require(cached_tokens >= 0, f"cached_tokens={cached_tokens}: must be >= 0")
@@ -51,23 +58,51 @@ def explain_strategy(new_tokens: int, cached_tokens: int, config: ModelConfig, n
     threshold = 2 * kv_fraction - (4 * t * bw / (n * c * e) if refined else 0.0)
     miss = t / (t + p)
     if t >= hidden_kv_tokens:
-        return StrategyChoice("pass_kv", miss, hidden_kv_tokens, threshold,
-                              f"T={t} >= {hidden_kv_tokens:.0f}: pass-KV's ring hides behind "
-                              f"attention (Eq. 2)")
+        return StrategyChoice(
+            "pass_kv",
+            miss,
+            hidden_kv_tokens,
+            threshold,
+            f"T={t} >= {hidden_kv_tokens:.0f}: pass-KV's ring hides behind attention (Eq. 2)",
+        )
     if miss >= threshold:
-        return StrategyChoice("pass_kv", miss, hidden_kv_tokens, threshold,
-                              f"miss rate {miss:.4f} >= {threshold:.4f}: the KV block is not "
-                              f"larger than the query block (Eq. {5 if refined else 1})")
-    return StrategyChoice("pass_q", miss, hidden_kv_tokens, threshold,
-                          f"T={t} < {hidden_kv_tokens:.0f} and miss rate {miss:.4f} < "
-                          f"{threshold:.4f}: moving queries is cheaper")
+        return StrategyChoice(
+            "pass_kv",
+            miss,
+            hidden_kv_tokens,
+            threshold,
+            f"miss rate {miss:.4f} >= {threshold:.4f}: the KV block is not "
+            f"larger than the query block (Eq. {5 if refined else 1})",
+        )
+    return StrategyChoice(
+        "pass_q",
+        miss,
+        hidden_kv_tokens,
+        threshold,
+        f"T={t} < {hidden_kv_tokens:.0f} and miss rate {miss:.4f} < "
+        f"{threshold:.4f}: moving queries is cheaper",
+    )
 
 
-def choose_strategy(new_tokens: int, cached_tokens: int, config: ModelConfig, n_context: int,
-                    hardware: Hardware, *, bytes_per_element: int = 2,
-                    refined: bool = False) -> str:
+def choose_strategy(
+    new_tokens: int,
+    cached_tokens: int,
+    config: ModelConfig,
+    n_context: int,
+    hardware: Hardware,
+    *,
+    bytes_per_element: int = 2,
+    refined: bool = False,
+) -> str:
     """``"pass_kv"`` or ``"pass_q"`` for a prefill of ``new_tokens`` after ``cached_tokens``."""
     if n_context == 1:
-        return "pass_kv"   # no ring: both are the same local attention
-    return explain_strategy(new_tokens, cached_tokens, config, n_context, hardware,
-                            bytes_per_element=bytes_per_element, refined=refined).strategy
+        return "pass_kv"  # no ring: both are the same local attention
+    return explain_strategy(
+        new_tokens,
+        cached_tokens,
+        config,
+        n_context,
+        hardware,
+        bytes_per_element=bytes_per_element,
+        refined=refined,
+    ).strategy

@@ -22,8 +22,6 @@ from cpjax.attention.masks import PAD_SEGMENT
 from cpjax.errors import require
 
 
-
-
 class Layout(NamedTuple):
     """Where every slot of the sharded row comes from.
 
@@ -49,9 +47,10 @@ class Layout(NamedTuple):
     def shard(self, values, fill=0) -> np.ndarray:
         """Permute ``values [total, ...]`` into the sharded row (padding slots = ``fill``)."""
         values = np.asarray(values)
-        require(values.shape[0] == self.total,
-                f"layout: values have {values.shape[0]} rows, the layout was built for "
-                f"{self.total}")
+        require(
+            values.shape[0] == self.total,
+            f"layout: values have {values.shape[0]} rows, the layout was built for {self.total}",
+        )
         out = np.full((self.source.size,) + values.shape[1:], fill, dtype=values.dtype)
         real = self.source >= 0
         out[real] = values[self.source[real]]
@@ -68,9 +67,11 @@ class Layout(NamedTuple):
         whose caches hold the fewest.
         """
         roll = (shift % self.n_ranks) * self.local_len
-        return self._replace(source=np.roll(self.source, roll),
-                             positions=np.roll(self.positions, roll),
-                             segments=np.roll(self.segments, roll))
+        return self._replace(
+            source=np.roll(self.source, roll),
+            positions=np.roll(self.positions, roll),
+            segments=np.roll(self.segments, roll),
+        )
 
     def unshard(self, values) -> np.ndarray:
         """Inverse of :meth:`shard`: ``[n_ranks * local_len, ...]`` back to ``[total, ...]``."""
@@ -113,14 +114,17 @@ def balanced_chunks(length: int, n_ranks: int, pad_multiple: int = 1) -> list[np
     width = -(-tight // pad_multiple) * pad_multiple
     starts = np.cumsum(counts) - counts
     slot = np.arange(width)
-    chunks = np.where(slot < counts[:, None], starts[:, None] + slot, -1)     # [2N, width]
+    chunks = np.where(slot < counts[:, None], starts[:, None] + slot, -1)  # [2N, width]
     return [np.concatenate([chunks[r], chunks[n_chunks - 1 - r]]) for r in range(n_ranks)]
 
 
-def balanced_layout(lengths: Sequence[int], n_ranks: int,
-                    start_positions: Optional[Sequence[int]] = None,
-                    segment_ids: Optional[Sequence[int]] = None,
-                    pad_multiple: int = 1) -> Layout:
+def balanced_layout(
+    lengths: Sequence[int],
+    n_ranks: int,
+    start_positions: Optional[Sequence[int]] = None,
+    segment_ids: Optional[Sequence[int]] = None,
+    pad_multiple: int = 1,
+) -> Layout:
     """Layout of a packed row holding sequences of ``lengths`` (in that order).
 
     Args:
@@ -134,12 +138,16 @@ def balanced_layout(lengths: Sequence[int], n_ranks: int,
     """
     lengths = [int(n) for n in lengths]
     require(n_ranks >= 1, f"n_ranks={n_ranks}: must be >= 1")
-    require(len(lengths) >= 1 and all(n >= 1 for n in lengths),
-            f"lengths={lengths}: need at least one sequence, each with >= 1 token")
+    require(
+        len(lengths) >= 1 and all(n >= 1 for n in lengths),
+        f"lengths={lengths}: need at least one sequence, each with >= 1 token",
+    )
     starts = [0] * len(lengths) if start_positions is None else list(start_positions)
     segs = list(range(len(lengths))) if segment_ids is None else list(segment_ids)
-    require(len(starts) == len(lengths) and len(segs) == len(lengths),
-            "start_positions and segment_ids need one entry per sequence")
+    require(
+        len(starts) == len(lengths) and len(segs) == len(lengths),
+        "start_positions and segment_ids need one entry per sequence",
+    )
     require(all(s >= 0 for s in segs), f"segment_ids={segs}: must be >= 0 (-1 is padding)")
 
     offsets = np.cumsum([0] + lengths[:-1])
@@ -154,9 +162,14 @@ def balanced_layout(lengths: Sequence[int], n_ranks: int,
             per_rank_seg[r].append(np.where(real, seg, PAD_SEGMENT))
     flat = lambda parts: np.concatenate([np.concatenate(p) for p in parts])  # noqa: E731
     source = flat(per_rank_source)
-    return Layout(source=source.astype(np.int64), positions=flat(per_rank_pos).astype(np.int32),
-                  segments=flat(per_rank_seg).astype(np.int32), n_ranks=n_ranks,
-                  local_len=source.size // n_ranks, total=int(sum(lengths)))
+    return Layout(
+        source=source.astype(np.int64),
+        positions=flat(per_rank_pos).astype(np.int32),
+        segments=flat(per_rank_seg).astype(np.int32),
+        n_ranks=n_ranks,
+        local_len=source.size // n_ranks,
+        total=int(sum(lengths)),
+    )
 
 
 def ring_step_work(layout: Layout) -> np.ndarray:
@@ -197,11 +210,16 @@ def padded_layout(positions, segments, rows_multiple: int) -> Layout:
     total = positions.size
     size = max(rows_multiple, -(-total // rows_multiple) * rows_multiple)
     pad = size - total
-    return Layout(source=np.concatenate([np.arange(total), np.full(pad, -1)]).astype(np.int64),
-                  positions=np.concatenate([positions, np.zeros(pad, np.int32)]),
-                  segments=np.concatenate([np.asarray(segments, np.int32),
-                                           np.full(pad, PAD_SEGMENT, np.int32)]),
-                  n_ranks=1, local_len=size, total=total)
+    return Layout(
+        source=np.concatenate([np.arange(total), np.full(pad, -1)]).astype(np.int64),
+        positions=np.concatenate([positions, np.zeros(pad, np.int32)]),
+        segments=np.concatenate(
+            [np.asarray(segments, np.int32), np.full(pad, PAD_SEGMENT, np.int32)]
+        ),
+        n_ranks=1,
+        local_len=size,
+        total=total,
+    )
 
 
 def segment_runs(positions: np.ndarray, segments: np.ndarray):
@@ -215,9 +233,11 @@ def segment_runs(positions: np.ndarray, segments: np.ndarray):
     lengths, first_positions, ids = [], [], []
     for a, b in zip(starts, ends):
         run = positions[a:b]
-        require(np.array_equal(run, run[0] + np.arange(b - a)),
-                f"positions of segment {segments[a]} (rows {a}..{b - 1}) must be consecutive "
-                f"for context-parallel sharding")
+        require(
+            np.array_equal(run, run[0] + np.arange(b - a)),
+            f"positions of segment {segments[a]} (rows {a}..{b - 1}) must be consecutive "
+            f"for context-parallel sharding",
+        )
         lengths.append(int(b - a))
         first_positions.append(int(run[0]))
         ids.append(int(segments[a]))

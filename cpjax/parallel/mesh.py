@@ -19,8 +19,11 @@ TENSOR = "tensor"
 def use_fake_cpu_devices(count: int) -> None:
     """Ask XLA for ``count`` host (CPU) devices. Must run before jax initialises its backend."""
     require(count >= 1, f"fake device count {count}: must be >= 1")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [
+        f
+        for f in os.environ.get("XLA_FLAGS", "").split()
+        if not f.startswith("--xla_force_host_platform_device_count")
+    ]
     flags.append(f"--xla_force_host_platform_device_count={count}")
     os.environ["XLA_FLAGS"] = " ".join(flags)
 
@@ -35,15 +38,20 @@ def make_mesh(context: int = 1, tensor: int = 1, devices=None) -> Mesh:
     require(isinstance(tensor, int) and tensor >= 1, f"tensor={tensor!r}: must be an int >= 1")
     devices = jax.devices() if devices is None else list(devices)
     need = context * tensor
-    require(need <= len(devices),
-            f"mesh context={context} x tensor={tensor} needs {need} devices, but only "
-            f"{len(devices)} are available (on CPU, simulate more with --fake-devices {need})")
-    require(len(devices) % need == 0,
-            f"mesh context={context} x tensor={tensor} = {need} devices does not divide the "
-            f"{len(devices)} available devices")
+    require(
+        need <= len(devices),
+        f"mesh context={context} x tensor={tensor} needs {need} devices, but only "
+        f"{len(devices)} are available (on CPU, simulate more with --fake-devices {need})",
+    )
+    require(
+        len(devices) % need == 0,
+        f"mesh context={context} x tensor={tensor} = {need} devices does not divide the "
+        f"{len(devices)} available devices",
+    )
     auto = (jax.sharding.AxisType.Auto,) * 2
-    return jax.make_mesh((context, tensor), (CONTEXT, TENSOR), axis_types=auto,
-                         devices=devices[:need])
+    return jax.make_mesh(
+        (context, tensor), (CONTEXT, TENSOR), axis_types=auto, devices=devices[:need]
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -173,4 +173,5 @@ def ring_attention(strategy: str, impl: AttentionImpl, axis: str, n: int) -> Cal
             out, lse = attend_parts(step_attend, q, positions, segments, parts)
             return out.astype(q.dtype), lse
         return _RINGS[strategy](step_attend, axis, n, q, positions, segments, parts)
+
     return plan
