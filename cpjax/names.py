@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from cpjax.errors import CpjaxError
 
-#: Context-parallel prefill rings (paper §3): K/V travel, queries travel, or gather all K/V.
-STRATEGIES = ("pass_kv", "pass_q", "all_gather")
+#: The two rings of the paper (§3) its heuristic chooses between: K/V travel or queries travel.
+HEURISTIC_CHOICES = ("pass_kv", "pass_q")
+#: Context-parallel prefill rings: the paper's two, and gathering all K/V (the baseline).
+STRATEGIES = (*HEURISTIC_CHOICES, "all_gather")
 #: Let the paper's heuristic (``cpjax.parallel.heuristic``) pick a ring per (partial) prefill.
 AUTO = "auto"
 PREFILL_STRATEGIES = (*STRATEGIES, AUTO)
@@ -32,6 +34,7 @@ __all__ = [
     "DECODE_STRATEGIES",
     "DTYPES",
     "HARDWARE_PRESETS",
+    "HEURISTIC_CHOICES",
     "PREFILL_STRATEGIES",
     "STRATEGIES",
     "check_choice",

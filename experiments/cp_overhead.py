@@ -23,6 +23,8 @@ import os
 import statistics
 import time
 
+from cpjax.names import STRATEGIES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MIN_REPEATS = 3
 RING_NAMES = {"pass_kv": "pass-KV", "pass_q": "pass-Q", "all_gather": "all-gather"}
@@ -122,7 +124,7 @@ def plot(results: dict, path: str) -> None:
 def run_cp_overhead(
     lengths=(2048, 4096, 8192),
     contexts=(1, 2, 4, 8),
-    strategies=("pass_kv", "pass_q", "all_gather"),
+    strategies=STRATEGIES,
     repeats=MIN_REPEATS,
     model="smollm2-135m",
     dtype="float32",

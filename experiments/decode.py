@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import time
 
+from cpjax.names import DECODE_STRATEGIES
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -88,7 +90,7 @@ def plot(results: dict, path: str) -> None:
 def run_decode(
     cached_tokens=(1024, 4096, 16384),
     contexts=(1, 2, 4, 8),
-    strategies=("allreduce", "ring_pass_q"),
+    strategies=DECODE_STRATEGIES,
     steps=16,
     batch=1,
     model="smollm2-135m",

@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 import os
 
+from cpjax.names import HEURISTIC_CHOICES as STRATEGIES
 from experiments.paper_model import TABLE_4
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-STRATEGIES = ("pass_kv", "pass_q")
+
 # Where the paper measured Table 4: Llama3-405B on CP4 x TP8 over RDMA.
 TABLE_4_MODEL, TABLE_4_CP, TABLE_4_TP, TABLE_4_HARDWARE = "llama3-405b", 4, 8, "h100-rdma"
 

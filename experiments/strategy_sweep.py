@@ -86,7 +86,7 @@ def run_strategy_sweep(
     from cpjax.engine import ContextParallel, Engine
     from cpjax.hardware import get_hardware
     from cpjax.loaders import load_model
-    from cpjax.names import DTYPES, check_choice
+    from cpjax.names import DTYPES, HEURISTIC_CHOICES, check_choice
     from cpjax.parallel.heuristic import explain_strategy
     from cpjax.parallel.mesh import make_mesh
     from experiments.devices import check_devices
@@ -98,7 +98,7 @@ def run_strategy_sweep(
     mesh = make_mesh(context)
     engines = {
         strategy: Engine(config, params, ContextParallel(mesh, strategy=strategy), dtype=jdtype)
-        for strategy in ("pass_kv", "pass_q")
+        for strategy in HEURISTIC_CHOICES
     }
     engine = engines["pass_kv"]  # prefills the cached part; its caches serve both engines
     figures = get_hardware(hardware)

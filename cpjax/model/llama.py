@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpjax.attention.plans import PastKV
 from cpjax.config import ModelConfig, RopeScaling
 from cpjax.errors import require
 from cpjax.model import params as table
@@ -195,18 +196,6 @@ KV_AXES = ("layers", "sequence", "kv_heads", "head_dim")
 WHOLE_AXES = ("layers", "embed", "head_dim", "vocab")
 
 
-class PastKV(NamedTuple):
-    """Keys/values that new tokens attend to in addition to themselves (e.g. a KV cache).
-
-    k, v: ``[L, Tp, Hkv, Dh]``; pos, seg: ``[Tp]`` int32 (segment < 0 marks an empty slot).
-    """
-
-    k: jax.Array
-    v: jax.Array
-    pos: jax.Array
-    seg: jax.Array
-
-
 class Output(NamedTuple):
     """What a forward pass returns.
 
@@ -337,7 +326,7 @@ class Block(nn.Module):
         q = apply_rope(q, positions, inv_freq).astype(self.dtype)
         k = apply_rope(k, positions, inv_freq).astype(self.dtype)
 
-        layer_past = None if past is None else (past[0], past[1], past_pos, past_seg)
+        layer_past = None if past is None else PastKV(past[0], past[1], past_pos, past_seg)
         out, _ = self.attention(q, k, v, positions, segments, layer_past)
         x = x + self._project("thk,hkd->td", out.astype(self.dtype), "wo")
         self.sow("intermediates", "after_attention", x)  # kept only when asked (diagnostics)

@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from cpjax.attention.masks import PAD_SEGMENT
-from cpjax.attention.merge import merge, merge_reduced
+from cpjax.attention.merge import merge_reduced
+from cpjax.attention.plans import attend_parts, kv_parts
 from cpjax.parallel.mesh import Ranks
 
 
@@ -76,20 +77,10 @@ def replicated_decode_attention(attend: Callable, ranks: Ranks, keep_new) -> Cal
     """
 
     def plan(q, k, v, positions, segments, past):
-        out, lse = attend(
-            q, k, v, positions, positions, segments, jnp.where(keep_new, segments, PAD_SEGMENT)
+        new_seg = jnp.where(keep_new, segments, PAD_SEGMENT)  # the new keys count on one rank
+        out, lse = attend_parts(
+            attend, q, positions, segments, kv_parts(k, v, positions, new_seg, past)
         )
-        if past is not None:
-            past_out, past_lse = attend(
-                q,
-                past[0].astype(k.dtype),
-                past[1].astype(v.dtype),
-                positions,
-                past[2],
-                segments,
-                past[3],
-            )
-            out, lse = merge(out, lse, past_out, past_lse)
         if ranks.axis is not None:
             out, lse = merge_reduced(
                 out,

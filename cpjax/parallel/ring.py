@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from cpjax.attention.merge import merge, merge_stacked
+from cpjax.attention.plans import attend_parts, kv_parts
 from cpjax.dispatch import AttentionImpl
 from cpjax.names import STRATEGIES, check_choice
 
@@ -31,23 +32,6 @@ def _ring_shift(tree, axis: str, n: int):
     """Send every array of ``tree`` from rank i to rank (i + 1) mod n."""
     perm = [(i, (i + 1) % n) for i in range(n)]
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), tree)
-
-
-def attend_parts(attend: Callable, q, q_pos, q_seg, parts):
-    """Attention of ``q`` over several K/V parts, merged by log-sum-exp (float32 ``out``).
-
-    ``parts``: a tuple of ``(k, v, kv_pos, kv_seg)``, e.g. a rank's new rows and its cache
-    shard. Keeping them apart (instead of concatenating) lets each keep its own block
-    structure, so an empty or fully masked part costs almost nothing.
-    """
-    out = lse = None
-    for k, v, kv_pos, kv_seg in parts:
-        part_out, part_lse = attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-        if out is None:
-            out, lse = part_out.astype(jnp.float32), part_lse
-        else:
-            out, lse = merge(out, lse, part_out, part_lse)
-    return out, lse
 
 
 def pass_kv(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts):
@@ -166,9 +150,7 @@ def ring_attention(strategy: str, impl: AttentionImpl, axis: str, n: int) -> Cal
 
     def plan(q, k, v, positions, segments, past):
         step_attend = functools.partial(impl.attend, **chunk_blocks(impl, q.shape[0]))
-        parts = ((k, v, positions, segments),)
-        if past is not None:
-            parts += ((past[0].astype(k.dtype), past[1].astype(v.dtype), past[2], past[3]),)
+        parts = kv_parts(k, v, positions, segments, past)
         if n == 1:
             out, lse = attend_parts(step_attend, q, positions, segments, parts)
             return out.astype(q.dtype), lse
