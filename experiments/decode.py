@@ -24,32 +24,26 @@ def filled_cache(engine, cached_tokens: int, capacity: int, seed: int = 0):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import NamedSharding
+
+    from cpjax.attention.masks import PAD_SEGMENT
 
     cache = engine.new_cache(capacity)
-    n = getattr(engine, "n_context", 1)
+    n = engine.placement.n_ranks
     per_rank = cache.capacity // n
     rng = np.random.default_rng(seed)
     pos = np.zeros(cache.capacity, np.int32)
-    seg = np.full(cache.capacity, -1, np.int32)
+    seg = np.full(cache.capacity, PAD_SEGMENT, np.int32)
     order = rng.permutation(cached_tokens)
     fills = []
     for r, chunk in enumerate(np.array_split(order, n)):
         pos[r * per_rank : r * per_rank + chunk.size] = chunk
         seg[r * per_rank : r * per_rank + chunk.size] = 0
         fills.append(chunk.size)
-    k = jnp.asarray(rng.standard_normal(cache.k.shape, np.float32) * 0.5, cache.k.dtype)
-    filled = cache._replace(
-        k=k,
-        v=-k,
-        pos=jnp.asarray(pos),
-        seg=jnp.asarray(seg),
-        fill=jnp.asarray(fills if n > 1 else fills[0], jnp.int32),
-    )
-    if n == 1:
-        return filled
+    k = rng.standard_normal(cache.k.shape, np.float32) * 0.5
+    filled = cache._replace(k=k, v=-k, pos=pos, seg=seg, fill=np.asarray(fills, np.int32))
+    # Each array where the engine's own empty cache lives (one device, or sharded over ranks).
     return jax.tree.map(
-        lambda x, s: jax.device_put(x, NamedSharding(engine.mesh, s)), filled, engine.cache_specs
+        lambda x, like: jax.device_put(jnp.asarray(x, like.dtype), like.sharding), filled, cache
     )
 
 

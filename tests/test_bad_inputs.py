@@ -122,7 +122,9 @@ def _load_incomplete_checkpoint(c: Context):
 
 
 def _cases():
-    from cpjax.engine import ContextParallel, Engine
+    import jax
+
+    from cpjax.engine import ContextParallel, Engine, SingleDevice
     from cpjax.engine.sampling import Sampling
     from cpjax.engine.session import Session
     from cpjax.loaders import load_model
@@ -274,6 +276,24 @@ def _cases():
             lambda c: Engine(
                 c.config, c.params, ContextParallel(mesh=make_mesh(2), strategy="ring")
             ),
+        ),
+        Case(
+            "ContextParallel",
+            "a device list instead of a mesh",
+            "mesh: expected a jax Mesh",
+            lambda c: ContextParallel(mesh=jax.devices()),
+        ),
+        Case(
+            "SingleDevice",
+            "prefill_chunk 0",
+            "prefill_chunk=0: must be an int >= 1",
+            lambda c: SingleDevice(prefill_chunk=0),
+        ),
+        Case(
+            "Engine",
+            "a mesh where a placement belongs",
+            "placement: expected SingleDevice() or ContextParallel(mesh, ...)",
+            lambda c: Engine(c.config, c.params, make_mesh(2)),
         ),
         Case(
             "distributed.global_mesh",

@@ -108,11 +108,11 @@ def test_ring_bytes_equal_those_of_the_compiled_hlo(strategy, tiny_params):
 
     tiny = PRESETS["tiny"]
     engine = Engine(tiny, tiny_params, ContextParallel(mesh=make_mesh(4), strategy=strategy))
-    layout = engine._layout([128])
-    args = engine._place(
-        layout.shard(np.arange(128) % tiny.vocab_size), layout.positions, layout.segments
+    layout = engine.placement.row_layout(
+        np.arange(128), np.zeros(128, np.int32), engine.bucket, engine.forward.attention
     )
-    hlo = engine._cp_logits[strategy].lower(engine.params, *args).compile().as_text()
+    args = engine._rows(layout, np.arange(128) % tiny.vocab_size)
+    hlo = engine._program("logits", strategy).lower(engine.params, *args).compile().as_text()
     sent = sum(hlo_collective_bytes(hlo, 4).values())
     assert sent == ring_bytes_per_layer(
         strategy, tiny, 128, 0, Deployment(cp=4, tp=1, bytes_per_element=4)

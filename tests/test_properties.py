@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from cpjax.attention import masks, reference
 from cpjax.attention.masks import PAD_SEGMENT
 from cpjax.attention.merge import merge, merge_stacked
+from cpjax.attention.plans import PastKV
 from cpjax.config import PRESETS
 from cpjax.dispatch import get_attention
 from cpjax.engine import ContextParallel, Engine
@@ -291,7 +292,7 @@ def _ring_fn(n, strategy):
         plan = ring_attention(strategy, get_attention("reference"), CONTEXT, n)
 
         def local(q, k, v, pos, seg, pk, pv, ppos, pseg):
-            return plan(q, k, v, pos, seg, (pk, pv, ppos, pseg))
+            return plan(q, k, v, pos, seg, PastKV(pk, pv, ppos, pseg))
 
         row = P(CONTEXT)
         _RING_FNS[key] = jax.jit(

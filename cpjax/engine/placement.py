@@ -56,12 +56,16 @@ class SingleDevice:
     """
 
     prefill_chunk: Optional[int] = 2048
-    decode_strategy: str = "allreduce"  # one rank: plain attention over the cache
+    decode_strategy = "allreduce"  # not a field: one rank decodes by plain attention
 
     n_ranks = 1
 
-    def describe(self) -> str:
-        return "one device"
+    def __post_init__(self):
+        require(
+            self.prefill_chunk is None
+            or (isinstance(self.prefill_chunk, int) and self.prefill_chunk >= 1),
+            f"prefill_chunk={self.prefill_chunk!r}: must be an int >= 1 (tokens) or None",
+        )
 
     def check_model(self, config: ModelConfig) -> None:
         """Nothing to check: any model runs on one device."""
@@ -159,9 +163,6 @@ class ContextParallel:
     @property
     def n_tensor(self) -> int:
         return self.mesh.shape[TENSOR]
-
-    def describe(self) -> str:
-        return f"context {self.n_ranks} x tensor {self.n_tensor}"
 
     def check_model(self, config: ModelConfig) -> None:
         """Heads, KV heads and the FFN width must split evenly over the tensor axis."""
