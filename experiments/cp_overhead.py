@@ -139,13 +139,12 @@ def run_cp_overhead(
     import numpy as np
     from tqdm.auto import tqdm
 
-    from cpjax.engine import ContextParallel, Engine
+    from cpjax.engine import Engine
     from cpjax.errors import require
     from cpjax.loaders import load_model
     from cpjax.names import DTYPES, check_choice
     from cpjax.parallel.comm import formula_bytes_per_layer
-    from cpjax.parallel.mesh import make_mesh
-    from experiments.devices import check_devices
+    from experiments.devices import check_devices, placement_on
     from experiments.provenance import write_results
 
     require(
@@ -165,16 +164,7 @@ def run_cp_overhead(
     jobs.sort(key=lambda job: job[0] != 1)
     with tqdm(total=len(lengths) * len(jobs), desc="cp_overhead") as bar:
         for context, strategy in jobs:
-            engine = (
-                Engine(config, params, dtype=jdtype)
-                if context == 1
-                else Engine(
-                    config,
-                    params,
-                    ContextParallel(mesh=make_mesh(context), strategy=strategy),
-                    dtype=jdtype,
-                )
-            )
+            engine = Engine(config, params, placement_on(context, strategy=strategy), dtype=jdtype)
             for n, ids in prompts.items():
                 times = _time_prefill(engine, ids, repeats)
                 seconds = statistics.median(times)

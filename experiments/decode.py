@@ -100,11 +100,10 @@ def run_decode(
     import numpy as np
     from tqdm.auto import tqdm
 
-    from cpjax.engine import ContextParallel, Engine
+    from cpjax.engine import Engine
     from cpjax.loaders import load_model
     from cpjax.names import DTYPES, check_choice
-    from cpjax.parallel.mesh import make_mesh
-    from experiments.devices import check_devices
+    from experiments.devices import check_devices, placement_on
     from experiments.provenance import write_results
 
     devices = check_devices(platform, contexts)
@@ -114,15 +113,8 @@ def run_decode(
     rows = []
     with tqdm(total=len(jobs) * len(cached_tokens), desc="decode") as bar:
         for context, strategy in jobs:
-            engine = (
-                Engine(config, params, dtype=jdtype)
-                if context == 1
-                else Engine(
-                    config,
-                    params,
-                    ContextParallel(mesh=make_mesh(context), decode_strategy=strategy),
-                    dtype=jdtype,
-                )
+            engine = Engine(
+                config, params, placement_on(context, decode_strategy=strategy), dtype=jdtype
             )
             for p in cached_tokens:
                 capacity = p + context * (steps + 2) * batch + 64

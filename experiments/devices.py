@@ -53,3 +53,14 @@ def device_label(results: dict) -> str:
     if results["platform"] == "cpu":
         return f"{results['device_count']} fake CPU devices on {results['cpu_count']} cores"
     return f"{results['device_count']} x {results['device_kind']}"
+
+
+def placement_on(context: int, **context_parallel):
+    """``SingleDevice()`` for ``context == 1``, else ``ContextParallel`` on a ``context`` x 1
+    mesh with the given settings (``strategy=``, ``decode_strategy=`` ...)."""
+    from cpjax.engine import ContextParallel, SingleDevice
+    from cpjax.parallel.mesh import make_mesh
+
+    if context == 1:
+        return SingleDevice()
+    return ContextParallel(make_mesh(context), **context_parallel)
