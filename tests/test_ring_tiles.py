@@ -56,11 +56,11 @@ def test_chunk_aligned_pass_kv_visits_only_the_causal_blocks(name, n):
     and the triangle of blocks of its two diagonal chunk pairs.
 
     Fails if blocks straddle the rank's two chunks (no tile padding, or blocks not cut from the
-    chunk), and if every block is taken as visible. Each chunk holds 100 tokens (5 of the first
-    are front padding), padded to 128 rows: not a multiple of the tile without the rule.
+    chunk), and if every block is taken as visible. Each chunk holds 120 tokens (5 chunks one
+    padding row each), padded to 128 rows: not a multiple of the tile without the rule.
     """
     impl = get_attention(name)
-    length = 2 * n * 100 - 5
+    length = 2 * n * 120 - 5
     layout = balanced_layout([length], n, pad_multiple=chunk_rows_multiple(impl, n, BUCKET, length))
     pos = layout.positions.reshape(n, -1)
     seg = layout.segments.reshape(n, -1)
@@ -73,20 +73,22 @@ def test_chunk_aligned_pass_kv_visits_only_the_causal_blocks(name, n):
                 impl, pos[rank], seg[rank], pos[source], seg[source], blocks
             )
             area += visited * block_q * block_k
-    chunk = 128  # 100 rows padded to the tile
+    chunk = 128  # 120 rows padded to the tile
     causal_area = (2 * n - 1) * chunk**2 + chunk * (chunk + block_q)
     assert area == n * causal_area
     assert layout.local_len == 2 * chunk and chunk % block_q == 0 and block_q == block_k
 
 
-def test_chunk_rows_multiple_pads_chunks_of_a_tile_or_more_to_the_tile():
-    """Bucketing alone (``bucket // 2N`` rows) for chunks under one tile; with the tile from
-    one tile on; the dense paths (tile 1) keep bucketing alone."""
+def test_chunk_rows_multiple_pads_chunks_to_the_tile_when_it_costs_little():
+    """Bucketing alone (``bucket // 2N`` rows) for chunks under one tile or when the tile would
+    add over 1/8 of the rows (75 -> 128); the tile otherwise; dense paths (tile 1) bucket."""
     pallas, reference_impl = get_attention("pallas"), get_attention("reference")
-    assert chunk_rows_multiple(pallas, 4, BUCKET, 8 * 63) == 8
+    assert chunk_rows_multiple(pallas, 4, BUCKET, 8 * 55) == 8  # under one tile
     assert chunk_rows_multiple(pallas, 4, BUCKET, 8 * 64) == 64
     assert chunk_rows_multiple(pallas, 2, 1024, 10_000) == 256
     assert chunk_rows_multiple(pallas, 8, 1, 10_000) == 64
+    assert chunk_rows_multiple(pallas, 2, BUCKET, 300) == 16  # 75 rows: 80, not 128
+    assert chunk_rows_multiple(pallas, 2, BUCKET, 4 * 120) == 64  # 120 rows: 128
     assert chunk_rows_multiple(reference_impl, 4, BUCKET, 10_000) == 8
 
 
@@ -116,7 +118,7 @@ def test_ring_with_chunk_aligned_blocks_matches_reference(name):
     """pass-KV on 2 ranks with the padded layout and the chunk blocks (64-row tiles for the
     kernels, the 128-row chunk for blockwise) equals the reference attention."""
     impl, n = get_attention(name), 2
-    length = 2 * n * 100 - 5
+    length = 2 * n * 120 - 5
     layout = balanced_layout([length], n, pad_multiple=chunk_rows_multiple(impl, n, BUCKET, length))
     rng = np.random.default_rng(1)
     dtype = jnp.bfloat16 if name == "pallas_mgpu" else jnp.float32

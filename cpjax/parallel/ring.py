@@ -112,6 +112,9 @@ def chunk_blocks(impl: AttentionImpl, local_rows: int) -> dict:
     return {"block_q": math.gcd(chunk, impl.block_q), "block_k": math.gcd(chunk, impl.block_k)}
 
 
+MAX_TILE_PADDING = 8  # pad a chunk to the tile only if that adds <= 1/8 of its rows
+
+
 def chunk_rows_multiple(impl: AttentionImpl, n_ranks: int, bucket: int, length: int) -> int:
     """The multiple of rows each layout chunk is padded to (``balanced_layout(...,
     pad_multiple=...)``) so that ``impl``'s blocks never straddle two chunks.
@@ -123,16 +126,21 @@ def chunk_rows_multiple(impl: AttentionImpl, n_ranks: int, bucket: int, length: 
         ``bucket // 2N`` rows (at least 1), so lengths share compiled shapes.
       length: tokens of the longest sequence laid out.
 
-    Rule: once a chunk holds at least one tile (``ceil(length / 2N) >= impl.tile``) it is padded
-    to a multiple of the tile as well (less than one tile of padding per chunk, which the causal
-    skip repays). A shorter chunk is not: a rank's row is then under two tiles, so straddling
-    costs at most one block pair per step, while padding to a tile would multiply every layer's
-    rows (not only attention) by up to ``tile / chunk``.
+    Rule: a chunk is padded to a multiple of the tile when that adds at most
+    ``1 / MAX_TILE_PADDING`` of its rows. Padding runs through every layer (not only attention),
+    while a chunk that is not tile-aligned loses the causal skip of at most the one block that
+    straddles its boundary per ring step; so short chunks (under one tile, or a few tiles with a
+    large remainder: 75 rows would become 128) keep bucketing alone, and long ones (where GPU
+    prefill spends its time) are aligned for a few percent of padding.
     """
     per_chunk = max(1, bucket // (2 * n_ranks))
-    if -(-length // (2 * n_ranks)) < impl.tile:
+    chunk = -(-length // (2 * n_ranks))
+    chunk = -(-chunk // per_chunk) * per_chunk
+    aligned = math.lcm(per_chunk, impl.tile)
+    padding = -(-chunk // aligned) * aligned - chunk
+    if chunk < impl.tile or padding * MAX_TILE_PADDING > chunk:
         return per_chunk
-    return math.lcm(per_chunk, impl.tile)
+    return aligned
 
 
 def ring_attention(strategy: str, impl: AttentionImpl, axis: str, n: int) -> Callable:
