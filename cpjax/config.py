@@ -1,9 +1,9 @@
 """Model configuration: one frozen dataclass and the published presets.
 
-A :class:`ModelConfig` fully determines the shapes of the parameter pytree (see the parameter
-table ``cpjax.model.llama.PARAMS``, which also gives the parameter count) and the numerics of
-the forward pass. Presets use the exact published shapes; ``tiny`` is a small random model for
-fast tests.
+A :class:`ModelConfig` fully determines the shapes of the parameter pytree (see its family's
+parameter table in ``cpjax.model.families``, which also gives the parameter count) and the
+numerics of the forward pass. Presets use the exact published shapes; ``tiny`` is a small
+random model for fast tests.
 """
 
 from __future__ import annotations
@@ -16,17 +16,37 @@ from cpjax.errors import CpjaxError, require
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3.1 RoPE frequency scaling (``rope_type == "llama3"`` in HF configs)."""
+    """RoPE frequency scaling: ``rope_type`` ``"llama3"`` (Llama-3.1's smoothed band; every
+    field used) or ``"linear"`` (all frequencies divided by ``factor``; Gemma 3's global
+    layers)."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    rope_type: str = "llama3"
+
+    def __post_init__(self):
+        require(
+            self.rope_type in ROPE_TYPES,
+            f"RopeScaling.rope_type={self.rope_type!r}: must be one of {', '.join(ROPE_TYPES)}",
+        )
+        require(self.factor > 0, f"RopeScaling.factor={self.factor!r}: must be > 0")
+
+
+ROPE_TYPES = ("llama3", "linear")
+#: Parameter tables (``cpjax.model.families``): checkpoint names and which weights exist.
+FAMILIES = ("llama", "qwen2", "gemma3")
+LAYER_TYPES = ("full", "sliding")
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and numerics of a Llama-architecture decoder.
+    """Shapes and numerics of a decoder of one of the supported families.
+
+    The defaults are plain Llama; the other families switch on their differences
+    (``cpjax.model.families`` maps each HF ``model_type`` to these fields).
 
     Attributes:
       name: preset or file name, for messages and result files.
@@ -43,6 +63,22 @@ class ModelConfig:
       max_seq_len: the model's context window (positions must stay below it).
       tie_embeddings: the output head reuses the embedding table.
       bos_id, eos_ids: special tokens used by the engine (overridden by a tokenizer's metadata).
+      family: parameter table (checkpoint names, which weights exist): one of FAMILIES
+        (Mistral uses ``"llama"``'s).
+      sliding_window: W of the sliding layers: a query sees keys less than W positions back.
+      layer_types: ``"full"``/``"sliding"`` per layer; ``()`` means every layer is sliding when
+        ``sliding_window`` is set (Mistral), full otherwise.
+      rope_local_theta: RoPE base of the sliding layers (Gemma 3), None: ``rope_theta``; the
+        sliding layers never use ``rope_scaling``.
+      qkv_bias: the q/k/v projections have biases (Qwen2).
+      qk_norm: RMSNorm over each query and key head before RoPE (Gemma 3).
+      sandwich_norms: RMSNorm also after attention and after the MLP, before each residual add
+        (Gemma 3).
+      activation: MLP gate activation, ``"silu"`` (SwiGLU) or ``"gelu_tanh"`` (GeGLU).
+      scale_embeddings: multiply the embeddings by ``sqrt(dim)`` (Gemma).
+      norm_offset: RMSNorm computes ``x * (norm_offset + w)`` (Gemma stores ``w - 1``: 1.0).
+      query_pre_attn_scalar: attention scores scaled by ``query_pre_attn_scalar ** -0.5``
+        instead of ``head_dim ** -0.5`` (Gemma 3).
     """
 
     name: str
@@ -60,6 +96,17 @@ class ModelConfig:
     tie_embeddings: bool = False
     bos_id: Optional[int] = None
     eos_ids: tuple[int, ...] = ()
+    family: str = "llama"
+    sliding_window: Optional[int] = None
+    layer_types: tuple[str, ...] = ()
+    rope_local_theta: Optional[float] = None
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    sandwich_norms: bool = False
+    activation: str = "silu"
+    scale_embeddings: bool = False
+    norm_offset: float = 0.0
+    query_pre_attn_scalar: Optional[float] = None
 
     def __post_init__(self):
         for field in (
@@ -82,6 +129,52 @@ class ModelConfig:
             f"ModelConfig: n_heads={self.n_heads} must be a multiple of "
             f"n_kv_heads={self.n_kv_heads} (grouped-query attention)",
         )
+        for field, choices in (("family", FAMILIES), ("activation", ACTIVATIONS)):
+            value = getattr(self, field)
+            require(
+                value in choices,
+                f"ModelConfig.{field}={value!r}: must be one of {', '.join(choices)}",
+            )
+        require(
+            self.sliding_window is None
+            or (isinstance(self.sliding_window, int) and self.sliding_window > 0),
+            f"ModelConfig.sliding_window={self.sliding_window!r}: must be None or a positive "
+            f"integer",
+        )
+        require(
+            not self.layer_types or len(self.layer_types) == self.n_layers,
+            f"ModelConfig.layer_types has {len(self.layer_types)} entries for "
+            f"n_layers={self.n_layers}: give one per layer or none",
+        )
+        bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+        require(
+            not bad, f"ModelConfig.layer_types: unknown {bad}; each must be one of {LAYER_TYPES}"
+        )
+        require(
+            self.sliding_window is not None or "sliding" not in self.layer_types,
+            "ModelConfig.layer_types has sliding layers but sliding_window is None",
+        )
+        require(
+            self.query_pre_attn_scalar is None or self.query_pre_attn_scalar > 0,
+            f"ModelConfig.query_pre_attn_scalar={self.query_pre_attn_scalar!r}: must be > 0",
+        )
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The type of each layer (``"full"`` or ``"sliding"``), ``n_layers`` entries."""
+        if self.layer_types:
+            return tuple(self.layer_types)
+        return ("sliding" if self.sliding_window else "full",) * self.n_layers
+
+    @property
+    def attention_kinds(self) -> tuple[str, ...]:
+        """The distinct layer types of this model, in :data:`LAYER_TYPES` order: one attention
+        plan (and one compiled attention) per entry."""
+        return tuple(kind for kind in LAYER_TYPES if kind in self.kinds)
+
+    def window(self, kind: str) -> Optional[int]:
+        """Sliding window of the layers of type ``kind`` (None: full attention)."""
+        return self.sliding_window if kind == "sliding" else None
 
 
 _LLAMA31_SCALING = RopeScaling(
@@ -181,6 +274,7 @@ def config_to_dict(config: ModelConfig) -> dict:
     """``config`` as a JSON-ready dict; :func:`config_from_dict` inverts it exactly."""
     out = dataclasses.asdict(config)
     out["eos_ids"] = list(config.eos_ids)
+    out["layer_types"] = list(config.layer_types)
     return out
 
 
@@ -210,5 +304,6 @@ def config_from_dict(data: dict) -> ModelConfig:
         fields["rope_scaling"] = RopeScaling(
             **_fields_of(RopeScaling, rope, "model config rope_scaling")
         )
-    fields["eos_ids"] = tuple(fields.get("eos_ids", ()))
+    for key in ("eos_ids", "layer_types"):  # JSON lists back to tuples
+        fields[key] = tuple(fields.get(key, ()))
     return ModelConfig(**fields)

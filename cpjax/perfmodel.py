@@ -29,7 +29,7 @@ import math
 from cpjax.config import ModelConfig
 from cpjax.errors import require
 from cpjax.hardware import Hardware
-from cpjax.model.llama import param_count
+from cpjax.model.decoder import param_count
 from cpjax.names import STRATEGIES, check_choice
 from cpjax.parallel.comm import formula_bytes_per_layer
 from cpjax.parallel.heuristic import choose_strategy

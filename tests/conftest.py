@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_params():
     from cpjax.config import PRESETS
-    from cpjax.model.llama import init_params
+    from cpjax.model.decoder import init_params
 
     return init_params(PRESETS["tiny"], seed=0)
 

@@ -41,7 +41,7 @@ class Context:
 
     @property
     def params(self):
-        from cpjax.model.llama import init_params
+        from cpjax.model.decoder import init_params
 
         return self._once("params", lambda: init_params(self.config, 0))
 
@@ -82,14 +82,14 @@ def _nan_weight_engine(c: Context):
 
 
 def _other_config_params(c: Context):
-    from cpjax.model.llama import init_params
+    from cpjax.model.decoder import init_params
 
     return init_params(dataclasses.replace(c.config, n_layers=1), 0)
 
 
 def _float32_engine_with_the_hopper_kernel(c: Context):
     from cpjax.engine import Engine
-    from cpjax.model.llama import init_params
+    from cpjax.model.decoder import init_params
 
     config = dataclasses.replace(c.config, head_dim=64)  # a head_dim the kernel takes
     return Engine(config, init_params(config, 0), attention="pallas_mgpu")

@@ -30,7 +30,7 @@ from cpjax.loaders.checkpoint import (
     save_checkpoint,
     staging_path,
 )
-from cpjax.model.llama import param_axes, param_count, param_shapes
+from cpjax.model.decoder import param_axes, param_count, param_shapes
 from cpjax.parallel.mesh import make_mesh
 from cpjax.parallel.sharding import tree_specs
 

@@ -63,7 +63,7 @@ import hashlib, numpy as np
 from cpjax.config import PRESETS
 from cpjax.engine import Engine
 from cpjax.engine import ContextParallel, Engine
-from cpjax.model.llama import init_params
+from cpjax.model.decoder import init_params
 from cpjax.parallel.mesh import make_mesh
 cfg = PRESETS["tiny"]
 params = init_params(cfg, seed=0)

@@ -151,10 +151,10 @@ def test_model_forward_with_pallas_attention_lowers(compiled_kernels, preset, dt
     from cpjax.attention import with_past
     from cpjax.config import PRESETS
     from cpjax.dispatch import pallas_attend
-    from cpjax.model.llama import Llama, PastKV, param_shapes
+    from cpjax.model.decoder import Decoder, PastKV, param_shapes
 
     cfg = dataclasses.replace(PRESETS[preset], n_layers=1)
-    model = Llama(cfg, with_past(pallas_attend), dtype)
+    model = Decoder(cfg, with_past(pallas_attend), dtype)
     params = param_shapes(cfg, dtype)
 
     def forward(params, *rows_and_past):
@@ -245,7 +245,7 @@ def test_model_forward_with_pallas_mgpu_attention_lowers(monkeypatch, preset):
     from cpjax.attention import with_past
     from cpjax.config import PRESETS
     from cpjax.dispatch import pallas_mgpu_attend
-    from cpjax.model.llama import Llama, param_shapes
+    from cpjax.model.decoder import Decoder, param_shapes
 
     monkeypatch.setattr(
         pallas_kernels,
@@ -253,7 +253,7 @@ def test_model_forward_with_pallas_mgpu_attention_lowers(monkeypatch, preset):
         functools.partial(flash_attention_mgpu, interpret=False),
     )
     cfg = dataclasses.replace(PRESETS[preset], n_layers=1)
-    model = Llama(cfg, with_past(pallas_mgpu_attend), jnp.bfloat16)
+    model = Decoder(cfg, with_past(pallas_mgpu_attend), jnp.bfloat16)
     rows = S((1000,), I32)
     text = lower_for_cuda(
         lambda params, *r: model.apply({"params": params}, *r),

@@ -16,7 +16,7 @@ from cpjax.loaders import (
     save_safetensors,
 )
 from cpjax.loaders.tokenizer import Tokenizer
-from cpjax.model.llama import unpermute_rope_rows
+from cpjax.model.families import unpermute_rope_rows
 
 CFG = PRESETS["tiny"]
 
@@ -142,7 +142,8 @@ def test_the_table_round_trips_through_safetensors_export_and_load(tmp_path, tie
     from safetensors.numpy import load_file
 
     from cpjax.model import params as table
-    from cpjax.model.llama import PARAMS, init_params
+    from cpjax.model.decoder import init_params
+    from cpjax.model.families import LLAMA as PARAMS
 
     config = dataclasses.replace(CFG, tie_embeddings=tied)
     params = jax.tree.map(np.asarray, init_params(config, seed=1))

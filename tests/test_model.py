@@ -11,8 +11,8 @@ from jax.sharding import PartitionSpec as P
 from cpjax.attention import blockwise, reference, with_past
 from cpjax.config import PRESETS, RopeScaling
 from cpjax.errors import CpjaxError
-from cpjax.model.llama import (
-    Llama,
+from cpjax.model.decoder import (
+    Decoder,
     apply_rope,
     check_layout,
     init_params,
@@ -29,10 +29,10 @@ CFG = PRESETS["tiny"]
 def _forward_logits(
     params, tokens, positions, segments, attend=reference.attend, dtype=jnp.float32
 ):
-    model = Llama(CFG, with_past(attend), dtype)
+    model = Decoder(CFG, with_past(attend), dtype)
     variables = {"params": jax.tree.map(lambda x: x.astype(dtype), params)}
     out = model.apply(variables, tokens, positions, segments)
-    return model.apply(variables, out.hidden, method=Llama.logits), out
+    return model.apply(variables, out.hidden, method=Decoder.logits), out
 
 
 def test_param_shapes_follow_the_documented_layout(tiny_params):
@@ -78,7 +78,7 @@ def test_param_count_is_the_size_of_init_params_and_of_the_model(name):
     from_init = jax.eval_shape(lambda: init_params(config, 0))
     tokens = jnp.zeros((1,), jnp.int32)
     declared = jax.eval_shape(
-        Llama(config, with_past(reference.attend)).init, jax.random.key(0), tokens, tokens, tokens
+        Decoder(config, with_past(reference.attend)).init, jax.random.key(0), tokens, tokens, tokens
     )["params"]
     assert jax.tree.map(lambda x: x.shape, declared) == jax.tree.map(
         lambda x: x.shape, param_shapes(config)
@@ -95,7 +95,7 @@ def test_inside_a_mesh_the_model_declares_the_local_shards():
     """With ``mesh_axis_sizes``, parameters are the shards that RULES imply (heads and FFN
     split over ``tensor``; ``context`` splits no parameter)."""
     mesh = make_mesh(4, 2)
-    model = Llama(CFG, with_past(reference.attend), mesh_axis_sizes=tuple(mesh.shape.items()))
+    model = Decoder(CFG, with_past(reference.attend), mesh_axis_sizes=tuple(mesh.shape.items()))
     tokens = jnp.zeros((1,), jnp.int32)
     local_init = jax.shard_map(
         lambda: model.init(jax.random.key(0), tokens, tokens, tokens)["params"],

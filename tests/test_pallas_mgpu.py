@@ -136,7 +136,7 @@ def test_engine_with_pallas_mgpu_matches_the_reference_engine_in_bf16():
 
     from cpjax.config import PRESETS
     from cpjax.engine import Engine
-    from cpjax.model.llama import init_params
+    from cpjax.model.decoder import init_params
 
     cfg = dataclasses.replace(PRESETS["tiny"], head_dim=64)
     params = init_params(cfg, 0)

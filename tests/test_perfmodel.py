@@ -11,7 +11,7 @@ import pytest
 from cpjax.config import PRESETS
 from cpjax.hardware import PAPER_H100_EFFICIENCY
 from cpjax.hardware import PRESETS as HARDWARE
-from cpjax.model.llama import param_count
+from cpjax.model.decoder import param_count
 from cpjax.perfmodel import (
     Deployment,
     decode_time,

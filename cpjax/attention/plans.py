@@ -1,18 +1,22 @@
 """Attention plans: what the model's attention calls, built from an ``attend`` function.
 
-A plan is ``plan(q, k, v, positions, segments, past) -> (out, lse)``: the new tokens' queries
-against their own keys/values and, if given, a :class:`PastKV` (one layer's cached keys and
-values). :func:`with_past` is the single-device plan; the context-parallel plans (rings, decode)
-live in ``cpjax.parallel`` and use the same :func:`attend_parts`.
+A plan is ``plan(q, k, v, positions, segments, past, window=None) -> (out, lse)``: the new
+tokens' queries against their own keys/values and, if given, a :class:`PastKV` (one layer's
+cached keys and values), each query seeing keys less than ``window`` positions back when a
+sliding window is given. :func:`with_past` is the single-device plan; the context-parallel
+plans (rings, decode) live in ``cpjax.parallel`` and use the same :func:`attend_parts`, which
+skips (``lax.cond``, not a mask) every part that no query can see.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
+from cpjax.attention.masks import bounds, may_overlap
 from cpjax.attention.merge import merge
 
 
@@ -38,16 +42,42 @@ def kv_parts(k, v, positions, segments, past: Optional[PastKV]) -> tuple:
     return parts
 
 
-def attend_parts(attend: Callable, q, q_pos, q_seg, parts):
+def part_visible(q_pos, q_seg, kv_pos, kv_seg, window: Optional[int] = None):
+    """Scalar bool: may some query (``q_pos, q_seg [Tq]``) see some key (``kv_pos, kv_seg
+    [Tk]``)? False proves the whole part invisible (``cpjax.attention.masks.may_overlap`` of
+    the bounds of all rows)."""
+    return may_overlap(bounds(q_pos, q_seg), bounds(kv_pos, kv_seg), window)
+
+
+def attend_part(attend: Callable, q, q_pos, q_seg, part, window: Optional[int] = None):
+    """``attend`` of ``q`` over one K/V ``part = (k, v, kv_pos, kv_seg)``, or, when no query
+    can see any of its keys (:func:`part_visible`), the empty result (``out = 0``,
+    ``lse = -inf``) without running ``attend`` at all: a ring step or a cache shard outside
+    every query's window costs no attention."""
+    k, v, kv_pos, kv_seg = part
+    attend = attend if window is None else functools.partial(attend, window=window)
+
+    def run(_):
+        out, lse = attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+        return out.astype(q.dtype), lse.astype(jnp.float32)
+
+    def skip(_):
+        empty_out = jnp.zeros(q.shape[:2] + v.shape[2:], q.dtype)
+        return empty_out, jnp.full(q.shape[:2], -jnp.inf, jnp.float32)
+
+    return jax.lax.cond(part_visible(q_pos, q_seg, kv_pos, kv_seg, window), run, skip, None)
+
+
+def attend_parts(attend: Callable, q, q_pos, q_seg, parts, window: Optional[int] = None):
     """Attention of ``q`` over several K/V parts, merged by log-sum-exp (float32 ``out``).
 
     ``parts``: a tuple of ``(k, v, kv_pos, kv_seg)``, e.g. a rank's new rows and its cache
     shard. Keeping them apart (instead of concatenating) lets each keep its own block
-    structure, so an empty or fully masked part costs almost nothing.
+    structure, and a part no query can see is skipped whole (:func:`attend_part`).
     """
     out = lse = None
-    for k, v, kv_pos, kv_seg in parts:
-        part_out, part_lse = attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    for part in parts:
+        part_out, part_lse = attend_part(attend, q, q_pos, q_seg, part, window)
         if out is None:
             out, lse = part_out.astype(jnp.float32), part_lse
         else:
@@ -59,10 +89,9 @@ def with_past(attend: Callable) -> Callable:
     """The single-device attention plan of the model built from ``attend``: the queries attend
     to the new keys/values and to ``past`` when given, merged by log-sum-exp."""
 
-    def plan(q, k, v, positions, segments, past: Optional[PastKV]):
-        out, lse = attend_parts(
-            attend, q, positions, segments, kv_parts(k, v, positions, segments, past)
-        )
+    def plan(q, k, v, positions, segments, past: Optional[PastKV], window: Optional[int] = None):
+        parts = kv_parts(k, v, positions, segments, past)
+        out, lse = attend_parts(attend, q, positions, segments, parts, window)
         return out.astype(q.dtype), lse
 
     return plan

@@ -30,7 +30,7 @@ from cpjax.engine.placement import ContextParallel, SingleDevice, round_up
 from cpjax.engine.sampling import GREEDY, Sampling
 from cpjax.engine.session import Session
 from cpjax.errors import NonFiniteError, require
-from cpjax.model.llama import Llama, PastKV, check_param_shapes, leaves_by_name
+from cpjax.model.decoder import Decoder, PastKV, check_param_shapes, leaves_by_name
 from cpjax.names import ATTENTION_IMPLEMENTATIONS, check_choice
 from cpjax.parallel.distributed import fetch
 
@@ -100,7 +100,7 @@ class Engine:
         )
         self.params = self.placement.place_params(self.params, self.config, self.dtype)
         self._programs: dict = {}
-        self._head = jax.jit(functools.partial(steps.head, Llama(self.config, None, self.dtype)))
+        self._head = jax.jit(functools.partial(steps.head, Decoder(self.config, None, self.dtype)))
 
     # ----------------------------------------------------------------- compiled steps
     def _program(

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from cpjax.attention.masks import PAD_SEGMENT
 from cpjax.config import ModelConfig
-from cpjax.model.llama import PastKV
+from cpjax.model.decoder import PastKV
 
 
 class KVCache(NamedTuple):

@@ -30,7 +30,7 @@ from cpjax.engine.kv_cache import KVCache
 from cpjax.engine.steps import Forward
 from cpjax.errors import require
 from cpjax.hardware import get_hardware
-from cpjax.model.llama import KV_AXES, param_axes
+from cpjax.model.decoder import KV_AXES, param_axes
 from cpjax.names import DECODE_STRATEGIES, PREFILL_STRATEGIES, check_choice
 from cpjax.parallel.distributed import fetch, put
 from cpjax.parallel.heuristic import choose_strategy

@@ -23,7 +23,7 @@ from cpjax.dispatch import AttentionImpl
 from cpjax.engine import kv_cache
 from cpjax.engine import sampling as sampling_lib
 from cpjax.engine.kv_cache import KVCache
-from cpjax.model.llama import Llama, Output, PastKV
+from cpjax.model.decoder import Decoder, Output, PastKV
 from cpjax.parallel import decode as decode_lib
 from cpjax.parallel.mesh import Ranks
 from cpjax.parallel.ring import ring_attention
@@ -43,33 +43,40 @@ class Forward:
     ranks: Ranks
     mesh_axis_sizes: tuple = ()  # ((axis, size), ...) of the mesh the step runs inside
 
-    def model(self, plan: Callable) -> Llama:
+    def model(self, plan: Callable) -> Decoder:
         """The model with attention ``plan`` (one rank's view of the parameters)."""
-        return Llama(self.config, plan, self.dtype, mesh_axis_sizes=self.mesh_axis_sizes)
+        return Decoder(self.config, plan, self.dtype, mesh_axis_sizes=self.mesh_axis_sizes)
 
-    def ring(self, strategy: str) -> Llama:
+    def ring(self, strategy: str) -> Decoder:
         """The model whose attention is the prefill ring ``strategy`` over the ranks."""
         return self.model(
             ring_attention(strategy, self.attention, self.ranks.axis, self.ranks.size)
         )
 
 
-def run(model: Llama, params, tokens, positions, segments, past: Optional[PastKV] = None) -> Output:
+def run(
+    model: Decoder, params, tokens, positions, segments, past: Optional[PastKV] = None
+) -> Output:
     """The trunk: hidden states ``[T, D]`` and the new K/V ``[L, T, Hkv, Dh]``."""
     return model.apply({"params": params}, tokens, positions, segments, past)
 
 
-def head(model: Llama, params, hidden):
+def head(model: Decoder, params, hidden):
     """``[..., D]`` hidden states to ``[..., V]`` float32 logits."""
-    return model.apply({"params": params}, hidden, method=Llama.logits)
+    return model.apply({"params": params}, hidden, method=Decoder.logits)
 
 
-def token_logprobs(model: Llama, params, hidden, targets):
+def token_logprobs(model: Decoder, params, hidden, targets):
     """Log-probability of ``targets [T]`` under the logits of ``hidden [T, D]``: ``[T]``.
 
-    Computed in chunks of ``SCORE_CHUNK`` rows so the ``[T, V]`` logits never exist.
+    Computed in chunks of ``SCORE_CHUNK`` rows (the rows padded up to a multiple), so at most
+    ``SCORE_CHUNK x V`` logits exist at once (Gemma's V is 262 144).
     """
-    chunk = SCORE_CHUNK if hidden.shape[0] % SCORE_CHUNK == 0 else hidden.shape[0]
+    rows = hidden.shape[0]
+    chunk = min(SCORE_CHUNK, rows)
+    padded = -(-rows // chunk) * chunk
+    hidden = jnp.pad(hidden, ((0, padded - rows), (0, 0)))
+    targets = jnp.pad(targets, (0, padded - rows))
 
     def chunk_logprobs(args):
         h, tgt = args
@@ -80,7 +87,7 @@ def token_logprobs(model: Llama, params, hidden, targets):
     lp = jax.lax.map(
         chunk_logprobs, (hidden.reshape(-1, chunk, hidden.shape[-1]), targets.reshape(-1, chunk))
     )
-    return lp.reshape(-1)
+    return lp.reshape(-1)[:rows]
 
 
 def _local(cache: KVCache) -> KVCache:

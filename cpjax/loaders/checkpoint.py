@@ -56,7 +56,7 @@ from cpjax.config import ModelConfig, config_from_dict, config_to_dict
 from cpjax.errors import CpjaxError, require
 from cpjax.loaders.byte_tokenizer import ByteTokenizer
 from cpjax.loaders.tokenizer import Tokenizer
-from cpjax.model.llama import (
+from cpjax.model.decoder import (
     check_param_shapes,
     leaf_name,
     leaves_by_name,

@@ -1,16 +1,17 @@
-"""GGUF (llama.cpp) Llama checkpoints to cpjax's parameter pytree.
+"""GGUF (llama.cpp) checkpoints of architectures llama, qwen2 and gemma3 to cpjax's pytree.
 
 Tensors are dequantized with the ``gguf`` package (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_x,
 K-quants, IQ-quants ...) into the natural row-major ``[out, in]`` layout (``GGUFReader`` lists
 shapes fastest-dimension first; the dequantized array is the reverse), which is HF's layout up to
 the row order of some tensors; names, shapes and conversion come from the model's parameter table
-(:data:`cpjax.model.llama.PARAMS`).
+(:mod:`cpjax.model.families`).
 
-llama.cpp's converter permutes the rows of the Q and K projections for its interleaved RoPE
-(pairs ``2i, 2i+1``); the table's ``from_gguf`` (:func:`cpjax.model.llama.unpermute_rope_rows`)
-restores HF's ``rotate_half`` order (pairs ``i, i + Dh/2``) that cpjax uses. Llama-3.1-style
-frequency scaling, which llama.cpp stores as the per-frequency ``rope_freqs.weight`` tensor, is
-turned back into a :class:`RopeScaling`.
+For the llama architecture, llama.cpp's converter permutes the rows of the Q and K projections
+for its interleaved RoPE (pairs ``2i, 2i+1``); the table's ``from_gguf``
+(:func:`cpjax.model.families.unpermute_rope_rows`) restores HF's ``rotate_half`` order (pairs
+``i, i + Dh/2``) that cpjax uses. Llama-3.1-style frequency scaling, which llama.cpp stores as
+the per-frequency ``rope_freqs.weight`` tensor, is turned back into a :class:`RopeScaling`.
+Gemma's norm weights are stored as ``w + 1`` (the table subtracts 1).
 """
 
 from __future__ import annotations
@@ -27,10 +28,9 @@ from cpjax.errors import CpjaxError, require
 from cpjax.loaders.gguf_reader import field, open_gguf
 from cpjax.loaders.safetensors import Params, check_tensor_names, require_shape
 from cpjax.model import params as table
-from cpjax.model.llama import PARAMS
+from cpjax.model.families import param_table
 
 ROPE_FREQS = "rope_freqs.weight"
-_BY_NAME = table.by_name(PARAMS)
 
 
 def llama3_rope_factors(scaling: RopeScaling, head_dim: int, theta: float) -> np.ndarray:
@@ -120,15 +120,22 @@ def _dequantize(tensor, where: str) -> np.ndarray:
     return np.asarray(data, np.float32)
 
 
+GGUF_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+_GEMMA_PATTERN = 6  # llama.cpp and HF: every 6th Gemma 3 layer is global
+
+
 def _rope_scaling(
-    reader: gguf.GGUFReader, tensors: dict, head_dim: int, theta: float, where: str
+    reader: gguf.GGUFReader, arch: str, tensors: dict, head_dim: int, theta: float, where: str
 ) -> RopeScaling | None:
-    kind = field(reader, "llama.rope.scaling.type", "none")
-    factor = field(reader, "llama.rope.scaling.factor", 1.0)
+    kind = field(reader, f"{arch}.rope.scaling.type", "none")
+    factor = field(reader, f"{arch}.rope.scaling.factor", 1.0)
+    if kind == "linear" and arch == "gemma3":
+        return RopeScaling(factor=float(factor), rope_type="linear")
     require(
         kind == "none" or factor == 1.0,
-        f"{where}: rope scaling type {kind!r} (factor {factor}) is not supported (cpjax "
-        f"supports plain RoPE and Llama-3 frequency scaling)",
+        f"{where}: rope scaling type {kind!r} (factor {factor}) is not supported for "
+        f"architecture {arch!r} (cpjax supports plain RoPE, Llama-3 frequency scaling and "
+        f"Gemma 3's linear scaling)",
     )
     if ROPE_FREQS not in tensors:
         return None
@@ -137,52 +144,79 @@ def _rope_scaling(
     return fit_llama3_scaling(factors, head_dim, theta, where)
 
 
+def _family_fields(reader: gguf.GGUFReader, arch: str, n_layers: int, dims: dict) -> dict:
+    """The :class:`ModelConfig` fields that differ between the GGUF architectures."""
+    window = field(reader, f"{arch}.attention.sliding_window")
+    if arch == "qwen2":
+        return dict(family="qwen2", qkv_bias=True)
+    if arch == "llama":  # Mistral files are 'llama' (llama.cpp drops their window)
+        return dict(sliding_window=None if window is None else int(window))
+    # Gemma 3: llama.cpp scales the 27B model's queries by (dim / heads) ** -0.5, the other
+    # sizes by head_dim ** -0.5 (HF's query_pre_attn_scalar: 168 vs 256).
+    scalar = dims["dim"] // dims["n_heads"] if n_layers == 62 else dims["head_dim"]
+    return dict(
+        family="gemma3",
+        sliding_window=int(window),
+        layer_types=tuple(
+            "full" if (i + 1) % _GEMMA_PATTERN == 0 else "sliding" for i in range(n_layers)
+        ),
+        rope_local_theta=10000.0,
+        qk_norm=True,
+        sandwich_norms=True,
+        activation="gelu_tanh",
+        scale_embeddings=True,
+        norm_offset=1.0,
+        query_pre_attn_scalar=float(scalar),
+    )
+
+
 def _config(reader: gguf.GGUFReader, path: str) -> ModelConfig:
-    """``ModelConfig`` from the ``llama.*`` and ``tokenizer.ggml.*`` metadata of an open file."""
+    """``ModelConfig`` from the ``{arch}.*`` and ``tokenizer.ggml.*`` metadata of an open file."""
     where = f"model file {path!r}"
     arch = field(reader, "general.architecture")
     require(
-        arch == "llama",
-        f"{where}: GGUF architecture is {arch!r}; cpjax supports 'llama' "
-        f"(Llama-architecture models)",
+        arch in GGUF_ARCHITECTURES,
+        f"{where}: GGUF architecture is {arch!r}; cpjax supports {', '.join(GGUF_ARCHITECTURES)}",
     )
+    key = lambda name: f"{arch}.{name}"  # noqa: E731
     tensors = {t.name: t for t in reader.tensors}
-    embed = _BY_NAME["embed"].gguf
+    embed = "token_embd.weight"
     require(embed in tensors, f"{where}: tensor {embed!r} is missing")
-    n_heads = int(_required(reader, "llama.attention.head_count", where))
-    dim = int(_required(reader, "llama.embedding_length", where))
-    head_dim = int(field(reader, "llama.attention.key_length", dim // n_heads))
-    theta = _float32(field(reader, "llama.rope.freq_base", 10000.0))
+    n_heads = int(_required(reader, key("attention.head_count"), where))
+    dim = int(_required(reader, key("embedding_length"), where))
+    head_dim = int(field(reader, key("attention.key_length"), dim // n_heads))
+    n_layers = int(_required(reader, key("block_count"), where))
+    theta = _float32(field(reader, key("rope.freq_base"), 10000.0))
     bos = field(reader, "tokenizer.ggml.bos_token_id")
     ends = (
         field(reader, "tokenizer.ggml.eos_token_id"),
         field(reader, "tokenizer.ggml.eot_token_id"),
     )
+    dims = dict(dim=dim, n_heads=n_heads, head_dim=head_dim)
     try:
         return ModelConfig(
             name=pathlib.Path(path).stem,
             vocab_size=int(tensors[embed].shape[1]),  # ggml order: [D, V]
-            dim=dim,
-            n_layers=int(_required(reader, "llama.block_count", where)),
-            n_heads=n_heads,
-            n_kv_heads=int(field(reader, "llama.attention.head_count_kv", n_heads)),
-            head_dim=head_dim,
-            ffn_dim=int(_required(reader, "llama.feed_forward_length", where)),
-            norm_eps=_float32(field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            n_layers=n_layers,
+            n_kv_heads=int(field(reader, key("attention.head_count_kv"), n_heads)),
+            ffn_dim=int(_required(reader, key("feed_forward_length"), where)),
+            norm_eps=_float32(field(reader, key("attention.layer_norm_rms_epsilon"), 1e-5)),
             rope_theta=theta,
-            rope_scaling=_rope_scaling(reader, tensors, head_dim, theta, where),
-            max_seq_len=int(_required(reader, "llama.context_length", where)),
-            tie_embeddings=_BY_NAME["lm_head"].gguf not in tensors,
+            rope_scaling=_rope_scaling(reader, arch, tensors, head_dim, theta, where),
+            max_seq_len=int(_required(reader, key("context_length"), where)),
+            tie_embeddings="output.weight" not in tensors,
             bos_id=None if bos is None else int(bos),
             eos_ids=tuple(dict.fromkeys(int(t) for t in ends if t is not None)),
+            **dims,
+            **_family_fields(reader, arch, n_layers, dims),
         )
     except CpjaxError as exc:
         raise CpjaxError(f"{where}: {exc}") from None
 
 
 def load_gguf(path, dtype=np.float32) -> tuple[ModelConfig, Params]:
-    """Read a Llama GGUF file: ``(ModelConfig, params)``, params as the parameter table
-    describes them (numpy arrays of ``dtype``), Q/K rows in HF order.
+    """Read a GGUF file: ``(ModelConfig, params)``, params as the family's parameter table
+    describes them (numpy arrays of ``dtype``), in HF order and values.
 
     The model is tied iff the file has no ``output.weight``. A progress bar over the tensors is
     shown on a terminal.
@@ -192,7 +226,8 @@ def load_gguf(path, dtype=np.float32) -> tuple[ModelConfig, Params]:
     reader = open_gguf(path)
     config = _config(reader, path)
     tensors = {t.name: t for t in reader.tensors}
-    names = table.tensor_names(PARAMS, config, "gguf")
+    params_table = param_table(config)
+    names = table.tensor_names(params_table, config, "gguf")
     check_tensor_names(tensors, names, lambda name: name == ROPE_FREQS, where)
 
     with tqdm(
@@ -209,5 +244,5 @@ def load_gguf(path, dtype=np.float32) -> tuple[ModelConfig, Params]:
             bar.update()
             return weight if param.from_gguf is None else param.from_gguf(weight, config)
 
-        params = table.params_from_checkpoint(PARAMS, config, read, "gguf", dtype)
+        params = table.params_from_checkpoint(params_table, config, read, "gguf", dtype)
     return config, params

@@ -1,10 +1,10 @@
-"""HF-layout Llama checkpoints (``config.json`` + ``*.safetensors``) <-> cpjax's parameter pytree.
+"""HF-layout checkpoints (``config.json`` + ``*.safetensors``) <-> cpjax's parameter pytree.
 
 The tensor names, HF shapes (``[out_features, in_features]`` weights) and the conversion to
-cpjax's stacked pytree all come from the model's parameter table
-(:data:`cpjax.model.llama.PARAMS`, machinery in :mod:`cpjax.model.params`); this module reads
-and writes the files and ``config.json``. The helpers :func:`check_tensor_names` and
-:func:`require_shape` are shared with the GGUF loader.
+cpjax's stacked pytree all come from the family's parameter table
+(:mod:`cpjax.model.families`, machinery in :mod:`cpjax.model.params`); ``config.json`` maps
+through :mod:`cpjax.loaders.hf_config`; this module reads and writes the files. The helpers
+:func:`check_tensor_names` and :func:`require_shape` are shared with the GGUF loader.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from typing import Any, Callable, Iterable
 import ml_dtypes
 import numpy as np
 
-from cpjax.config import ModelConfig, RopeScaling
+from cpjax.config import ModelConfig
 from cpjax.errors import CpjaxError, require
 from cpjax.io import atomic_path, write_json
+from cpjax.loaders.hf_config import config_from_hf, config_to_hf
 from cpjax.model import params as table
-from cpjax.model.llama import PARAMS
+from cpjax.model.families import param_table
 
 Params = dict[str, Any]
 
@@ -47,8 +48,8 @@ def check_tensor_names(
     unexpected = sorted(n for n in present - set(expected) if not ignored(n))
     if unexpected:
         raise CpjaxError(
-            f"{where}: unexpected tensors {unexpected[:5]} (cpjax loads the plain "
-            f"Llama architecture: no biases or extra modules)"
+            f"{where}: unexpected tensors {unexpected[:5]} (not part of this model family's "
+            f"parameters: extra modules, or a config.json of another family)"
         )
 
 
@@ -58,116 +59,6 @@ def require_shape(array: np.ndarray, expected: tuple[int, ...], what: str) -> No
         tuple(array.shape) == tuple(expected),
         f"{what} has shape {tuple(array.shape)}, expected {tuple(expected)} for this config",
     )
-
-
-# ------------------------------------------------------------------------------ config.json
-def _rope_scaling(hf: dict, where: str) -> RopeScaling | None:
-    """Llama-3 ``rope_scaling`` (or transformers-5 ``rope_parameters``); None for plain RoPE."""
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "default":
-        return None
-    require(
-        rope_type == "llama3",
-        f"{where}: rope scaling type {rope_type!r} is not supported (cpjax supports plain "
-        f"RoPE and 'llama3')",
-    )
-    return RopeScaling(
-        factor=float(rope["factor"]),
-        low_freq_factor=float(rope["low_freq_factor"]),
-        high_freq_factor=float(rope["high_freq_factor"]),
-        original_max_position_embeddings=int(rope["original_max_position_embeddings"]),
-    )
-
-
-def _token_ids(value) -> tuple[int, ...]:
-    """An HF ``*_token_id`` entry (None, an int or a list of ints) as a tuple."""
-    if value is None:
-        return ()
-    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
-
-
-def config_from_hf(hf: dict, name: str, where: str) -> ModelConfig:
-    """``ModelConfig`` from the dict of an HF ``LlamaForCausalLM`` ``config.json`` at ``where``."""
-    require(
-        hf.get("model_type") == "llama",
-        f"{where}: model_type {hf.get('model_type')!r} is not supported (cpjax loads "
-        f"'llama' checkpoints)",
-    )
-    require(
-        hf.get("hidden_act", "silu") == "silu",
-        f"{where}: hidden_act {hf.get('hidden_act')!r} is not supported (Llama uses 'silu')",
-    )
-    for flag in ("attention_bias", "mlp_bias"):
-        require(
-            not hf.get(flag, False),
-            f"{where}: {flag}=true is not supported (cpjax's Llama has no biases)",
-        )
-    for key in (
-        "vocab_size",
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "intermediate_size",
-    ):
-        require(key in hf, f"{where}: required key {key!r} is missing")
-    heads = int(hf["num_attention_heads"])
-    rope = hf.get("rope_parameters") or {}
-    bos = _token_ids(hf.get("bos_token_id"))
-    try:
-        return ModelConfig(
-            name=name,
-            vocab_size=int(hf["vocab_size"]),
-            dim=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]),
-            n_heads=heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-            ffn_dim=int(hf["intermediate_size"]),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-            rope_scaling=_rope_scaling(hf, where),
-            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_id=bos[0] if bos else None,
-            eos_ids=_token_ids(hf.get("eos_token_id")),
-        )
-    except CpjaxError as exc:
-        raise CpjaxError(f"{where}: {exc}") from None
-
-
-def config_to_hf(config: ModelConfig) -> dict:
-    """The ``config.json`` dict of ``config`` (the inverse of :func:`config_from_hf`)."""
-    c = config
-    hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.dim,
-        "num_hidden_layers": c.n_layers,
-        "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads,
-        "head_dim": c.head_dim,
-        "intermediate_size": c.ffn_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": c.norm_eps,
-        "rope_theta": c.rope_theta,
-        "max_position_embeddings": c.max_seq_len,
-        "tie_word_embeddings": c.tie_embeddings,
-        "bos_token_id": c.bos_id,
-        "eos_token_id": list(c.eos_ids) or None,
-        "torch_dtype": "float32",
-    }
-    if c.rope_scaling is not None:
-        s = c.rope_scaling
-        hf["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        }
-    return hf
 
 
 # ------------------------------------------------------------------------- .safetensors
@@ -233,7 +124,7 @@ def _read_checkpoint(directory: str) -> dict[str, np.ndarray]:
 
 
 def load_safetensors(directory, dtype=np.float32) -> tuple[ModelConfig, Params]:
-    """Read an HF-layout Llama checkpoint directory (``config.json`` + ``*.safetensors``).
+    """Read an HF-layout checkpoint directory (``config.json`` + ``*.safetensors``).
 
     Returns ``(ModelConfig, params)`` with params as documented in this module, in ``dtype``.
     F32, F16 and BF16 (and F64) tensors load; shards are found by their ``.safetensors`` suffix.
@@ -252,10 +143,11 @@ def load_safetensors(directory, dtype=np.float32) -> tuple[ModelConfig, Params]:
     tensors = _read_checkpoint(directory)
     where = f"model directory {directory!r}"
     # Unused extras: RoPE buffers of old checkpoints, and the copy of a tied output head.
-    lm_head = table.by_name(PARAMS)["lm_head"].hf
+    params_table = param_table(config)
+    lm_head = table.by_name(params_table)["lm_head"].hf
     check_tensor_names(
         tensors,
-        table.tensor_names(PARAMS, config, "hf"),
+        table.tensor_names(params_table, config, "hf"),
         lambda n: n.endswith("rotary_emb.inv_freq") or n == lm_head,
         where,
     )
@@ -264,7 +156,7 @@ def load_safetensors(directory, dtype=np.float32) -> tuple[ModelConfig, Params]:
         require_shape(tensors[name], shape, f"{where}: tensor {name!r}")
         return tensors[name]
 
-    return config, table.params_from_checkpoint(PARAMS, config, read, "hf", dtype)
+    return config, table.params_from_checkpoint(params_table, config, read, "hf", dtype)
 
 
 def save_safetensors(directory, config: ModelConfig, params: Params) -> None:
@@ -278,7 +170,7 @@ def save_safetensors(directory, config: ModelConfig, params: Params) -> None:
 
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
-    tensors = table.params_to_hf(PARAMS, config, params)
+    tensors = table.params_to_hf(param_table(config), config, params)
     with atomic_path(os.path.join(directory, "model.safetensors"), ".safetensors") as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})
     write_json(os.path.join(directory, "config.json"), config_to_hf(config))

@@ -35,7 +35,7 @@ def load_model(name_or_path: str, seed: int = 0, mesh=None):
     from cpjax.loaders.tokenizer import Tokenizer
 
     if name_or_path == "tiny":
-        from cpjax.model.llama import init_params
+        from cpjax.model.decoder import init_params
 
         return PRESETS["tiny"], init_params(PRESETS["tiny"], seed), ByteTokenizer()
     if name_or_path == "smollm2-135m":

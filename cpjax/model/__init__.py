@@ -1,7 +1,7 @@
 """Models: the functional Flax Llama and its parameter table."""
 
-from cpjax.model.llama import (
-    Llama,
+from cpjax.model.decoder import (
+    Decoder,
     Output,
     PastKV,
     init_params,
@@ -10,4 +10,12 @@ from cpjax.model.llama import (
     param_shapes,
 )
 
-__all__ = ["Llama", "Output", "PastKV", "init_params", "param_axes", "param_count", "param_shapes"]
+__all__ = [
+    "Decoder",
+    "Output",
+    "PastKV",
+    "init_params",
+    "param_axes",
+    "param_count",
+    "param_shapes",
+]

@@ -16,7 +16,7 @@ import numpy as np
 
 from cpjax.attention import reference, with_past
 from cpjax.config import ModelConfig
-from cpjax.model.llama import Block, Llama, PastKV, leaves_by_name, rms_norm
+from cpjax.model.decoder import Block, Decoder, PastKV, leaves_by_name, rms_norm
 
 
 def _finite(x, rows) -> bool:
@@ -73,7 +73,9 @@ def first_nonfinite(
     hidden = rms_norm(x, jnp.asarray(params["final_norm"], dtype), config.norm_eps)
     if not _finite(hidden, rows):
         return _named("the final norm", _bad_params({"final_norm": params["final_norm"]}, ""))
-    logits = Llama(config, attention, dtype).apply({"params": params}, hidden, method=Llama.logits)
+    logits = Decoder(config, attention, dtype).apply(
+        {"params": params}, hidden, method=Decoder.logits
+    )
     if not _finite(logits, rows):
         return _named("the output projection (logits)", _bad_params(params, ""))
     return None

@@ -54,8 +54,9 @@ class Param:
       gguf: llama.cpp GGUF tensor name (``{layer}`` likewise).
       hf_in_axes: how many leading axes of one layer's slice are HF's in-features (0: the
         array is stored as in HF; see the module docstring).
-      from_gguf: ``(tensor [out, in], config) -> tensor`` in HF order, for a GGUF tensor
-        whose rows llama.cpp reorders (None: GGUF order is HF order).
+      hf_flat: the HF tensor is the slice flattened to one axis (a projection's bias).
+      from_gguf: ``(tensor [out, in], config) -> tensor`` in HF order and values, for a GGUF
+        tensor that llama.cpp reorders or shifts (None: the GGUF tensor is the HF tensor).
       present: ``config -> bool``; False drops the parameter (an untied output head).
     """
 
@@ -66,6 +67,7 @@ class Param:
     hf: str
     gguf: str
     hf_in_axes: int = 0
+    hf_flat: bool = False
     from_gguf: Optional[Callable[[np.ndarray, ModelConfig], np.ndarray]] = None
     present: Callable[[ModelConfig], bool] = _always
 
@@ -175,6 +177,8 @@ def hf_shape(param: Param, config: ModelConfig) -> Shape:
     """Shape of the HF tensor of ``param`` (one layer's, if stacked): ``[out, in]`` when
     ``hf_in_axes > 0``, else the slice shape."""
     shape = slice_shape(param, config)
+    if param.hf_flat:
+        return (math.prod(shape),)
     k = param.hf_in_axes
     return (math.prod(shape[k:]), math.prod(shape[:k])) if k else shape
 

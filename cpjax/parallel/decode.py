@@ -76,11 +76,10 @@ def replicated_decode_attention(attend: Callable, ranks: Ranks, keep_new) -> Cal
     (``cpjax.attention.merge.merge_reduced``). Without an axis it is plain attention.
     """
 
-    def plan(q, k, v, positions, segments, past):
+    def plan(q, k, v, positions, segments, past, window=None):
         new_seg = jnp.where(keep_new, segments, PAD_SEGMENT)  # the new keys count on one rank
-        out, lse = attend_parts(
-            attend, q, positions, segments, kv_parts(k, v, positions, new_seg, past)
-        )
+        parts = kv_parts(k, v, positions, new_seg, past)
+        out, lse = attend_parts(attend, q, positions, segments, parts, window)
         if ranks.axis is not None:
             out, lse = merge_reduced(
                 out,

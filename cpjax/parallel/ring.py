@@ -34,18 +34,20 @@ def _ring_shift(tree, axis: str, n: int):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), tree)
 
 
-def pass_kv(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts):
+def pass_kv(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts, window=None):
     """Ring pass-KV: at step j rank r holds the K/V parts of rank (r - j) mod n.
 
     Args: local shards, ``q [Tq, Hq, D]``, ``q_pos, q_seg [Tq]``, ``parts`` a tuple of
-      ``(k, v [Tk, Hkv, D], kv_pos, kv_seg [Tk])``.
+      ``(k, v [Tk, Hkv, D], kv_pos, kv_seg [Tk])``, ``window`` an optional sliding window.
+      A step whose keys no local query can see (outside every window, or all in the future)
+      is skipped, not masked (``cpjax.attention.plans.attend_part``).
     Returns: ``(out [Tq, Hq, D] in q.dtype, lse [Tq, Hq] float32)`` over all ranks' keys.
     """
     block = parts
     out = lse = None
     for step in range(n):
         following = _ring_shift(block, axis, n) if step < n - 1 else None
-        part_out, part_lse = attend_parts(attend, q, q_pos, q_seg, block)
+        part_out, part_lse = attend_parts(attend, q, q_pos, q_seg, block, window)
         if out is None:
             out, lse = part_out, part_lse
         else:
@@ -54,7 +56,7 @@ def pass_kv(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts):
     return out.astype(q.dtype), lse
 
 
-def pass_q(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts):
+def pass_q(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts, window=None):
     """Ring pass-Q: at step j rank r holds the queries of rank (r - j) mod n.
 
     After the ring, rank r holds partials of every origin's queries against its own K/V; one
@@ -65,7 +67,7 @@ def pass_q(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts):
     outs, lses = [], []
     for step in range(n):
         following = _ring_shift(travelling, axis, n) if step < n - 1 else None
-        part_out, part_lse = attend_parts(attend, *travelling, parts)
+        part_out, part_lse = attend_parts(attend, *travelling, parts, window)
         outs.append(part_out.astype(q.dtype))
         lses.append(part_lse)
         travelling = following
@@ -82,10 +84,10 @@ def pass_q(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts):
     return out.astype(q.dtype), lse
 
 
-def all_gather(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts):
+def all_gather(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts, window=None):
     """Gather every rank's K/V parts (with positions and segments), then attend locally."""
     gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=0, tiled=True)
-    out, lse = attend_parts(attend, q, q_pos, q_seg, jax.tree.map(gather, parts))
+    out, lse = attend_parts(attend, q, q_pos, q_seg, jax.tree.map(gather, parts), window)
     return out.astype(q.dtype), lse
 
 
@@ -144,7 +146,8 @@ def chunk_rows_multiple(impl: AttentionImpl, n_ranks: int, bucket: int, length: 
 
 
 def ring_attention(strategy: str, impl: AttentionImpl, axis: str, n: int) -> Callable:
-    """The model's attention plan (see ``cpjax.model.llama``) for a context-parallel forward.
+    """The model's attention plan (see ``cpjax.model.decoder``) for a context-parallel forward,
+    with the layer's sliding window (if any) applied in every step.
 
     Each ring step calls ``impl.attend`` with blocks that tile one layout chunk
     (:func:`chunk_blocks`; lay the rows out with :func:`chunk_rows_multiple`). ``past`` is this
@@ -156,12 +159,12 @@ def ring_attention(strategy: str, impl: AttentionImpl, axis: str, n: int) -> Cal
     """
     check_choice("context-parallel strategy", strategy, STRATEGIES)
 
-    def plan(q, k, v, positions, segments, past):
+    def plan(q, k, v, positions, segments, past, window=None):
         step_attend = functools.partial(impl.attend, **chunk_blocks(impl, q.shape[0]))
         parts = kv_parts(k, v, positions, segments, past)
         if n == 1:
-            out, lse = attend_parts(step_attend, q, positions, segments, parts)
+            out, lse = attend_parts(step_attend, q, positions, segments, parts, window)
             return out.astype(q.dtype), lse
-        return _RINGS[strategy](step_attend, axis, n, q, positions, segments, parts)
+        return _RINGS[strategy](step_attend, axis, n, q, positions, segments, parts, window)
 
     return plan
