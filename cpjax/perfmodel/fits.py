@@ -60,3 +60,20 @@ FITS = (
     Fit("nvlink_allreduce_latency_s", 46.26, "ms", "Table 6: TTIT, 128K, TP8 (1 node)",
         _p(_ttit, 131072, 1), (0.0, 1e-3)),
 )  # fmt: skip
+
+
+#: Every constant that is not fitted: (name, value, unit, source).
+SOURCED = (
+    ("peak_flops", 800e12 / 1e12, "TF/s", "paper §4.1: power-limited 500 W H100, bf16 peak"),
+    ("memory_bandwidth", 2.4e12 / 1e12, "TB/s", "paper §4.1: 96 GB HBM2e at 2.4 TB/s"),
+    ("memory_bytes", 96e9 / 1e9, "GB", "paper §4.1"),
+    ("link_bandwidth (RDMA, heuristic only)", 50, "GB/s", "paper §4.1: 400 Gb/s per GPU"),
+    ("TCP achieved bandwidth", 3, "GB/s", "paper §4.2.1: ~3 GB/s per rank over TCP"),
+    ("nvlink_bandwidth", 450, "GB/s", "NVIDIA H100 SXM: NVLink 4, 900 GB/s both directions"),
+    ("sm_count", 132, "SMs", "NVIDIA H100 SXM"),
+    ("causal_attention_efficiency", 540 / 800, "of peak", "paper App. A: FA3 causal, 540 TF/s"),
+    ("q_tile_rows", 128, "rows", "FlashAttention-3 forward tile at head dim 128"),
+    ("Flash-Decoding kernels per call", 2, "kernels", "split-K + combine (paper §4.1)"),
+    ("decode_kernels_per_layer", 9, "kernels", "structural: norms, QKV, RoPE, KV append, O, MLP"),
+    ("ffn_weight_bytes", 1, "B", "paper §4.1: row-wise FP8 FFN weights"),
+)
