@@ -1,4 +1,4 @@
-"""Command line: ``python -m cpjax generate|score|chat|perfmodel|convert``.
+"""Command line: ``python -m cpjax generate|score|chat|perfmodel|plan|convert``.
 
 The flags are a stable contract (later features extend them, never break them). jax is imported
 only after the arguments are parsed, because ``--fake-devices`` and ``--platform`` must be set in
@@ -140,19 +140,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     perf = sub.add_parser(
         "perfmodel",
-        help="predicted prefill time under CP x TP (no weights loaded; cpjax.perfmodel)",
+        help="predicted prefill or decode time under CP x TP (no weights loaded; cpjax.perfmodel)",
     )
     perf.add_argument("--model", default="llama3-405b", help="model preset name")
-    perf.add_argument("--tokens", type=int, required=True, help="new tokens T")
-    perf.add_argument("--cached-tokens", type=int, default=0, help="cached tokens P")
+    perf.add_argument(
+        "--phase",
+        default="prefill",
+        choices=("prefill", "decode"),
+        help="prefill: TTFT of --tokens new tokens after --cached-tokens; decode: time per "
+        "token (ttit_ms) with --cached-tokens of context",
+    )
+    perf.add_argument("--tokens", type=int, default=None, help="new tokens T (prefill)")
+    perf.add_argument(
+        "--cached-tokens", type=int, default=0, help="cached tokens P (the context in decode)"
+    )
+    perf.add_argument("--batch", type=int, default=1, help="sequences decoded together (decode)")
     perf.add_argument("--cp-nodes", type=int, default=1, help="context-parallel nodes N")
-    perf.add_argument("--tp", type=int, default=8, help="tensor-parallel GPUs per node")
+    perf.add_argument("--tp", type=int, default=8, help="tensor-parallel GPUs per CP rank")
+    perf.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node")
     perf.add_argument(
         "--hardware",
         default="h100-rdma",
         help=" | ".join(h for h in HARDWARE_PRESETS if h != "cpu"),
     )
     perf.add_argument("--strategy", default="auto", choices=PREFILL_STRATEGIES)
+    perf.add_argument("--decode-strategy", default="ring_pass_q", choices=DECODE_STRATEGIES)
+
+    planner = sub.add_parser(
+        "plan",
+        help="smallest CP x TP mesh whose predicted TTFT meets a target and that fits in memory",
+    )
+    planner.add_argument("--model", default="llama3-405b", help="model preset name")
+    planner.add_argument("--tokens", type=int, required=True, help="new tokens T to prefill")
+    planner.add_argument("--cached-tokens", type=int, default=0, help="cached tokens P")
+    planner.add_argument("--target-ttft", type=float, default=60.0, help="TTFT target (s)")
+    planner.add_argument(
+        "--gpu-memory-gb", type=float, default=None, help="memory per GPU (default: hardware's)"
+    )
+    planner.add_argument(
+        "--hardware",
+        default="h100-rdma",
+        help=" | ".join(h for h in HARDWARE_PRESETS if h != "cpu"),
+    )
+    planner.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node")
+    planner.add_argument("--max-nodes", type=int, default=32, help="nodes available")
+    planner.add_argument("--json", action="store_true", help="print the whole plan as JSON")
 
     chat = sub.add_parser(
         "chat", parents=[common], help="interactive multi-turn chat with a persistent KV cache"
@@ -490,11 +522,10 @@ def _run_convert(args) -> None:
     )
 
 
-def _run_perfmodel(args) -> None:
+def _preset_model_and_hardware(args):
     from cpjax.config import PRESETS
     from cpjax.errors import require
     from cpjax.hardware import PRESETS as HARDWARE
-    from cpjax.perfmodel import Deployment, decode_time, prefill_time
 
     require(
         args.model in PRESETS,
@@ -504,27 +535,88 @@ def _run_perfmodel(args) -> None:
         args.hardware in HARDWARE,
         f"--hardware {args.hardware!r}: choose one of {', '.join(HARDWARE)}",
     )
-    config, hardware = PRESETS[args.model], HARDWARE[args.hardware]
-    deployment = Deployment(cp=args.cp_nodes, tp=args.tp)
+    return PRESETS[args.model], HARDWARE[args.hardware]
+
+
+def _run_perfmodel(args) -> None:
+    from cpjax.errors import require
+    from cpjax.perfmodel import Deployment, decode_time, prefill_time
+
+    config, hardware = _preset_model_and_hardware(args)
+    deployment = Deployment(cp=args.cp_nodes, tp=args.tp, gpus_per_node=args.gpus_per_node)
+    common = {
+        "model": config.name,
+        "hardware": args.hardware,
+        "phase": args.phase,
+        "cp_nodes": args.cp_nodes,
+        "tp": args.tp,
+        "cached_tokens": args.cached_tokens,
+    }
+    if args.phase == "decode":
+        require(
+            args.cached_tokens >= 1,
+            f"--cached-tokens {args.cached_tokens}: decode needs a context of >= 1 token",
+        )
+        decode = decode_time(
+            config, args.cached_tokens, deployment, hardware, args.batch, args.decode_strategy
+        )
+        print(json.dumps({**common, "batch": args.batch, **decode}, indent=1))
+        return
+    require(
+        args.tokens is not None and args.tokens >= 1,
+        f"--tokens {args.tokens}: a prefill needs --tokens >= 1",
+    )
     prefill = prefill_time(
         config, args.tokens, deployment, hardware, args.cached_tokens, args.strategy
     )
-    decode = decode_time(config, args.tokens + args.cached_tokens, deployment, hardware)
-    print(
-        json.dumps(
-            {
-                "model": config.name,
-                "hardware": args.hardware,
-                "cp_nodes": args.cp_nodes,
-                "tp": args.tp,
-                "new_tokens": args.tokens,
-                "cached_tokens": args.cached_tokens,
-                **prefill,
-                "decode_memory_bound_tpot_s": decode["tpot_s"],
-            },
-            indent=1,
+    print(json.dumps({**common, "new_tokens": args.tokens, **prefill}, indent=1))
+
+
+def _plan_table(result: dict) -> str:
+    """The plan as text: one line per mesh, then the answer."""
+    lines = [
+        f"{result['model']}, {result['tokens']} new tokens after {result['cached_tokens']} "
+        f"cached, {result['hardware']}, {result['gpu_memory_gb']:g} GB per GPU, "
+        f"target TTFT {result['target_ttft_s']:g} s",
+        f"{'mesh':>12} {'nodes':>5} {'GPUs':>5} {'TTFT s':>8} {'prefill':>10} "
+        f"{'TTIT ms':>8} {'decode':>11} {'GB/GPU':>7} {'bound':>13}  meets",
+    ]
+    for r in result["meshes"]:
+        lines.append(
+            f"{'CP' + str(r['cp']) + 'xTP' + str(r['tp']):>12} {r['nodes']:>5} {r['gpus']:>5} "
+            f"{r['ttft_s']:>8.2f} {r['prefill_strategy']:>10} {r['ttit_ms']:>8.1f} "
+            f"{r['decode_strategy']:>11} {r['memory_gb']:>7.1f} {r['bound']:>13}  "
+            f"{'yes' if r['meets_target'] else 'no'}"
         )
+    chosen = result["chosen"]
+    if chosen is None:
+        lines.append("no mesh fits and meets the target")
+    else:
+        lines.append(
+            f"smallest mesh meeting the target: CP{chosen['cp']} x TP{chosen['tp']} "
+            f"({chosen['nodes']} nodes, {chosen['gpus']} GPUs): TTFT {chosen['ttft_s']:.1f} s "
+            f"({chosen['prefill_strategy']}), bound by {chosen['bound']} "
+            f"(compute {chosen['compute_s']:.1f} s, communication "
+            f"{chosen['communication_s']:.1f} s), {chosen['memory_gb']:.1f} GB per GPU"
+        )
+    return "\n".join(lines)
+
+
+def _run_plan(args) -> None:
+    from cpjax.perfmodel import plan
+
+    config, hardware = _preset_model_and_hardware(args)
+    result = plan(
+        config,
+        args.tokens,
+        hardware,
+        cached_tokens=args.cached_tokens,
+        target_ttft_s=args.target_ttft,
+        gpu_memory_gb=args.gpu_memory_gb,
+        gpus_per_node=args.gpus_per_node,
+        max_nodes=args.max_nodes,
     )
+    print(json.dumps(result, indent=1) if args.json else _plan_table(result))
 
 
 def main(argv=None) -> None:
@@ -532,9 +624,9 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     from cpjax.errors import CpjaxError
 
-    if args.command == "perfmodel":
+    if args.command in ("perfmodel", "plan"):
         try:
-            return _run_perfmodel(args)
+            return {"perfmodel": _run_perfmodel, "plan": _run_plan}[args.command](args)
         except CpjaxError as exc:
             _fail(str(exc))
     _configure_jax_environment(args)

@@ -1,9 +1,12 @@
 """Hardware figures that decide whether communication hides behind compute.
 
-A :class:`Hardware` holds per-device numbers: peak FLOP/s of the attention/matmul dtype, the
-bandwidth of the link the context-parallel ring uses (bytes/s, one direction), and memory
-bandwidth. Presets follow the paper's machines (power-limited H100 at 800 TF/s bf16, 2.4 TB/s
-HBM; RDMA 400 Gb/s and TCP 100 Gb/s per GPU) plus a stock H100 SXM over NVLink.
+A :class:`Hardware` holds per-device figures, each from a datasheet or the paper: peak FLOP/s
+of the attention/matmul dtype, the line rate of the link the context-parallel ring uses
+(bytes/s, one direction), memory bandwidth and capacity, NVLink bandwidth and SM count.
+Presets follow the paper's machines (§4.1: power-limited H100 at 800 TF/s bf16, 96 GB HBM2e at
+2.4 TB/s; RDMA 400 Gb/s and TCP 100 Gb/s per GPU) plus a stock H100 SXM over NVLink (NVIDIA
+datasheet: 989 TF/s dense bf16, 80 GB HBM3 at 3.35 TB/s, NVLink 4 at 900 GB/s both directions,
+132 SMs). What kernels and collectives *achieve* on them is fitted in ``cpjax.perfmodel``.
 :func:`calibrate_cpu` measures the fake-CPU-device mesh this process runs on.
 """
 
@@ -26,9 +29,11 @@ class Hardware:
       peak_flops: FLOP/s of one device (C in the paper).
       link_bandwidth: bytes/s one device sends to its ring neighbour (BW in the paper).
       memory_bandwidth: bytes/s of the device memory (decode is bound by it).
-      nvlink_bandwidth: bytes/s per GPU inside a node (tensor-parallel all-reduces).
-      efficiency: fraction of ``peak_flops`` the GEMM/attention kernels achieve (the one
-        constant ``cpjax.perfmodel`` fits per preset).
+      nvlink_bandwidth: bytes/s per GPU and direction inside a node (tensor-parallel
+        all-reduces); NVLink 4 moves 900 GB/s both directions, 450 GB/s each.
+      memory_bytes: device memory capacity in bytes.
+      sm_count: streaming multiprocessors (an attention kernel call with fewer tiles than SMs
+        leaves some idle).
     """
 
     name: str
@@ -36,29 +41,23 @@ class Hardware:
     link_bandwidth: float
     memory_bandwidth: float
     nvlink_bandwidth: float = 450e9
-    efficiency: float = 1.0
+    memory_bytes: float = 80e9
+    sm_count: int = 132
 
     def __post_init__(self):
-        require(
-            0 < self.efficiency <= 1,
-            f"Hardware {self.name!r}: efficiency={self.efficiency!r} must be in (0, 1]",
-        )
-        for field in ("peak_flops", "link_bandwidth", "memory_bandwidth", "nvlink_bandwidth"):
+        fields = ("peak_flops", "link_bandwidth", "memory_bandwidth", "nvlink_bandwidth")
+        for field in (*fields, "memory_bytes", "sm_count"):
             value = getattr(self, field)
             require(value > 0, f"Hardware {self.name!r}: {field}={value!r} must be > 0")
 
 
-#: Fitted by ``cpjax.perfmodel.fit_efficiency`` on one point, the paper's Table 6 (Llama3-405B,
-#: 128K tokens, one TP8 node: 42.01 s); ``tests/test_perfmodel.py`` re-fits and checks it.
-PAPER_H100_EFFICIENCY = 0.7284
-
 PRESETS = {
-    # The paper's GTT cluster: power-limited H100 (800 TF/s bf16), RDMA 400 Gb/s per GPU.
-    "h100-rdma": Hardware("h100-rdma", 800e12, 400e9 / 8, 2.4e12, efficiency=PAPER_H100_EFFICIENCY),
+    # The paper's GTT cluster: power-limited H100 (800 TF/s bf16, 96 GB at 2.4 TB/s), RDMA
+    # 400 Gb/s per GPU.
+    "h100-rdma": Hardware("h100-rdma", 800e12, 400e9 / 8, 2.4e12, memory_bytes=96e9),
     # The paper's GTI cluster: same GPUs over the TCP frontend network, 100 Gb/s per GPU.
-    "h100-tcp": Hardware("h100-tcp", 800e12, 100e9 / 8, 2.4e12, efficiency=PAPER_H100_EFFICIENCY),
-    # A stock H100 SXM node: 989 TF/s dense bf16, NVLink 4 at 450 GB/s per direction
-    # (efficiency not fitted: no measurement of it here).
+    "h100-tcp": Hardware("h100-tcp", 800e12, 100e9 / 8, 2.4e12, memory_bytes=96e9),
+    # A stock H100 SXM node: 989 TF/s dense bf16, 80 GB at 3.35 TB/s, the ring over NVLink 4.
     "h100-nvlink": Hardware("h100-nvlink", 989e12, 450e9, 3.35e12),
 }
 

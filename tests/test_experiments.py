@@ -31,7 +31,7 @@ TINY = {
         "repeats = 1",
     ],
     "decode": ["cached_tokens = [100]", "contexts = [1, 2]", "steps = 2"],
-    "paper_model": ["model = 'llama3-405b'", "contexts = [8192, 131072]", "cp_sizes = [1, 4]"],
+    "paper_model": ["model = 'llama3-405b'", "scaling_tokens = [131072]", "nodes = [1, 4]"],
     "strategy_map": [
         "cp = [4]",
         "new_tokens_range = [1024, 131072]",
