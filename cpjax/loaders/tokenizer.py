@@ -1,16 +1,9 @@
 """Tokenizer and chat template from GGUF metadata (or an HF ``tokenizer.json``).
 
-A byte-level BPE vocabulary (``tokenizer.ggml.model == "gpt2"``) is rebuilt with the
-``tokenizers`` library from the tokens and merges in the file, the way HF transformers builds
-it for ``AutoTokenizer.from_pretrained(..., gguf_file=...)`` (so ids agree with HF):
-
-* tokens marked CONTROL (``<|im_start|>`` ...) are special tokens and USER_DEFINED ones are
-  added tokens; both are matched whole in the text, never split;
-* the pre-tokenizer is chosen by ``tokenizer.ggml.pre``: Llama-3's split regex for the
-  ``llama-bpe`` family, Mistral's for ``tekken``, and GPT-2's byte-level regex otherwise.
-  HF (and so cpjax) uses GPT-2's regex for SmolLM's ``smollm`` too, where llama.cpp and the
-  original ``tokenizer.json`` first split every digit: the ids differ only for a space before a
-  non-ASCII numeric character (``" ²"``, ``" ½"``); ASCII digits have no merges in that vocabulary.
+The vocabulary is rebuilt with the ``tokenizers`` library (:mod:`cpjax.loaders.vocab`) the way
+HF transformers builds it for ``AutoTokenizer.from_pretrained(..., gguf_file=...)``, so ids
+agree with HF: byte-level BPE (``tokenizer.ggml.model == "gpt2"``: SmolLM2, Llama 3, Qwen2) and
+Gemma's SentencePiece-style BPE (``"llama"`` in a ``gemma3`` file).
 
 The chat template is rendered with jinja2 in a sandbox, with the options, helpers and variables
 of HF's ``apply_chat_template``.
@@ -27,109 +20,10 @@ from typing import Any, Optional, Sequence
 
 from cpjax.errors import CpjaxError, require
 from cpjax.loaders.gguf_reader import field, open_gguf
+from cpjax.loaders.vocab import byte_level_bpe, sentencepiece_bpe
 
-_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
 #: End-of-turn markers that also stop generation when the chat template writes them.
 _TURN_ENDS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_TEKKEN_SPLIT = (
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-#: ``tokenizer.ggml.pre`` -> split regex applied before the byte-level mapping (as HF does).
-_PRE_SPLITS = {
-    **dict.fromkeys(
-        (
-            "llama3",
-            "llama-v3",
-            "llama-bpe",
-            "smaug-bpe",
-            "falcon3",
-            "falcon-h1",
-            "pixtral",
-            "midm-2.0",
-            "lfm2",
-            "jina-v5-nano",
-            "dbrx",
-        ),
-        _LLAMA3_SPLIT,
-    ),
-    "tekken": _TEKKEN_SPLIT,
-}
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_spelling() -> dict[int, str]:
-    """GPT-2's printable spelling of each byte, the alphabet of byte-level BPE vocabularies."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    spelling = {b: chr(b) for b in printable}
-    others = [b for b in range(256) if b not in spelling]
-    spelling.update({b: chr(256 + n) for n, b in enumerate(others)})
-    return spelling
-
-
-def _pre_tokenizer(pre: Optional[str]):
-    from tokenizers import Regex, pre_tokenizers
-
-    split = _PRE_SPLITS.get(pre)
-    if split is None:
-        return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-
-
-def byte_level_bpe(
-    tokens: Sequence[str], merges: Sequence[str], token_types: Sequence[int], pre: Optional[str]
-):
-    """A ``tokenizers.Tokenizer`` for a GGUF byte-level BPE vocabulary (HF's construction).
-
-    Tokens not written in the byte alphabet are respelled from their UTF-8 bytes; CONTROL tokens
-    become special tokens (unless so respelled: llama.cpp mislabels), USER_DEFINED ones plain
-    added tokens.
-    """
-    from tokenizers import AddedToken, decoders, models
-    from tokenizers import Tokenizer as Backend
-
-    spelling = _byte_spelling()
-    alphabet = set(spelling.values())
-    spelled = [
-        t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8")) for t in tokens
-    ]
-    backend = Backend(
-        models.BPE(
-            vocab={t: i for i, t in enumerate(spelled)},
-            merges=[tuple(m.split(" ", 1)) for m in merges],
-        )
-    )
-    backend.pre_tokenizer = _pre_tokenizer(pre)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(
-        [
-            AddedToken(t, special=True, normalized=False)
-            for t, kind in zip(tokens, token_types)
-            if kind == _CONTROL and set(t) <= alphabet
-        ]
-    )
-    backend.add_tokens(
-        [
-            AddedToken(t, special=False, normalized=False)
-            for t, kind, s in zip(tokens, token_types, spelled)
-            if kind == _USER_DEFINED and t == s
-        ]
-    )
-    return backend
 
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
@@ -245,20 +139,27 @@ class Tokenizer:
         where = f"model file {path!r}"
         reader = open_gguf(path)
         kind = field(reader, "tokenizer.ggml.model")
-        require(
-            kind == "gpt2",
-            f"{where}: tokenizer type {kind!r} is not supported (cpjax "
-            f"reads byte-level BPE vocabularies, 'gpt2')",
-        )
+        arch = field(reader, "general.architecture")
         tokens = field(reader, "tokenizer.ggml.tokens")
-        merges = field(reader, "tokenizer.ggml.merges")
         require(
-            tokens is not None and merges is not None,
-            f"{where}: tokenizer metadata 'tokenizer.ggml.tokens'/'tokenizer.ggml.merges' is "
-            f"missing",
+            tokens is not None, f"{where}: tokenizer metadata 'tokenizer.ggml.tokens' is missing"
         )
         types = field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-        backend = byte_level_bpe(tokens, merges, types, field(reader, "tokenizer.ggml.pre"))
+        if kind == "gpt2":
+            merges = field(reader, "tokenizer.ggml.merges")
+            require(
+                merges is not None,
+                f"{where}: tokenizer metadata 'tokenizer.ggml.merges' is missing",
+            )
+            backend = byte_level_bpe(tokens, merges, types, field(reader, "tokenizer.ggml.pre"))
+        else:
+            require(
+                kind == "llama" and arch == "gemma3",
+                f"{where}: tokenizer type {kind!r} of architecture {arch!r} is not supported "
+                f"(cpjax reads byte-level BPE vocabularies, 'gpt2', and Gemma 3's 'llama')",
+            )
+            unk = field(reader, "tokenizer.ggml.unknown_token_id")
+            backend = sentencepiece_bpe(tokens, types, tokens[unk] if unk is not None else "<unk>")
         ids = {
             name: field(reader, f"tokenizer.ggml.{key}")
             for name, key in (
