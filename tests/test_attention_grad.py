@@ -46,9 +46,11 @@ def qkv_grads(attend, q, k, v, layout, seed=0):
 
 
 def assert_grads_close(got, want, atol=1e-5):
-    for name, g, w in zip("qkv", got, want):
-        assert not np.isnan(g).any(), f"d{name} has NaN"
-        np.testing.assert_allclose(g, w, atol=atol, rtol=atol, err_msg=f"d{name}")
+    """Gradients (``dq, dk, dv``, then any others) free of NaN and close to ``want``."""
+    assert len(got) == len(want)
+    for name, g, w in zip(["dq", "dk", "dv", *range(3, len(got))], got, want):
+        assert not np.isnan(g).any(), f"{name} has NaN"
+        np.testing.assert_allclose(g, w, atol=atol, rtol=atol, err_msg=f"{name}")
 
 
 def _window_inputs(tq=45, tk=70, hq=6, hkv=2, d=16, seed=5):
