@@ -48,6 +48,11 @@ class AttentionImpl(NamedTuple):
         ``tile`` can be cut into blocks that never straddle two chunks. 1 for the dense paths.
       block_q, block_k: the block sizes it uses by default (multiples of ``tile``); ``None``
         for the dense paths, which take the whole input as one block and ignore block sizes.
+      grads: its flash-style backward, ``grads(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out,
+        lse, d_out, d_lse, *, window, block_q, block_k) -> (dq, dk, dv)`` float32 (see
+        ``cpjax.attention.blockwise.attend_grads``): a key set's part of the gradients of an
+        attention result ``(out, lse)`` over a superset. The pass-KV ring's backward is built
+        from it; ``None``: the rings are differentiated by autodiff, if at all.
     """
 
     name: str
@@ -55,6 +60,7 @@ class AttentionImpl(NamedTuple):
     tile: int
     block_q: Optional[int]
     block_k: Optional[int]
+    grads: Optional[Callable] = None
 
 
 def pallas_attend(
@@ -117,7 +123,12 @@ _IMPLS = {
     "reference": AttentionImpl("reference", reference.attend, 1, None, None),
     "cudnn": AttentionImpl("cudnn", cudnn.attend, 1, None, None),
     "blockwise": AttentionImpl(
-        "blockwise", blockwise.attend, KERNEL_TILE, blockwise.BLOCK_Q, blockwise.BLOCK_K
+        "blockwise",
+        blockwise.attend,
+        KERNEL_TILE,
+        blockwise.BLOCK_Q,
+        blockwise.BLOCK_K,
+        blockwise.attend_grads,
     ),
     "pallas": AttentionImpl("pallas", pallas_attend, KERNEL_TILE, KERNEL_TILE, KERNEL_TILE),
     "pallas_mgpu": AttentionImpl(

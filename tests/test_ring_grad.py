@@ -1,11 +1,12 @@
-"""Gradients through the log-sum-exp merges and the context-parallel rings, by plain autodiff.
+"""Gradients through the log-sum-exp merges and the context-parallel rings.
 
-The rings (``cpjax.parallel.ring``) are differentiated through ``shard_map`` as they are: the
-transpose of ``ppermute`` is the reverse ``ppermute`` (in pass-KV the cotangents of K/V travel
-the ring backwards, accumulating each rank's contribution, until they reach their owner), of
-``all_to_all`` an ``all_to_all`` (pass-Q's partials go back to the rank that computed them, its
-queries' cotangents back along the query ring), of ``all_gather`` a reduce-scatter. Each step's
-``attend`` is the blockwise one with its flash-style backward.
+With an implementation that has a backward (``AttentionImpl.grads``: blockwise), pass-KV and
+pass-Q use their hand-written backward rings (``ring.pass_kv_exact_grad``,
+``ring.pass_q_exact_grad``), which keep only each rank's inputs and merged result. Without
+one, and for all-gather, the rings are differentiated by autodiff through ``shard_map``: the
+transpose of ``ppermute`` is the reverse ``ppermute``, of ``all_to_all`` an ``all_to_all``, of
+``all_gather`` a reduce-scatter; each step's ``attend`` is the blockwise one with its
+flash-style backward. Both are checked against single-device autodiff of the reference.
 """
 
 import jax
@@ -74,13 +75,21 @@ def test_grad_through_merge_equals_grad_over_the_union(split):
 # ---------------------------------------------------------------------------- rings
 LENGTHS = (29, 18)  # packed; neither a multiple of 2N for N > 1
 STARTS = (0, 5)  # the second sequence continues at position 5 (its first tokens are cached)
+BACKWARDS = ("hand", "autodiff")
 PAST = 6  # cache rows per rank: the second sequence's positions 0..4, and padding
 
 
-def _ring_grad_fn(strategy, n, weights):
+def _impl(backward: str):
+    """Blockwise attention, with its ``grads`` (hand-written ring backward) or without
+    (autodiff of the rings)."""
+    impl = get_attention("blockwise")
+    return impl if backward == "hand" else impl._replace(grads=None)
+
+
+def _ring_grad_fn(strategy, n, weights, backward="hand"):
     """``grad`` wrt ``(q, k, v, past_k, past_v)`` of a loss of the ring's ``(out, lse)`` on
     the sharded row (``jit(grad(shard_map(ring)))`` over N fake CPU devices)."""
-    plan = ring_attention(strategy, get_attention("blockwise"), CONTEXT, n)
+    plan = ring_attention(strategy, _impl(backward), CONTEXT, n)
     w_out, w_lse = weights
 
     def local(q, k, v, pos, seg, pk, pv, ppos, pseg):
@@ -109,9 +118,17 @@ def _cache(n, rng):
     return pk, pv, pos, seg
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+HAND_WRITTEN = ("pass_kv", "pass_q")  # all-gather is always differentiated by autodiff
+RING_CASES = [
+    (strategy, backward)
+    for strategy in STRATEGIES
+    for backward in (BACKWARDS if strategy in HAND_WRITTEN else ("autodiff",))
+]
+
+
+@pytest.mark.parametrize("strategy, backward", RING_CASES)
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
-def test_ring_grad_equals_single_device_reference_grad(n, strategy):
+def test_ring_grad_equals_single_device_reference_grad(n, strategy, backward):
     """A packed row of two sequences (29 and 18 tokens, padded per chunk for N > 1), the
     second one continuing 5 cached tokens spread over the ranks' cache shards: the gradient
     wrt queries, keys, values and cached keys/values equals the single-device reference
@@ -141,7 +158,7 @@ def test_ring_grad_equals_single_device_reference_grad(n, strategy):
     want = jax.grad(reference_loss, argnums=(0, 1, 2, 3, 4))(q, k, v, pk, pv)
 
     sharded = [layout.shard(x) for x in (q, k, v)]
-    grad = _ring_grad_fn(strategy, n, (layout.shard(w_out), layout.shard(w_lse)))
+    grad = _ring_grad_fn(strategy, n, (layout.shard(w_out), layout.shard(w_lse)), backward)
     got = grad(*sharded, pk, pv, layout.positions, layout.segments, ppos, pseg)
     padding = layout.source < 0
     assert n == 1 or padding.any()
@@ -149,3 +166,37 @@ def test_ring_grad_equals_single_device_reference_grad(n, strategy):
         assert (np.asarray(g)[padding] == 0).all()
     got = [layout.unshard(np.asarray(g)) for g in got[:3]] + [np.asarray(g) for g in got[3:]]
     assert_grads_close(got, [np.asarray(w) for w in want])
+
+
+def _residual_bytes_per_rank(strategy, n, backward, rows=1024):
+    """Bytes a ring's VJP keeps from the forward for the backward, per rank: causal attention
+    of ``rows`` tokens (4 query heads, 2 KV heads, D 64) on N ranks."""
+    rng = np.random.default_rng(0)
+    q, k, v = _random_qkv(rng, rows, rows, HQ, HKV, 64)
+    pos, seg = np.arange(rows, dtype=np.int32), np.zeros(rows, np.int32)
+    plan = ring_attention(strategy, _impl(backward), CONTEXT, n)
+    row = P(CONTEXT)
+    ring = jax.shard_map(
+        lambda q, k, v, pos, seg: plan(q, k, v, pos, seg, None),
+        mesh=make_mesh(n),
+        in_specs=(row,) * 5,
+        out_specs=(row, row),
+        check_vma=False,
+    )
+
+    def residuals(q, k, v):
+        return jax.tree.leaves(jax.vjp(lambda q, k, v: ring(q, k, v, pos, seg), q, k, v)[1])
+
+    shapes = jax.eval_shape(residuals, q, k, v)  # traced only: global shapes of the residuals
+    return sum(np.prod(x.shape) * x.dtype.itemsize for x in shapes) / n
+
+
+@pytest.mark.parametrize("strategy", HAND_WRITTEN)
+def test_hand_written_ring_backward_keeps_one_nth_per_rank(strategy):
+    """What the VJP keeps between forward and backward (each rank's inputs, merged ``out`` and
+    ``lse``) shrinks as 1/N with the hand-written backward: at N = 8, 1/8 of N = 1. Autodiff
+    of the same ring keeps every step's K/V or query block and partial result: no less at
+    N = 8 than at N = 1."""
+    single = _residual_bytes_per_rank(strategy, 1, "hand")
+    assert _residual_bytes_per_rank(strategy, 8, "hand") == pytest.approx(single / 8, rel=0.01)
+    assert _residual_bytes_per_rank(strategy, 8, "autodiff") >= single

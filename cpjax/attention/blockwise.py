@@ -195,33 +195,65 @@ def _attend_bwd(window, block_q, block_k, residuals, cotangents):
     """Backward of the VJP: ``(dq, dk, dv)`` in the dtypes of ``q, k, v``; ``None`` for the
     integer positions and segments."""
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-    d_out, d_lse = cotangents
-    dq, dk, dv = _backward(
-        q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse, window, block_q, block_k
+    grads = attend_grads(
+        q,
+        k,
+        v,
+        q_pos,
+        kv_pos,
+        q_seg,
+        kv_seg,
+        out,
+        lse,
+        *cotangents,
+        window=window,
+        block_q=block_q,
+        block_k=block_k,
     )
-    return dq, dk, dv, None, None, None, None
+    return (*(g.astype(x.dtype) for g, x in zip(grads, (q, k, v))), None, None, None, None)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _backward(
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse, window, block_q, block_k
+def attend_grads(
+    q,
+    k,
+    v,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    out,
+    lse,
+    d_out,
+    d_lse,
+    *,
+    window: Optional[int] = None,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
 ):
-    """Flash-style gradients of :func:`attend` from its inputs, result and cotangents.
+    """Flash-style gradients of attention through the keys ``k, v``, by blocks.
+
+    ``(out, lse)`` is the result of attention of ``q`` over a set of keys that contains these
+    (all of them: the VJP of :func:`attend`; or the union over the ranks of a ring, whose
+    merged result it is) and ``(d_out, d_lse)`` its cotangents. Since ``P = exp(S - lse)``
+    with the final ``lse``, the gradients of disjoint key sets add up: this returns this key
+    set's part of ``dq`` and its whole ``dk, dv``.
 
     Args:
       q ``[Tq, Hq, D]``, k, v ``[Tk, Hkv, D]``, positions and segments ``[Tq]`` / ``[Tk]``;
-      out ``[Tq, Hq, D]``, lse ``[Tq, Hq]``: the forward's result; d_out, d_lse: their
-      cotangents (same shapes).
+      out ``[Tq, Hq, D]``, lse ``[Tq, Hq]`` and their cotangents d_out, d_lse (same shapes).
+      window, block_q, block_k: as for :func:`attend` (blocks clipped by :func:`block_sizes`).
 
     Returns:
-      ``(dq [Tq, Hq, D], dk [Tk, Hkv, D], dv [Tk, Hkv, D])`` in the input dtypes.
+      ``(dq [Tq, Hq, D], dk [Tk, Hkv, D], dv [Tk, Hkv, D])`` float32.
 
     One scan over key blocks carries the float32 ``dq`` of all queries (``O(Tq)``); for key
     block ``j`` a loop over the query blocks it may see accumulates ``dk_j, dv_j``. The pairs
     skipped (or left unmasked) are those of the forward: the same :func:`_skip_branch`.
     """
+    block_q, block_k = block_sizes(q.shape[0], k.shape[0], block_q, block_k)
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     group = hq // hkv
@@ -291,4 +323,4 @@ def _backward(
     dq = _blocks_to_rows(dq, block_q, hkv, group)[:tq]
     dk = _blocks_to_rows(dk, block_k, hkv, 1)[:tk]
     dv = _blocks_to_rows(dv, block_k, hkv, 1)[:tk]
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    return dq, dk, dv
