@@ -28,6 +28,7 @@ import jax
 
 import pallas_kernels
 from cpjax.attention import blockwise, cudnn, reference
+from cpjax.attention.plans import skipping_invisible
 from cpjax.errors import require
 from cpjax.names import ATTENTION_IMPLEMENTATIONS, check_choice
 from pallas_kernels.flash_attention_mgpu import BLOCK_Q as MGPU_BLOCK_Q
@@ -48,6 +49,11 @@ class AttentionImpl(NamedTuple):
         ``tile`` can be cut into blocks that never straddle two chunks. 1 for the dense paths.
       block_q, block_k: the block sizes it uses by default (multiples of ``tile``); ``None``
         for the dense paths, which take the whole input as one block and ignore block sizes.
+      grads: its flash-style backward, ``grads(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out,
+        lse, d_out, d_lse, *, window, block_q, block_k) -> (dq, dk, dv)`` float32 (see
+        ``cpjax.attention.blockwise.attend_grads``): a key set's part of the gradients of an
+        attention result ``(out, lse)`` over a superset. The pass-KV ring's backward is built
+        from it; ``None``: the rings are differentiated by autodiff, if at all.
     """
 
     name: str
@@ -55,6 +61,7 @@ class AttentionImpl(NamedTuple):
     tile: int
     block_q: Optional[int]
     block_k: Optional[int]
+    grads: Optional[Callable] = None
 
 
 def pallas_attend(
@@ -113,13 +120,24 @@ def pallas_mgpu_attend(
     )
 
 
+# Every implementation but the Hopper kernel is guarded by ``skipping_invisible``: a part no
+# query can see (a ring step outside every window) runs no attention at all. The Hopper kernel
+# gets the guard's effect from its visit lists (no block of such a part is listed); a
+# ``lax.cond`` around it would also break the vmap emulation of ranks its interpreter needs.
 _IMPLS = {
-    "reference": AttentionImpl("reference", reference.attend, 1, None, None),
-    "cudnn": AttentionImpl("cudnn", cudnn.attend, 1, None, None),
+    "reference": AttentionImpl("reference", skipping_invisible(reference.attend), 1, None, None),
+    "cudnn": AttentionImpl("cudnn", skipping_invisible(cudnn.attend), 1, None, None),
     "blockwise": AttentionImpl(
-        "blockwise", blockwise.attend, KERNEL_TILE, blockwise.BLOCK_Q, blockwise.BLOCK_K
+        "blockwise",
+        skipping_invisible(blockwise.attend),
+        KERNEL_TILE,
+        blockwise.BLOCK_Q,
+        blockwise.BLOCK_K,
+        blockwise.attend_grads,
     ),
-    "pallas": AttentionImpl("pallas", pallas_attend, KERNEL_TILE, KERNEL_TILE, KERNEL_TILE),
+    "pallas": AttentionImpl(
+        "pallas", skipping_invisible(pallas_attend), KERNEL_TILE, KERNEL_TILE, KERNEL_TILE
+    ),
     "pallas_mgpu": AttentionImpl(
         "pallas_mgpu", pallas_mgpu_attend, KERNEL_TILE, MGPU_BLOCK_Q, KERNEL_TILE
     ),

@@ -7,6 +7,17 @@ per-block bounds of positions and segment ids prove invisible to the whole query
 with ``lax.cond``, so causal attention costs about half of full attention, and a ring step against
 a block that lies entirely in the future costs almost nothing. This is the fast path on CPU, and
 the portable fallback everywhere.
+
+It is differentiable (``jax.custom_vjp``) with a flash-style backward that recomputes the
+probabilities block by block from ``(q, k, v, out, lse)`` with the same masks and the same block
+skipping, so neither pass holds a ``[Tq, Tk]`` buffer. The backward takes the cotangent of
+``lse`` as well as of ``out`` (the ring merges weigh partials by their ``lse``)::
+
+    P = exp(S - lse)    dP = dO V^T    delta = rowsum(dO * O)
+    dS = P * (dP - delta + d_lse)    dQ = dS K / sqrt(D)    dK = dS^T Q / sqrt(D)    dV = P^T dO
+
+summed over the ``G`` query heads of each KV head for ``dK``, ``dV``. Rows that see no key have
+a constant ``(out, lse) = (0, -inf)``: their cotangents are ignored (no NaN).
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from cpjax.attention.masks import (
     may_overlap,
     visibility_mask,
 )
-from cpjax.attention.padding import pad_kv_rows, pad_query_rows
+from cpjax.attention.padding import pad_kv_rows, pad_query_rows, pad_rows
 
 #: Default blocks: large enough to amortise the loop on CPU, multiples of the 64-row tile.
 BLOCK_Q = 256
@@ -63,10 +74,45 @@ def attend(
       ``(out [Tq, Hq, D] in q.dtype, lse [Tq, Hq] float32)``.
     """
     check_attend_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    block_q, block_k = block_sizes(q.shape[0], k.shape[0], block_q, block_k)
+    return _attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
+
+
+def _rows_to_blocks(x, block: int, hkv: int, group: int):
+    """``x [n * block, Hkv * group, ...]`` to the GEMM-friendly ``[n, Hkv, group * block, ...]``:
+    row ``r = g * block + t`` of block ``i`` is row ``i * block + t``, head ``h * group + g``."""
+    t, _, *rest = x.shape
+    x = x.reshape(t // block, block, hkv, group, *rest)
+    return jnp.moveaxis(x, 1, 3).reshape(t // block, hkv, group * block, *rest)
+
+
+def _blocks_to_rows(x, block: int, hkv: int, group: int):
+    """The inverse of :func:`_rows_to_blocks`: ``[n, Hkv, group * block, ...]`` to
+    ``[n * block, Hkv * group, ...]``."""
+    n, _, _, *rest = x.shape
+    x = jnp.moveaxis(x.reshape(n, hkv, group, block, *rest), 3, 1)
+    return x.reshape(n * block, hkv * group, *rest)
+
+
+def _skip_branch(q_bounds: BlockBounds, kv_bounds: BlockBounds, window: Optional[int]):
+    """Which ``lax.switch`` branch a (query block, key block) pair takes: 0 skip (invisible),
+    1 masked, 2 unmasked (every query sees every key)."""
+    visible = may_overlap(q_bounds, kv_bounds, window)
+    full = fully_visible(q_bounds, kv_bounds, window)
+    return jnp.where(visible, jnp.where(full, 2, 1), 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
+    """:func:`attend` with checked inputs and clipped blocks: the differentiable function."""
+    return _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
+
+
+def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
+    """The online-softmax forward of :func:`attend` (``block_q <= Tq``, ``block_k <= Tk``)."""
     tq, hq, d = q.shape
     tk, hkv, _ = k.shape
     group = hq // hkv
-    block_q, block_k = block_sizes(tq, tk, block_q, block_k)
     scale = 1.0 / float(d) ** 0.5
 
     qp, q_pos_p, q_seg_p = pad_query_rows(q, q_pos, q_seg, block_q)
@@ -74,13 +120,9 @@ def attend(
     n_q, n_k = qp.shape[0] // block_q, kp.shape[0] // block_k
 
     # GEMM-friendly layouts: [block, Hkv, G*bq | bk, D]; row r of a query block is (g, q).
-    q_blocks = (
-        qp.reshape(n_q, block_q, hkv, group, d)
-        .transpose(0, 2, 3, 1, 4)
-        .reshape(n_q, hkv, group * block_q, d)
-    )
-    k_blocks = kp.reshape(n_k, block_k, hkv, d).transpose(0, 2, 1, 3)
-    v_blocks = vp.reshape(n_k, block_k, hkv, d).transpose(0, 2, 1, 3)
+    q_blocks = _rows_to_blocks(qp, block_q, hkv, group)
+    k_blocks = _rows_to_blocks(kp, block_k, hkv, 1)
+    v_blocks = _rows_to_blocks(vp, block_k, hkv, 1)
     kv_pos_blocks = kv_pos_p.reshape(n_k, block_k)
     kv_seg_blocks = kv_seg_p.reshape(n_k, block_k)
     q_bounds = block_bounds(q_pos_p, q_seg_p, block_q)
@@ -112,11 +154,8 @@ def attend(
 
         def maybe_update(j, carry):
             kvb_bounds = BlockBounds(*(b[j] for b in kv_bounds))
-            visible = may_overlap(qb_bounds, kvb_bounds, window)
-            full = fully_visible(qb_bounds, kvb_bounds, window)
-            branch = jnp.where(visible, jnp.where(full, 2, 1), 0)
             return jax.lax.switch(
-                branch,
+                _skip_branch(qb_bounds, kvb_bounds, window),
                 [
                     lambda _, c: c,
                     functools.partial(update, masked=True),
@@ -144,3 +183,144 @@ def attend(
     out = out.reshape(n_q * block_q, hq, d)[:tq].astype(q.dtype)
     lse = lse.reshape(n_q * block_q, hq)[:tq]
     return out, lse
+
+
+def _attend_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
+    """Forward of the VJP: the result, and the inputs plus ``(out, lse)`` as residuals."""
+    out, lse = _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
+    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _attend_bwd(window, block_q, block_k, residuals, cotangents):
+    """Backward of the VJP: ``(dq, dk, dv)`` in the dtypes of ``q, k, v``; ``None`` for the
+    integer positions and segments."""
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
+    grads = attend_grads(
+        q,
+        k,
+        v,
+        q_pos,
+        kv_pos,
+        q_seg,
+        kv_seg,
+        out,
+        lse,
+        *cotangents,
+        window=window,
+        block_q=block_q,
+        block_k=block_k,
+    )
+    return (*(g.astype(x.dtype) for g, x in zip(grads, (q, k, v))), None, None, None, None)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def attend_grads(
+    q,
+    k,
+    v,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    out,
+    lse,
+    d_out,
+    d_lse,
+    *,
+    window: Optional[int] = None,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+):
+    """Flash-style gradients of attention through the keys ``k, v``, by blocks.
+
+    ``(out, lse)`` is the result of attention of ``q`` over a set of keys that contains these
+    (all of them: the VJP of :func:`attend`; or the union over the ranks of a ring, whose
+    merged result it is) and ``(d_out, d_lse)`` its cotangents. Since ``P = exp(S - lse)``
+    with the final ``lse``, the gradients of disjoint key sets add up: this returns this key
+    set's part of ``dq`` and its whole ``dk, dv``.
+
+    Args:
+      q ``[Tq, Hq, D]``, k, v ``[Tk, Hkv, D]``, positions and segments ``[Tq]`` / ``[Tk]``;
+      out ``[Tq, Hq, D]``, lse ``[Tq, Hq]`` and their cotangents d_out, d_lse (same shapes).
+      window, block_q, block_k: as for :func:`attend` (blocks clipped by :func:`block_sizes`).
+
+    Returns:
+      ``(dq [Tq, Hq, D], dk [Tk, Hkv, D], dv [Tk, Hkv, D])`` float32.
+
+    One scan over key blocks carries the float32 ``dq`` of all queries (``O(Tq)``); for key
+    block ``j`` a loop over the query blocks it may see accumulates ``dk_j, dv_j``. The pairs
+    skipped (or left unmasked) are those of the forward: the same :func:`_skip_branch`.
+    """
+    block_q, block_k = block_sizes(q.shape[0], k.shape[0], block_q, block_k)
+    tq, hq, d = q.shape
+    tk, hkv, _ = k.shape
+    group = hq // hkv
+    scale = 1.0 / float(d) ** 0.5
+
+    dead = lse == -jnp.inf  # sees no key: (out, lse) = (0, -inf) whatever the inputs
+    d_out = jnp.where(dead[..., None], 0.0, d_out.astype(jnp.float32))
+    delta = jnp.sum(d_out * out.astype(jnp.float32), axis=-1)
+    row_term = jnp.where(dead, 0.0, d_lse.astype(jnp.float32) - delta)  # [Tq, Hq]
+    live_lse = jnp.where(dead, 0.0, lse)  # dead rows are masked in every block they visit
+
+    qp, q_pos_p, q_seg_p = pad_query_rows(q, q_pos, q_seg, block_q)
+    kp, vp, kv_pos_p, kv_seg_p = pad_kv_rows(k, v, kv_pos, kv_seg, block_k)
+    n_q, n_k = qp.shape[0] // block_q, kp.shape[0] // block_k
+    as_q_blocks = functools.partial(_rows_to_blocks, block=block_q, hkv=hkv, group=group)
+    q_blocks = as_q_blocks(qp.astype(jnp.float32) * scale)  # [n_q, Hkv, G*bq, D]
+    do_blocks = as_q_blocks(pad_rows(d_out, block_q, 0.0))
+    lse_blocks = as_q_blocks(pad_rows(live_lse, block_q, 0.0))  # [n_q, Hkv, G*bq]
+    term_blocks = as_q_blocks(pad_rows(row_term, block_q, 0.0))
+    k_blocks = _rows_to_blocks(kp, block_k, hkv, 1)  # [n_k, Hkv, bk, D]
+    v_blocks = _rows_to_blocks(vp, block_k, hkv, 1)
+    q_pos_blocks, q_seg_blocks = q_pos_p.reshape(n_q, block_q), q_seg_p.reshape(n_q, block_q)
+    kv_pos_blocks, kv_seg_blocks = kv_pos_p.reshape(n_k, block_k), kv_seg_p.reshape(n_k, block_k)
+    q_bounds = block_bounds(q_pos_p, q_seg_p, block_q)
+    kv_bounds = block_bounds(kv_pos_p, kv_seg_p, block_k)
+
+    def one_key_block(dq, j):
+        kb = k_blocks[j].astype(jnp.float32)  # [Hkv, bk, D]
+        vb = v_blocks[j].astype(jnp.float32)
+        kvb_bounds = BlockBounds(*(b[j] for b in kv_bounds))
+
+        def update(i, carry, masked: bool):
+            dq, dk, dv = carry  # [n_q, Hkv, G*bq, D], [Hkv, bk, D] x2
+            qb, dob = q_blocks[i], do_blocks[i]
+            p = jnp.exp(jnp.einsum("hrd,hkd->hrk", qb, kb) - lse_blocks[i][..., None])
+            if masked:
+                mask = visibility_mask(
+                    q_pos_blocks[i], kv_pos_blocks[j], q_seg_blocks[i], kv_seg_blocks[j], window
+                )  # [bq, bk]
+                p = jnp.where(jnp.tile(mask, (group, 1))[None], p, 0.0)
+            dp = jnp.einsum("hrd,hkd->hrk", dob, vb)
+            ds = p * (dp + term_blocks[i][..., None])  # [Hkv, G*bq, bk]
+            dq = dq.at[i].add(jnp.einsum("hrk,hkd->hrd", ds, kb) * scale)
+            dk = dk + jnp.einsum("hrk,hrd->hkd", ds, qb)
+            dv = dv + jnp.einsum("hrk,hrd->hkd", p, dob)
+            return dq, dk, dv
+
+        def maybe_update(i, carry):
+            qb_bounds = BlockBounds(*(b[i] for b in q_bounds))
+            return jax.lax.switch(
+                _skip_branch(qb_bounds, kvb_bounds, window),
+                [
+                    lambda _, c: c,
+                    functools.partial(update, masked=True),
+                    functools.partial(update, masked=False),
+                ],
+                i,
+                carry,
+            )
+
+        zeros_kv = jnp.zeros((hkv, block_k, d), jnp.float32)
+        dq, dk, dv = jax.lax.fori_loop(0, n_q, maybe_update, (dq, zeros_kv, zeros_kv))
+        return dq, (dk, dv)
+
+    dq0 = jnp.zeros(q_blocks.shape, jnp.float32)
+    dq, (dk, dv) = jax.lax.scan(one_key_block, dq0, jnp.arange(n_k))
+    dq = _blocks_to_rows(dq, block_q, hkv, group)[:tq]
+    dk = _blocks_to_rows(dk, block_k, hkv, 1)[:tk]
+    dv = _blocks_to_rows(dv, block_k, hkv, 1)[:tk]
+    return dq, dk, dv

@@ -4,8 +4,9 @@ A plan is ``plan(q, k, v, positions, segments, past, window=None) -> (out, lse)`
 tokens' queries against their own keys/values and, if given, a :class:`PastKV` (one layer's
 cached keys and values), each query seeing keys less than ``window`` positions back when a
 sliding window is given. :func:`with_past` is the single-device plan; the context-parallel
-plans (rings, decode) live in ``cpjax.parallel`` and use the same :func:`attend_parts`, which
-skips (``lax.cond``, not a mask) every part that no query can see.
+plans (rings, decode) live in ``cpjax.parallel`` and use the same :func:`attend_parts`.
+:func:`skipping_invisible` makes an ``attend`` skip (``lax.cond``, not a mask) every part that
+no query can see.
 """
 
 from __future__ import annotations
@@ -49,23 +50,25 @@ def part_visible(q_pos, q_seg, kv_pos, kv_seg, window: Optional[int] = None):
     return may_overlap(bounds(q_pos, q_seg), bounds(kv_pos, kv_seg), window)
 
 
-def attend_part(attend: Callable, q, q_pos, q_seg, part, window: Optional[int] = None):
-    """``attend`` of ``q`` over one K/V ``part = (k, v, kv_pos, kv_seg)``, or, when no query
-    can see any of its keys (:func:`part_visible`), the empty result (``out = 0``,
-    ``lse = -inf``) without running ``attend`` at all: a ring step or a cache shard outside
-    every query's window costs no attention."""
-    k, v, kv_pos, kv_seg = part
-    attend = attend if window is None else functools.partial(attend, window=window)
+def skipping_invisible(attend: Callable) -> Callable:
+    """``attend`` guarded by :func:`part_visible`: when no query can see any key (a ring step
+    or a cache shard outside every query's window, or all in the future), it returns the empty
+    result (``out = 0``, ``lse = -inf``) without running ``attend`` at all (``lax.cond``: the
+    attention is skipped, not masked). Same signature and keywords as ``attend``."""
 
-    def run(_):
-        out, lse = attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
-        return out.astype(q.dtype), lse.astype(jnp.float32)
+    @functools.wraps(attend)
+    def guarded(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = None, **kw):
+        def run(_):
+            out, lse = attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window, **kw)
+            return out.astype(q.dtype), lse.astype(jnp.float32)
 
-    def skip(_):
-        empty_out = jnp.zeros(q.shape[:2] + v.shape[2:], q.dtype)
-        return empty_out, jnp.full(q.shape[:2], -jnp.inf, jnp.float32)
+        def skip(_):
+            empty_out = jnp.zeros(q.shape[:2] + v.shape[2:], q.dtype)
+            return empty_out, jnp.full(q.shape[:2], -jnp.inf, jnp.float32)
 
-    return jax.lax.cond(part_visible(q_pos, q_seg, kv_pos, kv_seg, window), run, skip, None)
+        return jax.lax.cond(part_visible(q_pos, q_seg, kv_pos, kv_seg, window), run, skip, None)
+
+    return guarded
 
 
 def attend_parts(attend: Callable, q, q_pos, q_seg, parts, window: Optional[int] = None):
@@ -73,11 +76,12 @@ def attend_parts(attend: Callable, q, q_pos, q_seg, parts, window: Optional[int]
 
     ``parts``: a tuple of ``(k, v, kv_pos, kv_seg)``, e.g. a rank's new rows and its cache
     shard. Keeping them apart (instead of concatenating) lets each keep its own block
-    structure, and a part no query can see is skipped whole (:func:`attend_part`).
+    structure (and an implementation wrapped by :func:`skipping_invisible` skips a part no query
+    can see).
     """
     out = lse = None
-    for part in parts:
-        part_out, part_lse = attend_part(attend, q, q_pos, q_seg, part, window)
+    for k, v, kv_pos, kv_seg in parts:
+        part_out, part_lse = attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
         if out is None:
             out, lse = part_out.astype(jnp.float32), part_lse
         else:

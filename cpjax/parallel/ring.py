@@ -56,6 +56,62 @@ def pass_kv(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts, window=
     return out.astype(q.dtype), lse
 
 
+def pass_kv_exact_grad(
+    grads: Callable, attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts, window=None
+):
+    """:func:`pass_kv` with a hand-written backward ring (``jax.custom_vjp``), as in
+    RingAttention: it keeps only this rank's inputs and the merged ``(out, lse)``; the backward
+    sends the K/V parts around the ring once more, each with float32 ``dK, dV`` accumulators
+    that collect every rank's contribution on the way and arrive home after ``n`` shifts.
+
+    Autodiff of :func:`pass_kv` instead keeps every step's K/V block and partial result
+    (``O(T)`` per rank, for any N). Here the backward of a step is
+    ``grads(q, *part, out, lse, d_out, d_lse)`` with the *merged* ``(out, lse)``: the
+    probabilities ``exp(S - lse)`` of a key block against the final ``lse`` are already its
+    share, so the steps' gradients add up with no partial results and no merge to undo.
+
+    Args: ``grads`` the attention's backward (``AttentionImpl.grads``, with the blocks of
+      ``attend``); the others as for :func:`pass_kv`.
+    Returns: as :func:`pass_kv`; differentiable in ``q`` and the parts' ``k, v``.
+    """
+
+    if window is not None:
+        grads = functools.partial(grads, window=window)
+
+    @jax.custom_vjp
+    def ring(q, q_pos, q_seg, parts):
+        return pass_kv(attend, axis, n, q, q_pos, q_seg, parts, window)
+
+    def ring_fwd(q, q_pos, q_seg, parts):
+        out, lse = ring(q, q_pos, q_seg, parts)
+        return (out, lse), (q, q_pos, q_seg, parts, out, lse)
+
+    def ring_bwd(residuals, cotangents):
+        q, q_pos, q_seg, parts, out, lse = residuals
+        block = parts
+        d_block = tuple((jnp.zeros(k.shape, jnp.float32),) * 2 for k, *_ in parts)
+        dq = jnp.zeros(q.shape, jnp.float32)
+        for step in range(n):
+            following = _ring_shift(block, axis, n) if step < n - 1 else None
+            arriving = []
+            for (k, v, kv_pos, kv_seg), (dk, dv) in zip(block, d_block):
+                dq_j, dk_j, dv_j = grads(
+                    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, *cotangents
+                )
+                dq, dk, dv = dq + dq_j, dk + dk_j, dv + dv_j
+                arriving.append((dk, dv))
+            d_block = _ring_shift(tuple(arriving), axis, n)  # after n shifts: at the owner
+            block = following
+        d_parts = tuple(
+            (dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+            for (k, v, _, _), (dk, dv) in zip(parts, d_block)
+        )
+        return dq.astype(q.dtype), None, None, d_parts
+
+    ring.defvjp(ring_fwd, ring_bwd)
+    return ring(q, q_pos, q_seg, parts)
+
+
 def pass_q(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts, window=None):
     """Ring pass-Q: at step j rank r holds the queries of rank (r - j) mod n.
 
@@ -84,6 +140,59 @@ def pass_q(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts, window=N
     return out.astype(q.dtype), lse
 
 
+def pass_q_exact_grad(
+    grads: Callable, attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts, window=None
+):
+    """:func:`pass_q` with a hand-written backward ring (``jax.custom_vjp``): K/V stay; each
+    rank's queries travel the ring once more with what their gradient needs (positions,
+    segments, the merged ``(out, lse)`` and its cotangents) and a float32 ``dQ`` accumulator
+    that collects every rank's contribution and arrives home after ``n`` shifts; each rank
+    accumulates ``dK, dV`` of its own parts in place. No ``all_to_all``: with the merged
+    ``lse`` every step's gradients add up (see :func:`pass_kv_exact_grad`).
+
+    Autodiff of :func:`pass_q` keeps every step's query block and partial result instead
+    (``O(T)`` per rank, for any N).
+
+    Args and result: as for :func:`pass_kv_exact_grad`.
+    """
+
+    if window is not None:
+        grads = functools.partial(grads, window=window)
+
+    @jax.custom_vjp
+    def ring(q, q_pos, q_seg, parts):
+        return pass_q(attend, axis, n, q, q_pos, q_seg, parts, window)
+
+    def ring_fwd(q, q_pos, q_seg, parts):
+        out, lse = ring(q, q_pos, q_seg, parts)
+        return (out, lse), (q, q_pos, q_seg, parts, out, lse)
+
+    def ring_bwd(residuals, cotangents):
+        q, q_pos, q_seg, parts, out, lse = residuals
+        travelling = (q, q_pos, q_seg, out, lse, *cotangents)
+        dq = jnp.zeros(q.shape, jnp.float32)
+        d_parts = [(jnp.zeros(k.shape, jnp.float32),) * 2 for k, *_ in parts]
+        for step in range(n):
+            following = _ring_shift(travelling, axis, n) if step < n - 1 else None
+            tq, tq_pos, tq_seg, t_out, t_lse, t_d_out, t_d_lse = travelling
+            for index, (k, v, kv_pos, kv_seg) in enumerate(parts):
+                dq_j, dk_j, dv_j = grads(
+                    tq, k, v, tq_pos, kv_pos, tq_seg, kv_seg, t_out, t_lse, t_d_out, t_d_lse
+                )
+                dq = dq + dq_j
+                d_parts[index] = (d_parts[index][0] + dk_j, d_parts[index][1] + dv_j)
+            dq = _ring_shift(dq, axis, n)  # after n shifts: at the queries' owner
+            travelling = following
+        d_parts = tuple(
+            (dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+            for (k, v, _, _), (dk, dv) in zip(parts, d_parts)
+        )
+        return dq.astype(q.dtype), None, None, d_parts
+
+    ring.defvjp(ring_fwd, ring_bwd)
+    return ring(q, q_pos, q_seg, parts)
+
+
 def all_gather(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts, window=None):
     """Gather every rank's K/V parts (with positions and segments), then attend locally."""
     gather = functools.partial(jax.lax.all_gather, axis_name=axis, axis=0, tiled=True)
@@ -92,6 +201,10 @@ def all_gather(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts, wind
 
 
 _RINGS = {"pass_kv": pass_kv, "pass_q": pass_q, "all_gather": all_gather}
+#: Rings with a hand-written backward, used when the implementation has ``grads``. The
+#: all-gather ring is differentiated by autodiff (a reduce-scatter of dK/dV): it holds all
+#: K/V on every rank in the forward already.
+_EXACT_GRAD_RINGS = {"pass_kv": pass_kv_exact_grad, "pass_q": pass_q_exact_grad}
 
 
 def chunk_blocks(impl: AttentionImpl, local_rows: int) -> dict:
@@ -160,11 +273,16 @@ def ring_attention(strategy: str, impl: AttentionImpl, axis: str, n: int) -> Cal
     check_choice("context-parallel strategy", strategy, STRATEGIES)
 
     def plan(q, k, v, positions, segments, past, window=None):
-        step_attend = functools.partial(impl.attend, **chunk_blocks(impl, q.shape[0]))
+        blocks = chunk_blocks(impl, q.shape[0])
+        step_attend = functools.partial(impl.attend, **blocks)
         parts = kv_parts(k, v, positions, segments, past)
         if n == 1:
             out, lse = attend_parts(step_attend, q, positions, segments, parts, window)
             return out.astype(q.dtype), lse
-        return _RINGS[strategy](step_attend, axis, n, q, positions, segments, parts, window)
+        ring = _RINGS[strategy]
+        if strategy in _EXACT_GRAD_RINGS and impl.grads is not None:
+            step_grads = functools.partial(impl.grads, **blocks)
+            ring = functools.partial(_EXACT_GRAD_RINGS[strategy], step_grads)
+        return ring(step_attend, axis, n, q, positions, segments, parts, window)
 
     return plan
