@@ -132,6 +132,7 @@ def test_prefill_parts_add_up_and_slow_links_expose_the_ring():
     parts = ("linear_s", "attention_s", "exposed_sendrecv_s", "all_to_all_s", "sync_s")
     assert kv["ttft_s"] == pytest.approx(sum(kv[p] for p in parts) + kv["tp_allreduce_s"])
     assert kv["exposed_sendrecv_s"] == 0 and q["all_to_all_s"] > 0
+    assert kv["all_to_all_s"] == 0  # pass-KV has no All2All, so no All2All latency either
     slow = dataclasses.replace(constants_for(RDMA), sendrecv_bandwidth=1e8)
     exposed = prefill_time(LLAMA_405B, 131072, Deployment(cp=4), RDMA, 0, "pass_kv", slow)
     assert exposed["exposed_sendrecv_s"] > 1.0 and exposed["bound"] == "communication"

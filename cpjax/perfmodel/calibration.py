@@ -76,7 +76,7 @@ PAPER_H100_RDMA = Constants(
     sendrecv_bandwidth=27.79e9,
     all_to_all_latency_s=81.00e-6,
     all_to_all_bandwidth=42.39e9,
-    ring_step_sync_s=0.6506e-3,
+    ring_step_sync_s=0.6621e-3,
     nvlink_allreduce_latency_s=49.51e-6,
 )
 
