@@ -39,6 +39,11 @@ class Constants:
         step; not hidden; decode runs in CUDA graphs and has none) (fitted).
       nvlink_allreduce_latency_s: latency of one all-reduce inside a node (fitted).
       q_tile_rows: query rows of one attention tile (sourced: FA3's 128-row tiles at hdim 128).
+      gemm_half_rows: token rows per GPU at which the linear layers reach half their large-M
+        rate (efficiency ``gemm_efficiency x M / (M + gemm_half_rows)``). 0 (structural): the
+        model bounds small GEMMs by their weight read instead; a non-zero value adds the same
+        time to every prefill layer, and no value both fits Table 4's small-T cells and keeps
+        Table 6's 8K TTFTs within 15 % (README, ``tests/test_perfmodel.py``).
       decode_kernels_per_layer: kernels of a decode layer besides attention and collectives
         (structural: 2 RMSNorm, QKV, RoPE, KV append, O, gate-up, SwiGLU, down).
     """
@@ -54,6 +59,7 @@ class Constants:
     ring_step_sync_s: float
     nvlink_allreduce_latency_s: float
     q_tile_rows: int = 128
+    gemm_half_rows: float = 0.0
     decode_kernels_per_layer: int = 9
 
     def __post_init__(self):
@@ -76,7 +82,7 @@ PAPER_H100_RDMA = Constants(
     sendrecv_bandwidth=27.79e9,
     all_to_all_latency_s=81.00e-6,
     all_to_all_bandwidth=42.39e9,
-    ring_step_sync_s=0.6506e-3,
+    ring_step_sync_s=0.6621e-3,
     nvlink_allreduce_latency_s=49.51e-6,
 )
 

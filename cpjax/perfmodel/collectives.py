@@ -22,9 +22,11 @@ def sendrecv_time(nbytes: float, constants: Constants) -> float:
 
 
 def all_to_all_time(bytes_sent: float, ranks: int, constants: Constants) -> float:
-    """One All2All in which each of ``ranks`` ranks sends ``bytes_sent`` bytes in all."""
+    """One All2All in which each of ``ranks`` ranks sends ``bytes_sent`` bytes in all (none,
+    and no latency, when nothing is sent: pass-KV has no All2All)."""
     require(ranks >= 1, f"ranks={ranks}: must be >= 1")
-    if ranks == 1:
+    require(bytes_sent >= 0, f"bytes_sent={bytes_sent}: must be >= 0")
+    if ranks == 1 or bytes_sent == 0:
         return 0.0
     return constants.all_to_all_latency_s + bytes_sent / constants.all_to_all_bandwidth
 

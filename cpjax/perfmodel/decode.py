@@ -26,35 +26,17 @@ from cpjax.hardware import Hardware
 from cpjax.names import DECODE_STRATEGIES, check_choice
 from cpjax.perfmodel.calibration import Constants, constants_for
 from cpjax.perfmodel.collectives import all_reduce_time, all_to_all_time, sendrecv_time
-from cpjax.perfmodel.kernels import decode_attention_time, gemm_time
+from cpjax.perfmodel.kernels import decode_attention_time
 from cpjax.perfmodel.prefill import (
     Deployment,
-    attention_params_per_layer,
-    ffn_params_per_layer,
     heads_per_gpu,
+    linear_layer_time,
 )
-
-
-def weight_bytes_per_layer(config: ModelConfig, deployment: Deployment) -> float:
-    """Bytes of one block's weights (all GPUs together): projections, FFN, two norms."""
-    return (
-        attention_params_per_layer(config) * deployment.weight_bytes
-        + ffn_params_per_layer(config) * deployment.ffn_weight_bytes
-        + 2 * config.dim * deployment.weight_bytes
-    )
 
 
 def output_head_bytes(config: ModelConfig, deployment: Deployment) -> float:
     """Bytes of the output projection (the embedding when tied) and the final norm."""
     return (config.vocab_size + 1) * config.dim * deployment.weight_bytes
-
-
-def _linear_time(config, tokens: int, deployment, hardware, c) -> float:
-    """One layer's linear part for ``tokens`` tokens per rank: the weight read or the FLOPs,
-    whichever is longer."""
-    read = weight_bytes_per_layer(config, deployment) / deployment.tp / hardware.memory_bandwidth
-    flops = 2 * (attention_params_per_layer(config) + ffn_params_per_layer(config)) * tokens
-    return max(read, gemm_time(flops / deployment.tp, hardware, c))
 
 
 def _kv_bytes_per_token(config: ModelConfig, deployment: Deployment) -> int:
@@ -142,7 +124,7 @@ def decode_time(
         "sendrecv_ms": layers * path["exposed_sendrecv"],
         "all_to_all_ms": layers * path["all_to_all"],
         "cp_allreduce_ms": layers * path["cp_allreduce"],
-        "linear_ms": layers * _linear_time(config, tokens, deployment, hardware, c),
+        "linear_ms": layers * linear_layer_time(config, tokens, deployment, hardware, c),
         "tp_allreduce_ms": layers * tp_allreduce,
         "launch_ms": (layers * c.decode_kernels_per_layer + 1) * c.kernel_launch_s,
         "output_head_ms": head,

@@ -73,6 +73,7 @@ SOURCED = (
     ("sm_count", 132, "SMs", "NVIDIA H100 SXM"),
     ("causal_attention_efficiency", 540 / 800, "of peak", "paper App. A: FA3 causal, 540 TF/s"),
     ("q_tile_rows", 128, "rows", "FlashAttention-3 forward tile at head dim 128"),
+    ("gemm_half_rows", 0, "rows", "structural: small GEMMs are bounded by their weight read"),
     ("Flash-Decoding kernels per call", 2, "kernels", "split-K + combine (paper §4.1)"),
     ("decode_kernels_per_layer", 9, "kernels", "structural: norms, QKV, RoPE, KV append, O, MLP"),
     ("ffn_weight_bytes", 1, "B", "paper §4.1: row-wise FP8 FFN weights"),

@@ -1,5 +1,8 @@
 """Time of one kernel call on one GPU (seconds): GEMMs, prefill attention, decode attention.
 
+Linear layers are a roofline: their FLOPs at the achieved GEMM rate or their weights read from
+HBM, whichever is longer (:func:`linear_time`).
+
 Attention efficiency depends on the work in one call: a call runs ``tiles`` tiles of
 ``q_tile_rows`` query rows x one head on ``sm_count`` SMs, in ``ceil(tiles / sm_count)`` waves.
 Tiles against keys they see entirely (dense) all take the same time, so a call of 112 tiles on
@@ -18,8 +21,27 @@ from cpjax.perfmodel.calibration import Constants
 
 
 def gemm_time(flops: float, hardware: Hardware, constants: Constants) -> float:
-    """Linear layers: ``flops`` at the achieved GEMM rate."""
+    """Linear layers: ``flops`` at the achieved (large-M) GEMM rate."""
     return flops / (hardware.peak_flops * constants.gemm_efficiency)
+
+
+def linear_time(
+    flops: float, rows: int, weight_bytes: float, hardware: Hardware, constants: Constants
+) -> float:
+    """One layer's linear layers on one GPU: ``flops`` over ``rows`` token rows, against
+    ``weight_bytes`` of weights, whichever bound is longer (a roofline):
+
+    * compute: ``flops`` at the achieved GEMM rate, scaled by ``rows / (rows +
+      gemm_half_rows)`` (a GEMM of few rows is less efficient; ``gemm_half_rows = 0``, the
+      shipped value, is no such loss — see :class:`~cpjax.perfmodel.calibration.Constants`);
+    * memory: every weight read once from HBM (what bounds decode, and prefill GEMMs of very
+      few rows: below ``peak x efficiency x bytes per weight / (2 x HBM bandwidth)`` rows,
+      ~128 for the paper's FP8 FFN, ~257 for its bf16 projections).
+    """
+    compute = 0.0
+    if flops > 0:
+        compute = gemm_time(flops, hardware, constants) * (1 + constants.gemm_half_rows / rows)
+    return max(compute, weight_bytes / hardware.memory_bandwidth)
 
 
 def attention_tiles(q_rows: int, chunks: int, heads: int, constants: Constants) -> int:

@@ -15,8 +15,8 @@ from cpjax.errors import require
 from cpjax.hardware import Hardware
 from cpjax.names import STRATEGIES, check_choice
 from cpjax.perfmodel.calibration import Constants, constants_for
-from cpjax.perfmodel.decode import output_head_bytes, weight_bytes_per_layer
-from cpjax.perfmodel.prefill import Deployment, heads_per_gpu
+from cpjax.perfmodel.decode import output_head_bytes
+from cpjax.perfmodel.prefill import Deployment, heads_per_gpu, weight_bytes_per_layer
 
 
 def kv_rows_per_rank(new_tokens: int, cached_tokens: int, n: int, tile: int) -> int:

@@ -5,8 +5,9 @@ A request of ``T`` new tokens after ``P`` cached ones runs on ``N = cp`` context
 head is replicated when ``tp > n_kv_heads``; ``tp`` above a node's GPUs spans nodes). Per
 layer and per GPU, with ``t = ceil(T/N)`` new and ``c = ceil(P/N)`` cached tokens per rank:
 
-* linear layers: ``2 W_layer t / tp`` FLOPs at the achieved GEMM rate, then two
-  tensor-parallel all-reduces of ``t x D`` activations (not overlapped);
+* linear layers: ``2 W_layer t / tp`` FLOPs at the achieved GEMM rate or the GPU's share of
+  the weights read from HBM, whichever is longer, then two tensor-parallel all-reduces of
+  ``t x D`` activations (not overlapped);
 * the ring, ``N`` steps: each runs one attention call — the rank's queries against the visiting
   (pass-KV) or local (pass-Q) block: ``c`` cached keys seen entirely (tile waves,
   :mod:`cpjax.perfmodel.kernels`) and ``1/N`` of the rank's causal new-token work — while the
@@ -36,7 +37,7 @@ from cpjax.perfmodel.collectives import (
     all_to_all_time,
     sendrecv_time,
 )
-from cpjax.perfmodel.kernels import causal_attention_time, dense_attention_time, gemm_time
+from cpjax.perfmodel.kernels import causal_attention_time, dense_attention_time, linear_time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,24 @@ def ffn_params_per_layer(config: ModelConfig) -> int:
 def linear_params_per_layer(config: ModelConfig) -> int:
     """Weights of one block's matmuls (Q, K, V, O projections and the SwiGLU MLP)."""
     return attention_params_per_layer(config) + ffn_params_per_layer(config)
+
+
+def weight_bytes_per_layer(config: ModelConfig, deployment: Deployment) -> float:
+    """Bytes of one block's weights (all GPUs together): projections, FFN, two norms."""
+    return (
+        attention_params_per_layer(config) * deployment.weight_bytes
+        + ffn_params_per_layer(config) * deployment.ffn_weight_bytes
+        + 2 * config.dim * deployment.weight_bytes
+    )
+
+
+def linear_layer_time(config: ModelConfig, rows: int, deployment, hardware, constants) -> float:
+    """One block's matmuls on one GPU for ``rows`` token rows of its rank (each GPU of the
+    rank's ``tp`` computes ``1/tp`` of the columns for every row): the FLOPs or the weight
+    read, whichever is longer (:func:`cpjax.perfmodel.kernels.linear_time`)."""
+    flops = 2 * linear_params_per_layer(config) * rows / deployment.tp
+    weights = weight_bytes_per_layer(config, deployment) / deployment.tp
+    return linear_time(flops, rows, weights, hardware, constants)
 
 
 def prefill_flops(config: ModelConfig, new_tokens: int, cached_tokens: int = 0) -> dict:
@@ -231,7 +250,7 @@ def prefill_time(
     check_choice("context-parallel strategy", strategy, STRATEGIES)
     layers = config.n_layers
     t = math.ceil(new_tokens / n)
-    linear = gemm_time(2 * linear_params_per_layer(config) * t / tp, hardware, c)
+    linear = linear_layer_time(config, t, deployment, hardware, c)
     tp_allreduce = 2 * all_reduce_time(
         t * config.dim * e, tp, deployment.gpus_per_node, hardware, c
     )
