@@ -44,6 +44,7 @@ from cpjax.errors import require
 from pallas_kernels.flash_attention import _LN2, _LOG2E, _MASKED, default_interpret
 
 BLOCK_Q = 64  # rows of one warpgroup matmul
+MAX_SMEM_BYTES = 232448  # dynamic shared memory of one H100 thread block (227 KB)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 _SWIZZLE_BYTES = 128
 
@@ -63,6 +64,14 @@ def check_inputs(q, k, block_k: int, slots: int) -> None:
         block_k > 0 and block_k % 64 == 0, f"block_k={block_k}: must be a positive multiple of 64"
     )
     require(slots >= 1, f"slots={slots}: must be >= 1")
+    d, itemsize = q.shape[-1], jnp.dtype(q.dtype).itemsize
+    smem = itemsize * d * (BLOCK_Q + 2 * slots * block_k) + 4 * (3 * BLOCK_Q + 2 * slots * block_k)
+    require(
+        smem <= MAX_SMEM_BYTES,
+        f"flash_attention_mgpu: head_dim {d} with block_k={block_k} and slots={slots} needs "
+        f"{smem} bytes of shared memory, more than the {MAX_SMEM_BYTES} of an H100 block: "
+        f"use smaller blocks or fewer slots (head_dim 256: block_k=64, slots=2), or 'pallas'",
+    )
 
 
 def _check_device() -> None:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import pytest
 
 import pallas_kernels
+from cpjax.errors import CpjaxError
 from pallas_kernels import decode_attention, flash_attention, flash_attention_mgpu
 
 TRITON_CALL = "stablehlo.custom_call @__gpu$xla.gpu.triton("
@@ -73,7 +74,7 @@ def decode_shapes(tq, cache, hq, hkv, d, dtype):
 
 
 DTYPES = pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
-HEAD_DIMS = pytest.mark.parametrize("d", [64, 128])
+HEAD_DIMS = pytest.mark.parametrize("d", [64, 128, 256])  # 256: Gemma 3
 HEADS = pytest.mark.parametrize("hq, hkv", [(32, 8), (9, 3)], ids=["32q8kv", "9q3kv_smollm2"])
 
 
@@ -172,6 +173,34 @@ def test_model_forward_with_pallas_attention_lowers(compiled_kernels, preset, dt
         assert [name for name, _, _ in calls] == [f"cpjax_{kernel}_attention"] * 2, t
 
 
+def test_gemma3_forward_lowers_one_kernel_per_layer_kind(compiled_kernels):
+    """Gemma 3 (head_dim 256, 1 KV head, sliding and global layers): the layer scan switches
+    between two attention plans, each one kernel call with its own static window."""
+    from cpjax.attention import with_past
+    from cpjax.config import PRESETS
+    from cpjax.dispatch import pallas_attend
+    from cpjax.model.decoder import Decoder, PastKV, param_shapes
+
+    gemma = PRESETS["gemma3-270m"]
+    cfg = dataclasses.replace(gemma, n_layers=6, layer_types=gemma.layer_types[:6])
+    assert cfg.attention_kinds == ("full", "sliding")
+    model = Decoder(cfg, with_past(pallas_attend), jnp.bfloat16)
+    params = param_shapes(cfg, jnp.bfloat16)
+
+    def forward(params, *rows_and_past):
+        return model.apply({"params": params}, *rows_and_past)
+
+    rows = S((1000,), I32)
+    calls = triton_calls(lower_for_cuda(forward, params, rows, rows, rows))
+    assert [name for name, _, _ in calls] == ["cpjax_flash_attention"] * 2
+    kv, slots = S((6, 5000, 1, 256), jnp.bfloat16), S((5000,), I32)
+    rows = S((1,), I32)
+    calls = triton_calls(
+        lower_for_cuda(forward, params, rows, rows, rows, PastKV(kv, kv, slots, slots))
+    )
+    assert [name for name, _, _ in calls] == ["cpjax_decode_attention"] * 4
+
+
 def test_interpret_mode_lowers_without_triton():
     """The helper tells the two modes apart: interpreted, the kernel is plain XLA."""
     text = lower_for_cuda(
@@ -220,6 +249,13 @@ MOSAIC_CALL = "stablehlo.custom_call @mosaic_gpu_v2("
 def test_mgpu_flash_attention_lowers_to_one_mosaic_call(
     dtype, d, hq, hkv, t, block_k, slots, window
 ):
+    if d == 256 and (block_k, slots) == (128, 3):  # 425 KB of K/V buffers: a clear error
+        with pytest.raises(CpjaxError, match="shared memory"):
+            jax.eval_shape(
+                functools.partial(flash_attention_mgpu, block_k=block_k, slots=slots),
+                *flash_shapes(t, hq, hkv, d, dtype),
+            )
+        return
     text = lower_for_cuda(
         lambda *a: flash_attention_mgpu(
             *a, block_k=block_k, slots=slots, window=window, interpret=False

@@ -17,7 +17,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from cpjax.attention.masks import bounds, may_overlap
+from cpjax.attention.masks import bounds, check_attend_inputs, may_overlap
 from cpjax.attention.merge import merge
 
 
@@ -43,11 +43,32 @@ def kv_parts(k, v, positions, segments, past: Optional[PastKV]) -> tuple:
     return parts
 
 
+PART_PIECES = 2  # a rank's rows are two layout chunks (cpjax.parallel.layout)
+
+
+def _piece_bounds(pos, seg, pieces: int):
+    """Bounds of ``pieces`` equal runs of the rows (one run if they do not divide evenly)."""
+    if pos.shape[0] % pieces:
+        pieces = 1
+    return bounds(pos.reshape(pieces, -1), seg.reshape(pieces, -1))
+
+
 def part_visible(q_pos, q_seg, kv_pos, kv_seg, window: Optional[int] = None):
     """Scalar bool: may some query (``q_pos, q_seg [Tq]``) see some key (``kv_pos, kv_seg
-    [Tk]``)? False proves the whole part invisible (``cpjax.attention.masks.may_overlap`` of
-    the bounds of all rows)."""
-    return may_overlap(bounds(q_pos, q_seg), bounds(kv_pos, kv_seg), window)
+    [Tk]``)? False proves the whole part invisible.
+
+    Both sides are summarised by the bounds of :data:`PART_PIECES` equal runs of rows (a rank's
+    two layout chunks, which sit at opposite ends of the sequence: one pair of bounds over both
+    would span everything) and tested pairwise with ``cpjax.attention.masks.may_overlap``.
+    """
+    if q_pos.shape[0] == 0 or kv_pos.shape[0] == 0:
+        return jnp.asarray(False)
+    q = _piece_bounds(q_pos, q_seg, PART_PIECES)
+    kv = _piece_bounds(kv_pos, kv_seg, PART_PIECES)
+    pairs = may_overlap(
+        jax.tree.map(lambda x: x[:, None], q), jax.tree.map(lambda x: x[None, :], kv), window
+    )
+    return jnp.any(pairs)
 
 
 def skipping_invisible(attend: Callable) -> Callable:
@@ -58,6 +79,8 @@ def skipping_invisible(attend: Callable) -> Callable:
 
     @functools.wraps(attend)
     def guarded(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, window: Optional[int] = None, **kw):
+        check_attend_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg)  # before any use of them
+
         def run(_):
             out, lse = attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window, **kw)
             return out.astype(q.dtype), lse.astype(jnp.float32)

@@ -8,6 +8,7 @@ not finite is named, with the non-finite parameters of that stage if any.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import jax
@@ -16,7 +17,14 @@ import numpy as np
 
 from cpjax.attention import reference, with_past
 from cpjax.config import ModelConfig
-from cpjax.model.decoder import Block, Decoder, PastKV, leaves_by_name, rms_norm
+from cpjax.model.decoder import (
+    Block,
+    Decoder,
+    PastKV,
+    layer_kind_indices,
+    leaves_by_name,
+    rms_norm,
+)
 
 
 def _finite(x, rows) -> bool:
@@ -55,22 +63,26 @@ def first_nonfinite(
     rows = segments >= 0
     attention = with_past(reference.attend)
     x = jnp.take(jnp.asarray(params["embed"], dtype), tokens, axis=0)
+    if config.scale_embeddings:
+        x = x * jnp.asarray(math.sqrt(config.dim), dtype)
     if not _finite(x, rows):
         return _named("the embedding", _bad_params({"embed": params["embed"]}, ""))
     empty = np.zeros((0,), np.int32)
     context = (positions, segments, *((past.pos, past.seg) if past is not None else (empty, empty)))
     block = Block(config, attention, dtype)
+    kinds = layer_kind_indices(config)
     for i in range(config.n_layers):
         layer = jax.tree.map(lambda w, i=i: jnp.asarray(w[i], dtype), params["layers"])
         layer_past = None if past is None else (past.k[i], past.v[i])
         (x, _), state = block.apply(
-            {"params": layer}, x, context, layer_past, mutable=["intermediates"]
+            {"params": layer}, x, context, (layer_past, kinds[i]), mutable=["intermediates"]
         )
         after_attention = state["intermediates"]["after_attention"][0]
         for stage, value in (("attention", after_attention), ("MLP", x)):
             if not _finite(value, rows):
                 return _named(f"layer {i} ({stage})", _bad_params(layer, "layers/"))
-    hidden = rms_norm(x, jnp.asarray(params["final_norm"], dtype), config.norm_eps)
+    final_norm = jnp.asarray(params["final_norm"], dtype)
+    hidden = rms_norm(x, final_norm, config.norm_eps, config.norm_offset)
     if not _finite(hidden, rows):
         return _named("the final norm", _bad_params({"final_norm": params["final_norm"]}, ""))
     logits = Decoder(config, attention, dtype).apply(

@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 from cpjax.attention.masks import PAD_SEGMENT
+from cpjax.attention.plans import part_visible
 from cpjax.errors import require
 
 
@@ -196,6 +197,23 @@ def ring_step_work(layout: Layout) -> np.ndarray:
                 keys = np.sort(pos[s][seg[s] == sid])
                 work[j, r] += np.searchsorted(keys, pos[r][seg[r] == sid], side="right").sum()
     return work
+
+
+def attended_ring_steps(layout: Layout, window: Optional[int] = None) -> np.ndarray:
+    """``[n_ranks, n_ranks]`` bool: entry ``[j, r]`` is whether rank ``r`` runs attention at
+    pass-KV step ``j`` (its queries against rank ``(r - j) mod N``'s new keys) with a sliding
+    ``window``; False where ``cpjax.attention.plans.part_visible`` proves the step invisible and
+    the implementation skips it. With a window of one layout chunk, a rank attends at most 3 of
+    its N steps (its two chunks' own and preceding chunks)."""
+    n = layout.n_ranks
+    pos = layout.positions.reshape(n, layout.local_len)
+    seg = layout.segments.reshape(n, layout.local_len)
+    visible = np.zeros((n, n), bool)
+    for r in range(n):
+        for j in range(n):
+            s = (r - j) % n
+            visible[j, r] = bool(part_visible(pos[r], seg[r], pos[s], seg[s], window))
+    return visible
 
 
 def causal_work_per_rank(layout: Layout) -> np.ndarray:
