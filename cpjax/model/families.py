@@ -82,6 +82,21 @@ def _bias(name: str, out: str, hf: str, gguf: str) -> Param:
     )
 
 
+def _mlp(name: str, hf: str, gguf: str, into_ffn: bool) -> Param:
+    """A stacked MLP weight: ``[L, D, F]`` into the hidden layer, ``[L, F, D]`` out of it."""
+    axes = ("embed", "ffn") if into_ffn else ("ffn", "embed")
+    sizes = {"embed": lambda c: c.dim, "ffn": lambda c: c.ffn_dim}
+    return Param(
+        f"layers/{name}",
+        lambda c: (c.n_layers, *(sizes[a](c) for a in axes)),
+        ("layers", *axes),
+        _normal,
+        hf=_LAYER + f"mlp.{hf}.weight",
+        gguf=_BLK + f"{gguf}.weight",
+        hf_in_axes=1,
+    )
+
+
 LLAMA: Table = (
     Param(
         "embed",
@@ -135,33 +150,9 @@ LLAMA: Table = (
         hf_in_axes=2,
     ),
     _norm("mlp_norm", "post_attention_layernorm.weight", "ffn_norm.weight"),
-    Param(
-        "layers/w_gate",
-        lambda c: (c.n_layers, c.dim, c.ffn_dim),
-        ("layers", "embed", "ffn"),
-        _normal,
-        hf=_LAYER + "mlp.gate_proj.weight",
-        gguf=_BLK + "ffn_gate.weight",
-        hf_in_axes=1,
-    ),
-    Param(
-        "layers/w_up",
-        lambda c: (c.n_layers, c.dim, c.ffn_dim),
-        ("layers", "embed", "ffn"),
-        _normal,
-        hf=_LAYER + "mlp.up_proj.weight",
-        gguf=_BLK + "ffn_up.weight",
-        hf_in_axes=1,
-    ),
-    Param(
-        "layers/w_down",
-        lambda c: (c.n_layers, c.ffn_dim, c.dim),
-        ("layers", "ffn", "embed"),
-        _normal,
-        hf=_LAYER + "mlp.down_proj.weight",
-        gguf=_BLK + "ffn_down.weight",
-        hf_in_axes=1,
-    ),
+    _mlp("w_gate", "gate_proj", "ffn_gate", into_ffn=True),
+    _mlp("w_up", "up_proj", "ffn_up", into_ffn=True),
+    _mlp("w_down", "down_proj", "ffn_down", into_ffn=False),
 )
 
 
