@@ -1,11 +1,13 @@
-"""cpjax vs HF transformers on CPU, same machine, same prompt, fp32 (SmolLM2-135M).
+"""cpjax vs HF transformers on CPU, same machine, same prompt, fp32 (an embedded model).
 
 Measures, side by side in one run:
 * prefill tokens/s at each prompt length (last-token logits only, on both sides);
 * greedy decode tokens/s for ``--decode-tokens`` new tokens after a short prompt.
 
-Writes ``experiments/results/bench_cpu.json`` and ``experiments/figures/bench_cpu.png``.
-Usage: ``python -m experiments.bench_cpu [--lengths 2048 6144] [--repeats 3]``
+Writes ``experiments/results/bench_cpu.json`` and ``experiments/figures/bench_cpu.png``
+(``bench_cpu_gemma3-270m.*`` for ``--model gemma3-270m``).
+Usage: ``python -m experiments.bench_cpu [--model smollm2-135m|gemma3-270m] [--lengths 2048 6144]
+[--repeats 3]``
 (needs the ``oracle`` extra: transformers + CPU torch).
 """
 
@@ -23,7 +25,7 @@ import numpy as np
 
 from cpjax.engine import Engine
 from cpjax.io import save_figure
-from cpjax.loaders.embedded import embedded_gguf_path
+from cpjax.loaders.embedded import EMBEDDED_MODELS, embedded_gguf_path, gemma_gguf_path
 from cpjax.loaders.source import load_model
 from experiments.provenance import write_results
 
@@ -68,11 +70,11 @@ def bench_cpjax(engine: Engine, lengths, decode_tokens: int, repeats: int) -> di
     return result
 
 
-def bench_hf(lengths, decode_tokens: int, repeats: int) -> dict:
+def bench_hf(model_name: str, lengths, decode_tokens: int, repeats: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = embedded_gguf_path()
+    path = embedded_gguf_path() if model_name == "smollm2-135m" else gemma_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
     ).eval()
@@ -126,20 +128,24 @@ def plot(results: dict, path: str) -> None:
     names = ["cpjax", "hf_transformers"]
     axes[1].bar(names, [results[n]["decode_tok_s"] for n in names], color=["C0", "C1"])
     axes[1].set_ylabel("greedy decode tokens/s")
-    fig.suptitle(f"SmolLM2-135M fp32 on {results['machine']['cpu_count']} CPU cores")
+    fig.suptitle(f"{results['model']} fp32 on {results['machine']['cpu_count']} CPU cores")
     save_figure(path, fig)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=EMBEDDED_MODELS, default="smollm2-135m")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 6144])
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "bench_cpu.json"))
-    parser.add_argument("--figure", default=os.path.join(HERE, "figures", "bench_cpu.png"))
+    parser.add_argument("--out", help="default: experiments/results/bench_cpu[_MODEL].json")
+    parser.add_argument("--figure", help="default: experiments/figures/bench_cpu[_MODEL].png")
     args = parser.parse_args(argv)
+    stem = "bench_cpu" if args.model == "smollm2-135m" else f"bench_cpu_{args.model}"
+    out = args.out or os.path.join(HERE, "results", f"{stem}.json")
+    figure = args.figure or os.path.join(HERE, "figures", f"{stem}.png")
 
-    config, params, _ = load_model("smollm2-135m")
+    config, params, _ = load_model(args.model)
     engine = Engine(config, params, dtype=jnp.float32)
     results = {
         "benchmark": "bench_cpu",
@@ -153,7 +159,9 @@ def main(argv=None) -> dict:
         },
         "cpjax": bench_cpjax(engine, args.lengths, args.decode_tokens, args.repeats),
     }
-    results["hf_transformers"] = bench_hf(args.lengths, args.decode_tokens, args.repeats)
+    results["hf_transformers"] = bench_hf(
+        args.model, args.lengths, args.decode_tokens, args.repeats
+    )
     results["ratios"] = {
         "prefill": {
             n: results["cpjax"]["prefill_tok_s"][n] / results["hf_transformers"]["prefill_tok_s"][n]
@@ -161,8 +169,8 @@ def main(argv=None) -> dict:
         },
         "decode": results["cpjax"]["decode_tok_s"] / results["hf_transformers"]["decode_tok_s"],
     }
-    results = write_results(args.out, results)
-    plot(results, args.figure)
+    results = write_results(out, results)
+    plot(results, figure)
     print(results["ratios"])
     return results
 
