@@ -46,7 +46,7 @@ class ModelConfig:
     """Shapes and numerics of a decoder of one of the supported families.
 
     The defaults are plain Llama; the other families switch on their differences
-    (``cpjax.model.families`` maps each HF ``model_type`` to these fields).
+    (``cpjax.loaders.hf_config`` maps each HF ``model_type`` to these fields).
 
     Attributes:
       name: preset or file name, for messages and result files.

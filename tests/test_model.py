@@ -122,7 +122,7 @@ def test_a_layout_the_forward_cannot_run_is_a_clear_error(monkeypatch):
     with pytest.raises(
         CpjaxError,
         match="logical axis 'embed' to mesh axis 'tensor' of size 2, "
-        "but the Llama forward keeps 'embed' whole",
+        "but the decoder keeps 'embed' whole",
     ):
         check_layout(mesh)
     check_layout((("context", 2), ("tensor", 1)))  # a size-1 axis splits nothing

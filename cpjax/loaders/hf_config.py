@@ -213,6 +213,11 @@ def config_to_hf(config: ModelConfig) -> dict:
     """The ``config.json`` dict of ``config`` (the inverse of :func:`config_from_hf`)."""
     c = config
     kind = model_type(c)
+    require(
+        kind != "mistral" or set(c.kinds) == {"sliding"},
+        f"model {c.name!r}: a Llama-family model with both full and sliding layers has no HF "
+        f"config.json form (Mistral slides on every layer)",
+    )
     arch = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "gemma3_text": "Gemma3"}
     hf = {
         "architectures": [f"{arch[kind]}ForCausalLM"],

@@ -169,7 +169,7 @@ def check_layout(mesh_axis_sizes: MeshAxisSizes) -> None:
         require(
             split is None,
             f"sharding RULES map logical axis {axis!r} to mesh axis {split and split[0]!r} "
-            f"of size {split and split[1]}, but the Llama forward keeps {axis!r} whole on "
+            f"of size {split and split[1]}, but the decoder keeps {axis!r} whole on "
             f"every device: map it to None",
         )
     q, kv = (split_axes((axis,), mesh_axis_sizes)[0] for axis in ("q_heads", "kv_heads"))

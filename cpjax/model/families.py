@@ -169,8 +169,10 @@ def _after(table: Table, name: str, *extra: Param) -> Table:
     return table[:i] + extra + table[i:]
 
 
+#: Llama's table for the GGUF architectures whose Q/K rows llama.cpp leaves in HF order.
+_UNPERMUTED: Table = _replace(LLAMA, layers__wq={"from_gguf": None}, layers__wk={"from_gguf": None})
 QWEN2: Table = _after(
-    _replace(LLAMA, layers__wq={"from_gguf": None}, layers__wk={"from_gguf": None}),
+    _UNPERMUTED,
     "layers/wv",
     _bias("bq", "q_heads", "self_attn.q_proj.bias", "attn_q.bias"),
     _bias("bk", "kv_heads", "self_attn.k_proj.bias", "attn_k.bias"),
@@ -190,12 +192,7 @@ def _gemma_norm(p: Param) -> Param:
 
 _GEMMA3_LAYOUT: Table = _after(
     _after(
-        _replace(
-            LLAMA,
-            layers__wq={"from_gguf": None},
-            layers__wk={"from_gguf": None},
-            layers__mlp_norm={"hf": _LAYER + "pre_feedforward_layernorm.weight"},
-        ),
+        _replace(_UNPERMUTED, layers__mlp_norm={"hf": _LAYER + "pre_feedforward_layernorm.weight"}),
         "layers/wv",
         _norm("q_norm", "self_attn.q_norm.weight", "attn_q_norm.weight", _head_dim, "head_dim"),
         _norm("k_norm", "self_attn.k_norm.weight", "attn_k_norm.weight", _head_dim, "head_dim"),
