@@ -28,6 +28,7 @@ import jax
 
 import pallas_kernels
 from cpjax.attention import blockwise, cudnn, reference
+from cpjax.attention.layer_view import materializing
 from cpjax.attention.plans import skipping_invisible
 from cpjax.errors import require
 from cpjax.names import ATTENTION_IMPLEMENTATIONS, check_choice
@@ -124,9 +125,13 @@ def pallas_mgpu_attend(
 # query can see (a ring step outside every window) runs no attention at all. The Hopper kernel
 # gets the guard's effect from its visit lists (no block of such a part is listed); a
 # ``lax.cond`` around it would also break the vmap emulation of ranks its interpreter needs.
+# A KV cache reaches attention as layer views (``cpjax.attention.layer_view``): ``blockwise``
+# reads them in place, the others get the layer materialised.
 _IMPLS = {
-    "reference": AttentionImpl("reference", skipping_invisible(reference.attend), 1, None, None),
-    "cudnn": AttentionImpl("cudnn", skipping_invisible(cudnn.attend), 1, None, None),
+    "reference": AttentionImpl(
+        "reference", materializing(skipping_invisible(reference.attend)), 1, None, None
+    ),
+    "cudnn": AttentionImpl("cudnn", materializing(skipping_invisible(cudnn.attend)), 1, None, None),
     "blockwise": AttentionImpl(
         "blockwise",
         skipping_invisible(blockwise.attend),
@@ -136,10 +141,14 @@ _IMPLS = {
         blockwise.attend_grads,
     ),
     "pallas": AttentionImpl(
-        "pallas", skipping_invisible(pallas_attend), KERNEL_TILE, KERNEL_TILE, KERNEL_TILE
+        "pallas",
+        materializing(skipping_invisible(pallas_attend)),
+        KERNEL_TILE,
+        KERNEL_TILE,
+        KERNEL_TILE,
     ),
     "pallas_mgpu": AttentionImpl(
-        "pallas_mgpu", pallas_mgpu_attend, KERNEL_TILE, MGPU_BLOCK_Q, KERNEL_TILE
+        "pallas_mgpu", materializing(pallas_mgpu_attend), KERNEL_TILE, MGPU_BLOCK_Q, KERNEL_TILE
     ),
 }
 

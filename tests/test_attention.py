@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cpjax.attention import blockwise, cudnn, masks, merge, reference
+from cpjax.attention.layer_view import LayerView
 from cpjax.dispatch import get_attend
 from cpjax.errors import CpjaxError
 
@@ -124,6 +125,28 @@ def test_blockwise_sliding_window_and_bf16():
     want_full, _ = reference.attend(q, k, v, pos, pos, seg, seg)
     assert out_bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out_bf16, np.float32), want_full, atol=3e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("impl, block_k", [("blockwise", 8), ("blockwise", 7), ("reference", 7)])
+def test_layer_view_of_a_stacked_cache_equals_the_sliced_layer(name, impl, block_k):
+    """Keys/values read in place from layer 1 of a 3-layer stack (the block reader of
+    ``blockwise``, whose last block overlaps the one before when ``block_k`` does not divide
+    ``Tk``; a materialised copy for the others) give exactly the slice's result."""
+    q, k, v, layout = case_inputs(name)
+    rng = np.random.default_rng(7)
+    k_stack = np.stack([rng.standard_normal(k.shape).astype(np.float32), k, k[::-1]])
+    v_stack = np.stack([v[::-1], v, rng.standard_normal(v.shape).astype(np.float32)])
+    attend = get_attend(impl)
+
+    @jax.jit
+    def on_views(q, k_stack, v_stack, layer, *layout):
+        views = (LayerView(k_stack, layer), LayerView(v_stack, layer))
+        return attend(q, *views, *layout, window=9, block_q=8, block_k=block_k)
+
+    got = on_views(q, k_stack, v_stack, jnp.int32(1), *layout)
+    want = attend(q, k, v, *layout, window=9, block_q=8, block_k=block_k)
+    assert_attention_close(*got, *want, atol=1e-6)
 
 
 @pytest.mark.parametrize("split", [0, 1, 7, 19, 20])

@@ -100,3 +100,41 @@ def test_long_prompt_prefilled_in_chunks_gives_the_same_tokens(engine):
     whole = engine.generate(prompt, 8)
     chunked = Engine(CFG, engine.params, SingleDevice(prefill_chunk=16))  # 5 chunks, 1 short
     assert chunked.generate(prompt, 8) == whole
+
+
+def _decode_hlo(engine: Engine, capacity: int) -> tuple[str, int]:
+    """The optimised HLO of ``engine``'s compiled decode step over a cache of ``capacity``,
+    and the cache slots per rank."""
+    from cpjax.engine.sampling import GREEDY
+
+    cache = engine.new_cache(capacity)
+    args = engine.placement.put(
+        "replicated", *(np.zeros(1, np.int32),) * 3, np.int32(0), *GREEDY.as_arrays()
+    )
+    program = engine._program("decode")
+    hlo = program.lower(engine.params, *args[:4], cache, *args[4:]).compile().as_text()
+    return hlo, cache.capacity // len(engine.rank_fill(cache))
+
+
+@pytest.mark.parametrize("context, decode", [(1, None), (4, "allreduce"), (4, "ring_pass_q")])
+def test_decode_step_never_copies_a_layer_out_of_the_cache(tiny_params, context, decode):
+    """Each layer reads its cache shard in place (``LayerView``): no buffer of one layer's
+    ``[C, Hkv, Dh]`` exists in the compiled step, only the stacked ``[L, C, Hkv, Dh]``, so a
+    step costs no O(cache) copies (which made decode time grow with the context even where a
+    sliding window hides all but the last blocks)."""
+    from cpjax.engine import ContextParallel
+    from cpjax.parallel.mesh import make_mesh
+
+    placement = (
+        SingleDevice()
+        if context == 1
+        else ContextParallel(mesh=make_mesh(context), decode_strategy=decode)
+    )
+    engine = Engine(CFG, tiny_params, placement, attention="blockwise")
+    hlo, shard = _decode_hlo(engine, 1536 * context)  # 3 key blocks of 512 per rank
+    assert shard >= 1536
+    layer_shapes = [f"[{shard},{CFG.n_kv_heads},{CFG.head_dim}]", f"[1,{shard},{CFG.n_kv_heads}"]
+    stack = f"f32[{CFG.n_layers},{shard},{CFG.n_kv_heads},{CFG.head_dim}]"
+    assert stack in hlo
+    for shape in layer_shapes:
+        assert shape not in hlo, f"a layer-sized buffer {shape} in the decode step"

@@ -27,10 +27,14 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from cpjax.attention.layer_view import READS_LAYER_VIEWS, LayerView
 from cpjax.attention.masks import (
+    PAD_SEGMENT,
     BlockBounds,
     block_bounds,
+    bounds,
     check_attend_inputs,
     fully_visible,
     may_overlap,
@@ -65,7 +69,10 @@ def attend(
     """Masked GQA attention by blocks; see ``reference.attend`` for shapes and semantics.
 
     Args:
-      q: ``[Tq, Hq, D]``; k, v: ``[Tk, Hkv, D]``; positions and segments ``[Tq]`` / ``[Tk]`` int32.
+      q: ``[Tq, Hq, D]``; k, v: ``[Tk, Hkv, D]``, arrays or
+        :class:`~cpjax.attention.layer_view.LayerView` s of a layer-stacked KV cache (read block
+        by block in place, never copied whole; not differentiable); positions and segments
+        ``[Tq]`` / ``[Tk]`` int32.
       window: optional sliding window.
       block_q, block_k: block sizes (any >= 1; clipped to the lengths, see
         :func:`block_sizes`).
@@ -75,7 +82,12 @@ def attend(
     """
     check_attend_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     block_q, block_k = block_sizes(q.shape[0], k.shape[0], block_q, block_k)
+    if isinstance(k, LayerView) or isinstance(v, LayerView):  # a KV cache: inference only
+        return _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
     return _attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
+
+
+setattr(attend, READS_LAYER_VIEWS, True)
 
 
 def _rows_to_blocks(x, block: int, hkv: int, group: int):
@@ -92,6 +104,49 @@ def _blocks_to_rows(x, block: int, hkv: int, group: int):
     n, _, _, *rest = x.shape
     x = jnp.moveaxis(x.reshape(n, hkv, group, block, *rest), 3, 1)
     return x.reshape(n * block, hkv * group, *rest)
+
+
+def _key_blocks(k, v, kv_pos, kv_seg, block_k: int):
+    """The keys/values cut into ``n_k`` blocks of ``block_k`` rows (``block_k <= Tk``).
+
+    Returns ``(read, kv_pos_blocks [n_k, bk], kv_seg_blocks [n_k, bk])`` where ``read(j)``
+    gives block ``j`` as ``(k_j, v_j)`` ``[Hkv, bk, D]``. Arrays are padded and laid out as
+    blocks once. A :class:`LayerView` is read in place, one dynamic slice per visited block: no
+    padding (the last block is the last ``bk`` rows, its rows already read by the block before
+    marked ``PAD_SEGMENT``), so a step reads only the blocks it attends.
+    """
+    tk, hkv, _ = k.shape
+    if not isinstance(k, LayerView) and not isinstance(v, LayerView):
+        kp, vp, kv_pos_p, kv_seg_p = pad_kv_rows(k, v, kv_pos, kv_seg, block_k)
+        n_k = kp.shape[0] // block_k
+        k_blocks = _rows_to_blocks(kp, block_k, hkv, 1)  # [n_k, Hkv, bk, D]
+        v_blocks = _rows_to_blocks(vp, block_k, hkv, 1)
+
+        def read_blocks(j):
+            return k_blocks[j], v_blocks[j]
+
+        return read_blocks, kv_pos_p.reshape(n_k, block_k), kv_seg_p.reshape(n_k, block_k)
+    n_k = -(-tk // block_k)
+    first = np.arange(n_k) * block_k
+    starts = np.minimum(first, tk - block_k)
+    rows = starts[:, None] + np.arange(block_k)  # [n_k, bk] static row indices
+    kv_pos_blocks = jnp.asarray(kv_pos, jnp.int32)[rows]
+    kv_seg_blocks = jnp.where(
+        rows < first[:, None], PAD_SEGMENT, jnp.asarray(kv_seg, jnp.int32)[rows]
+    )
+
+    def read(j):
+        start = jnp.asarray(starts, jnp.int32)[j]
+        return tuple(jnp.swapaxes(_rows(x, start, block_k), 0, 1) for x in (k, v))
+
+    return read, kv_pos_blocks, kv_seg_blocks
+
+
+def _rows(x, start, size: int):
+    """Rows ``[start, start + size)`` of an array or a :class:`LayerView`."""
+    if isinstance(x, LayerView):
+        return x.rows(start, size)
+    return jax.lax.dynamic_slice_in_dim(x, start, size)
 
 
 def _skip_branch(q_bounds: BlockBounds, kv_bounds: BlockBounds, window: Optional[int]):
@@ -116,17 +171,14 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
     scale = 1.0 / float(d) ** 0.5
 
     qp, q_pos_p, q_seg_p = pad_query_rows(q, q_pos, q_seg, block_q)
-    kp, vp, kv_pos_p, kv_seg_p = pad_kv_rows(k, v, kv_pos, kv_seg, block_k)
-    n_q, n_k = qp.shape[0] // block_q, kp.shape[0] // block_k
+    n_q = qp.shape[0] // block_q
 
     # GEMM-friendly layouts: [block, Hkv, G*bq | bk, D]; row r of a query block is (g, q).
     q_blocks = _rows_to_blocks(qp, block_q, hkv, group)
-    k_blocks = _rows_to_blocks(kp, block_k, hkv, 1)
-    v_blocks = _rows_to_blocks(vp, block_k, hkv, 1)
-    kv_pos_blocks = kv_pos_p.reshape(n_k, block_k)
-    kv_seg_blocks = kv_seg_p.reshape(n_k, block_k)
+    read_kv, kv_pos_blocks, kv_seg_blocks = _key_blocks(k, v, kv_pos, kv_seg, block_k)
+    n_k = kv_pos_blocks.shape[0]
     q_bounds = block_bounds(q_pos_p, q_seg_p, block_q)
-    kv_bounds = block_bounds(kv_pos_p, kv_seg_p, block_k)
+    kv_bounds = bounds(kv_pos_blocks, kv_seg_blocks)
 
     def one_query_block(i):
         qb = q_blocks[i].astype(jnp.float32) * scale  # [Hkv, G*bq, D]
@@ -136,7 +188,8 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
 
         def update(j, carry, masked: bool):
             m, l, acc = carry  # [Hkv, G*bq] x2, [.., D]
-            s = jnp.einsum("hrd,hkd->hrk", qb, k_blocks[j].astype(jnp.float32))
+            kb, vb = read_kv(j)
+            s = jnp.einsum("hrd,hkd->hrk", qb, kb.astype(jnp.float32))
             if masked:
                 mask = visibility_mask(
                     qb_pos, kv_pos_blocks[j], qb_seg, kv_seg_blocks[j], window
@@ -147,9 +200,7 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
             l_new = alpha * l + p.sum(axis=-1)
-            acc_new = alpha[..., None] * acc + jnp.einsum(
-                "hrk,hkd->hrd", p, v_blocks[j].astype(jnp.float32)
-            )
+            acc_new = alpha[..., None] * acc + jnp.einsum("hrk,hkd->hrd", p, vb.astype(jnp.float32))
             return m_new, l_new, acc_new
 
         def maybe_update(j, carry):

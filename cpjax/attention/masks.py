@@ -6,7 +6,8 @@ Key ``j`` is visible to query ``i`` iff ``kv_seg[j] == q_seg[i]``, ``q_seg[i] >=
 A blocked path summarises each block of rows by :class:`BlockBounds` and skips a (query block,
 key block) pair when :func:`may_overlap` proves no query of one sees a key of the other.
 
-A leaf module (imports jax, chex and ``cpjax.errors``) so that ``pallas_kernels`` may use it.
+A leaf module (imports jax, chex, ``layer_view`` and ``cpjax.errors``) so that
+``pallas_kernels`` may use it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from cpjax.attention.layer_view import LayerView
 from cpjax.errors import CpjaxError, require
 
 #: Segment id of padding rows and empty cache slots: invisible to every query, sees nothing.
@@ -31,8 +33,12 @@ def check_attend_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> None:
     ``q [Tq, Hq, D]``, ``k, v [Tk, Hkv, D]`` (floats; ``k`` and ``v`` of one dtype) with
     ``Hq % Hkv == 0``;
     ``q_pos, q_seg [Tq]`` and ``kv_pos, kv_seg [Tk]`` integer (int32 once on the device).
+    ``k, v`` may be :class:`~cpjax.attention.layer_view.LayerView` s of a layer-stacked cache.
     Checks shapes and dtypes only, so it costs nothing under ``jax.jit``.
     """
+    k, v = (
+        jax.ShapeDtypeStruct(x.shape, x.dtype) if isinstance(x, LayerView) else x for x in [k, v]
+    )
     try:
         chex.assert_rank([q, k, v, q_pos, kv_pos, q_seg, kv_seg], [3, 3, 3, 1, 1, 1, 1])
         chex.assert_equal_shape([k, v])
@@ -41,7 +47,7 @@ def check_attend_inputs(q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> None:
         chex.assert_type([q_pos, kv_pos, q_seg, kv_seg], int)
         chex.assert_shape([q_pos, q_seg], (q.shape[0],))
         chex.assert_shape([kv_pos, kv_seg], (k.shape[0],))
-        chex.assert_axis_dimension(k, 2, q.shape[2])
+        chex.assert_equal(k.shape[2], q.shape[2], custom_message="head_dim of k vs q")
     except AssertionError as error:
         raise CpjaxError(
             f"attention inputs (q, k, v, q_pos, kv_pos, q_seg, kv_seg): {error}"

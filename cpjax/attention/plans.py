@@ -17,6 +17,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from cpjax.attention.layer_view import materialized, materializing
 from cpjax.attention.masks import bounds, check_attend_inputs, may_overlap
 from cpjax.attention.merge import merge
 
@@ -24,7 +25,9 @@ from cpjax.attention.merge import merge
 class PastKV(NamedTuple):
     """Keys/values that new tokens attend to in addition to themselves (e.g. a KV cache).
 
-    k, v: ``[L, Tp, Hkv, Dh]`` for the model (``[Tp, Hkv, Dh]``, one layer's, for a plan);
+    k, v: ``[L, Tp, Hkv, Dh]`` for the model; for a plan, one layer's ``[Tp, Hkv, Dh]``: an
+    array or a :class:`~cpjax.attention.layer_view.LayerView` of the model's stack (read in
+    place by attentions that can, see :func:`materializing`);
     pos, seg: ``[Tp]`` int32 (a negative segment marks an empty slot).
     """
 
@@ -32,6 +35,13 @@ class PastKV(NamedTuple):
     v: jax.Array
     pos: jax.Array
     seg: jax.Array
+
+
+def materialized_parts(parts: tuple) -> tuple:
+    """``parts`` with every ``LayerView`` materialised (before parts travel a ring)."""
+    return tuple(
+        (materialized(k), materialized(v), kv_pos, kv_seg) for k, v, kv_pos, kv_seg in parts
+    )
 
 
 def kv_parts(k, v, positions, segments, past: Optional[PastKV]) -> tuple:
@@ -114,7 +124,9 @@ def attend_parts(attend: Callable, q, q_pos, q_seg, parts, window: Optional[int]
 
 def with_past(attend: Callable) -> Callable:
     """The single-device attention plan of the model built from ``attend``: the queries attend
-    to the new keys/values and to ``past`` when given, merged by log-sum-exp."""
+    to the new keys/values and to ``past`` when given, merged by log-sum-exp. (``attend`` gets
+    the past as arrays unless it reads layer views itself.)"""
+    attend = materializing(attend)
 
     def plan(q, k, v, positions, segments, past: Optional[PastKV], window: Optional[int] = None):
         parts = kv_parts(k, v, positions, segments, past)

@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cpjax.attention.layer_view import LayerView
 from cpjax.attention.plans import PastKV
 from cpjax.config import ModelConfig, RopeScaling
 from cpjax.errors import require
@@ -277,17 +278,22 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, context, layer):
-        """``x [T, D]``; context = (positions, segments, past_pos, past_seg);
-        layer = (past (k, v) | None, kind int32 scalar: index into ``attention_kinds``).
+        """``x [T, D]``; context = (positions, segments, past), past ``None`` or the stacked
+        ``PastKV`` (``k, v [L, C, Hkv, Dh]``); layer = (this layer's index, its kind: index into
+        ``attention_kinds``), int32 scalars.
 
+        The layer reads its past in place as ``LayerView`` s of the stack: slicing it out per
+        layer would copy the whole cache on every step (see ``cpjax.attention.layer_view``).
         Returns ``(x, (k_new, v_new))`` with ``k_new, v_new [T, Hkv_local, Dh]``.
         """
-        positions, segments, past_pos, past_seg = context
-        past, kind = layer
+        positions, segments, past = context
+        index, kind = layer
+        layer_past = None
+        if past is not None:
+            layer_past = past._replace(k=LayerView(past.k, index), v=LayerView(past.v, index))
         sandwich = self.config.sandwich_norms
 
         q, k, v = self._qkv(self._norm(x, "attn_norm"), positions, kind)
-        layer_past = None if past is None else PastKV(past[0], past[1], past_pos, past_seg)
         out, _ = self._attend(q, k, v, positions, segments, layer_past, kind)
         y = self._project("thk,hkd->td", out.astype(self.dtype), "wo")
         x = x + (self._norm(y, "post_attn_norm") if sandwich else y)
@@ -327,7 +333,7 @@ class Decoder(nn.Module):
             Block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(nn.broadcast, 0),  # context; (past, kind) per layer
+            in_axes=(nn.broadcast, 0),  # context (with the whole past); (index, kind) per layer
             out_axes=0,
             length=self.config.n_layers,
         )
@@ -347,13 +353,8 @@ class Decoder(nn.Module):
         x = jnp.take(self.embed, tokens, axis=0)
         if cfg.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(cfg.dim), x.dtype)
-        kinds = jnp.asarray(layer_kind_indices(cfg))
-        if past is None:
-            empty = jnp.zeros((0,), jnp.int32)
-            context, layer_past = (positions, segments, empty, empty), None
-        else:
-            context, layer_past = (positions, segments, past.pos, past.seg), (past.k, past.v)
-        x, (k, v) = self.layers(x, context, (layer_past, kinds))
+        layers = (jnp.arange(cfg.n_layers, dtype=jnp.int32), jnp.asarray(layer_kind_indices(cfg)))
+        x, (k, v) = self.layers(x, (positions, segments, past), layers)
         hidden = rms_norm(x, self.final_norm, cfg.norm_eps, cfg.norm_offset)
         return Output(hidden=hidden, k=k, v=v)
 

@@ -67,15 +67,15 @@ def first_nonfinite(
         x = x * jnp.asarray(math.sqrt(config.dim), dtype)
     if not _finite(x, rows):
         return _named("the embedding", _bad_params({"embed": params["embed"]}, ""))
-    empty = np.zeros((0,), np.int32)
-    context = (positions, segments, *((past.pos, past.seg) if past is not None else (empty, empty)))
+    if past is not None:
+        past = PastKV(*(jnp.asarray(x) for x in past))
+    context = (positions, segments, past)
     block = Block(config, attention, dtype)
     kinds = layer_kind_indices(config)
     for i in range(config.n_layers):
         layer = jax.tree.map(lambda w, i=i: jnp.asarray(w[i], dtype), params["layers"])
-        layer_past = None if past is None else (past.k[i], past.v[i])
         (x, _), state = block.apply(
-            {"params": layer}, x, context, (layer_past, kinds[i]), mutable=["intermediates"]
+            {"params": layer}, x, context, (np.int32(i), kinds[i]), mutable=["intermediates"]
         )
         after_attention = state["intermediates"]["after_attention"][0]
         for stage, value in (("attention", after_attention), ("MLP", x)):

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from cpjax.attention.merge import merge, merge_stacked
-from cpjax.attention.plans import attend_parts, kv_parts
+from cpjax.attention.plans import attend_parts, kv_parts, materialized_parts
 from cpjax.dispatch import AttentionImpl
 from cpjax.names import STRATEGIES, check_choice
 
@@ -268,7 +268,8 @@ def ring_attention(strategy: str, impl: AttentionImpl, axis: str, n: int) -> Cal
     as a separate part: pass-KV circulates both (the paper's message of ``max_j P_j + T/N``
     rows: here the local cache window plus the new rows), pass-Q keeps both in place and
     circulates the new queries. Exact for any cache placement, because masks come from the
-    positions and segments that travel with the rows.
+    positions and segments that travel with the rows. (A past given as layer views is read in
+    place where it stays, pass-Q; it is materialised where it travels.)
     """
     check_choice("context-parallel strategy", strategy, STRATEGIES)
 
@@ -279,6 +280,8 @@ def ring_attention(strategy: str, impl: AttentionImpl, axis: str, n: int) -> Cal
         if n == 1:
             out, lse = attend_parts(step_attend, q, positions, segments, parts, window)
             return out.astype(q.dtype), lse
+        if strategy != "pass_q":
+            parts = materialized_parts(parts)
         ring = _RINGS[strategy]
         if strategy in _EXACT_GRAD_RINGS and impl.grads is not None:
             step_grads = functools.partial(impl.grads, **blocks)
