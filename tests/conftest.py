@@ -1,4 +1,12 @@
-"""Test set-up: 8 fake CPU devices (before jax starts), shared fixtures."""
+"""Test set-up: 8 fake CPU devices (before jax starts), a persistent compilation cache, shared
+fixtures.
+
+Compiling is most of the suite's time: many tests build engines whose programs are the same
+computation (another closure, the same HLO). JAX's persistent compilation cache turns each
+repeat into a disk read, within one run and across runs. It lives outside the repository:
+``$CPJAX_TEST_COMPILE_CACHE``, else ``$XDG_CACHE_HOME`` or ``~/.cache`` + ``cpjax/jax-compile``
+(set ``CPJAX_TEST_COMPILE_CACHE=off`` to compile everything afresh).
+"""
 
 import os
 
@@ -9,6 +17,26 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 import pytest  # noqa: E402
+
+
+def _compile_cache_dir():
+    """Where the persistent compilation cache of the tests lives (None: disabled)."""
+    chosen = os.environ.get("CPJAX_TEST_COMPILE_CACHE")
+    if chosen == "off":
+        return None
+    if chosen:
+        return chosen
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(home, "cpjax", "jax-compile")
+
+
+def pytest_configure(config):
+    import jax
+
+    cache_dir = _compile_cache_dir()
+    if cache_dir is not None:
+        jax.config.update("jax_compilation_cache_dir", cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="session")

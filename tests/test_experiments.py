@@ -227,3 +227,22 @@ def test_gpu_config_runs_with_a_tiny_setting(name, tmp_path):
 def test_missing_config_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="no such file"):
         runner.run(str(tmp_path / "nope.gin"))
+
+
+def test_bench_cpu_records_the_host_and_the_spread_of_both_sides():
+    from experiments import bench_cpu
+
+    host = bench_cpu.host_info()
+    assert host["cpu_count"] >= 1 and host["cpu_model"]
+    assert set(host["vector_flags"]) <= set(bench_cpu.VECTOR_FLAGS)
+    assert host["memory_copy_gb_s"] > 0.1
+    assert bench_cpu.spread([3.0, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "max": 3.0}
+    cpjax = {"prefill_tok_s": {"2048": bench_cpu.spread([90, 100, 110])}}
+    hf = {"prefill_tok_s": {"2048": bench_cpu.spread([45, 50, 55])}}
+    cpjax["decode_tok_s"], hf["decode_tok_s"] = (
+        cpjax["prefill_tok_s"]["2048"],
+        hf["prefill_tok_s"]["2048"],
+    )
+    got = bench_cpu.ratios(cpjax, hf)
+    assert got["decode"] == {"median": 2.0, "min": 90 / 55, "max": 110 / 45}
+    assert got["prefill"]["2048"] == got["decode"]
