@@ -83,6 +83,7 @@ def plot(results: dict, path: str) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context (cached tokens)")
     ax.set_ylabel("decode ms per token (lower is better)")
+    ax.set_ylim(bottom=0)
     ax.set_title(f"{results['model']}: decode time vs context, one CPU device")
     ax.legend()
     save_figure(path, fig)
