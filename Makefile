@@ -7,8 +7,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist): compiling is most of the suite's time and runs on one core.
-TEST_WORKERS ?= 2
 DEMO_QUESTION ?= What is the capital of France?
 
 .PHONY: demo test lint install install-test clean
@@ -37,7 +35,7 @@ demo: install
 	$(PY) -m cpjax generate --fake-devices 8 --context 8 --chat --prompt "$(DEMO_QUESTION)" --max-new-tokens 48
 
 test: install-test
-	$(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install-test
 	$(VENV)/bin/ruff check .
