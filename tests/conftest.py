@@ -1,9 +1,9 @@
 """Test set-up: 8 fake CPU devices (before jax starts), a persistent compilation cache, shared
 fixtures.
 
-Compiling is most of the suite's time: many tests build engines whose programs are the same
-computation (another closure, the same HLO). JAX's persistent compilation cache turns each
-repeat into a disk read, within one run and across runs. It lives outside the repository:
+Many tests build engines whose programs are the same computation (another closure, the same
+HLO). JAX's persistent compilation cache keeps each program that takes over 0.5 s to compile, so a
+repeat (within one run or across runs) is read from disk. It lives outside the repository:
 ``$CPJAX_TEST_COMPILE_CACHE``, else ``$XDG_CACHE_HOME`` or ``~/.cache`` + ``cpjax/jax-compile``
 (set ``CPJAX_TEST_COMPILE_CACHE=off`` to compile everything afresh).
 """
