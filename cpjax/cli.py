@@ -232,13 +232,11 @@ def _configure_jax_environment(args) -> None:
     if args.fake_devices is not None:
         if args.fake_devices < 1:
             _fail(f"--fake-devices={args.fake_devices}: must be >= 1")
-        flags = os.environ.get("XLA_FLAGS", "")
-        flags = " ".join(
-            f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")
+        from cpjax.xla_env import fake_cpu_device_flags  # imports no jax
+
+        os.environ["XLA_FLAGS"] = fake_cpu_device_flags(
+            os.environ.get("XLA_FLAGS", ""), args.fake_devices
         )
-        os.environ["XLA_FLAGS"] = (
-            f"{flags} --xla_force_host_platform_device_count={args.fake_devices}"
-        ).strip()
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
     if args.platform is not None:
         os.environ["JAX_PLATFORMS"] = {"cpu": "cpu", "gpu": "cuda"}[args.platform]

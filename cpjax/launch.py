@@ -33,6 +33,8 @@ import sys
 import threading
 import time
 
+from cpjax.xla_env import fake_cpu_device_flags
+
 POLL_S = 0.05
 
 
@@ -59,14 +61,7 @@ def process_environment(
         PYTHONUNBUFFERED="1",
     )
     if devices_per_process is not None:
-        flags = [
-            f
-            for f in env.get("XLA_FLAGS", "").split()
-            if not f.startswith("--xla_force_host_platform_device_count")
-        ]
-        env["XLA_FLAGS"] = " ".join(
-            [*flags, f"--xla_force_host_platform_device_count={devices_per_process}"]
-        )
+        env["XLA_FLAGS"] = fake_cpu_device_flags(env.get("XLA_FLAGS", ""), devices_per_process)
         env["JAX_PLATFORMS"] = "cpu"
     return env
 

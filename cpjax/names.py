@@ -27,6 +27,12 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "blockwise", "pallas", "pallas
 HARDWARE_PRESETS = ("h100-nvlink", "h100-rdma", "h100-tcp", "cpu")
 #: Activation / parameter dtypes the engine runs in.
 DTYPES = ("float32", "bfloat16")
+#: Optimizers of fine-tuning (``cpjax.train.optimizer``).
+OPTIMIZERS = ("sgd", "adamw")
+#: Learning-rate schedules after the linear warm-up: constant, or cosine decay to zero.
+SCHEDULES = ("constant", "cosine")
+#: What each layer keeps for the backward pass (``cpjax.model.decoder.REMAT_POLICIES``).
+REMAT = ("full", "dots")
 
 __all__ = [
     "ATTENTION_IMPLEMENTATIONS",
@@ -35,6 +41,9 @@ __all__ = [
     "DTYPES",
     "HARDWARE_PRESETS",
     "HEURISTIC_CHOICES",
+    "OPTIMIZERS",
+    "REMAT",
+    "SCHEDULES",
     "PREFILL_STRATEGIES",
     "STRATEGIES",
     "check_choice",

@@ -12,7 +12,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 SETUP = """import os
 # 8 fake CPU devices; must be set before jax starts.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_force_host_platform_device_count=8 "
+    "--xla_cpu_enable_concurrency_optimized_scheduler=false",
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax, numpy as np
 print(jax.devices())"""

@@ -13,7 +13,10 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_force_host_platform_device_count=8"
+        # keep in sync with cpjax.parallel.mesh.CPU_COLLECTIVES_FLAG (importing it starts jax)
+        + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
     ).strip()
 
 import pytest  # noqa: E402

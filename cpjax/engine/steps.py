@@ -42,10 +42,13 @@ class Forward:
     attention: AttentionImpl
     ranks: Ranks
     mesh_axis_sizes: tuple = ()  # ((axis, size), ...) of the mesh the step runs inside
+    remat: Optional[str] = None  # None: inference; training: ``Decoder.remat``
 
     def model(self, plan: Callable) -> Decoder:
         """The model with attention ``plan`` (one rank's view of the parameters)."""
-        return Decoder(self.config, plan, self.dtype, mesh_axis_sizes=self.mesh_axis_sizes)
+        return Decoder(
+            self.config, plan, self.dtype, mesh_axis_sizes=self.mesh_axis_sizes, remat=self.remat
+        )
 
     def ring(self, strategy: str) -> Decoder:
         """The model whose attention is the prefill ring ``strategy`` over the ranks."""
@@ -70,7 +73,8 @@ def token_logprobs(model: Decoder, params, hidden, targets):
     """Log-probability of ``targets [T]`` under the logits of ``hidden [T, D]``: ``[T]``.
 
     Computed in chunks of ``SCORE_CHUNK`` rows (the rows padded up to a multiple), so at most
-    ``SCORE_CHUNK x V`` logits exist at once (Gemma's V is 262 144).
+    ``SCORE_CHUNK x V`` logits exist at once (Gemma's V is 262 144); under differentiation each
+    chunk's logits are recomputed in the backward pass rather than kept (``jax.checkpoint``).
     """
     rows = hidden.shape[0]
     chunk = min(SCORE_CHUNK, rows)
@@ -78,6 +82,7 @@ def token_logprobs(model: Decoder, params, hidden, targets):
     hidden = jnp.pad(hidden, ((0, padded - rows), (0, 0)))
     targets = jnp.pad(targets, (0, padded - rows))
 
+    @jax.checkpoint
     def chunk_logprobs(args):
         h, tgt = args
         logits = head(model, params, h)

@@ -58,6 +58,7 @@ __all__ = [
     "Decoder",
     "Output",
     "PastKV",
+    "REMAT_POLICIES",
     "apply_rope",
     "check_layout",
     "check_param_shapes",
@@ -74,6 +75,39 @@ __all__ = [
 
 #: Logical axes of the per-layer keys/values a forward pass returns (``Output.k``/``Output.v``).
 KV_AXES = ("layers", "sequence", "kv_heads", "head_dim")
+#: What a layer keeps from its forward for the backward pass (``Decoder.remat``); the rest is
+#: recomputed. There is no "keep everything": inside the layer scan that would keep the
+#: attention's whole score matrix (see :func:`attention_recomputed_in_backward`; measured:
+#: 1.4 GB instead of 49 MB for an 8K-token step of the tiny model).
+#: ``prevent_cse=False``: the layers run inside ``nn.scan``, where the recompute cannot be
+#: merged with the forward anyway.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def attention_recomputed_in_backward(plan: Callable) -> Callable:
+    """``plan`` under ``jax.checkpoint``: its backward recomputes the forward from the inputs.
+
+    Why: the attention implementations and rings have hand-written backward passes
+    (``jax.custom_vjp``) that need only their inputs and ``(out, lse)``. Inside the layer
+    ``scan``, JAX 0.10's partial evaluation differentiates the custom-VJP forward itself and
+    keeps every block's scores and mask for the backward: ``[n_q, n_k, Hkv, G*bq, bk]``, the
+    whole ``T x T`` attention matrix (1.07 GB for one 8K-token layer of the tiny model).
+    Measured on the compiled train step (tiny model, 8K tokens, one device): only a layer
+    under ``jax.checkpoint`` (``REMAT_POLICIES``) with its attention under another avoids it
+    (49 MB of temporaries); either alone keeps the matrix (1.41-1.44 GB). The price is one more
+    attention forward in the backward. Inference never differentiates and is not wrapped.
+    """
+
+    def recomputed(q, k, v, positions, segments, past, window=None):
+        forward = functools.partial(plan, window=window)
+        return jax.checkpoint(forward)(q, k, v, positions, segments, past)
+
+    return recomputed
+
+
 #: Logical axes the forward keeps whole on every device: the layer scan, the residual stream,
 #: RoPE and attention within a head, the embedding lookup and the logits.
 WHOLE_AXES = ("layers", "embed", "head_dim", "vocab")
@@ -315,12 +349,18 @@ class Decoder(nn.Module):
       mesh_axis_sizes: ``((mesh axis, size), ...)`` of the mesh the model runs inside
         (``shard_map``): parameters are the local shards that ``sharding.RULES`` implies and
         projections over split axes are summed across devices. ``()``: global arrays.
+      remat: ``None`` for inference (no backward pass). For training, what a layer keeps for
+        the backward pass: ``full`` (only the layer's input: the backward recomputes the
+        layer) or ``dots`` (also the outputs of the projections), see
+        :data:`REMAT_POLICIES`; the attention inside is recomputed in every mode
+        (:func:`attention_recomputed_in_backward`).
     """
 
     config: ModelConfig
     attention: Callable
     dtype: Any = jnp.float32
     mesh_axis_sizes: MeshAxisSizes = ()
+    remat: Optional[str] = None
 
     def setup(self):
         check_layout(self.mesh_axis_sizes)
@@ -329,15 +369,19 @@ class Decoder(nn.Module):
         self.final_norm = declare("final_norm")
         if not self.config.tie_embeddings:
             self.lm_head = declare("lm_head")
+        block, attention = Block, self.attention
+        if self.remat is not None:
+            attention = attention_recomputed_in_backward(attention)
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         scanned = nn.scan(
-            Block,
+            block,
             variable_axes={"params": 0},
             split_rngs={"params": True},
             in_axes=(nn.broadcast, 0),  # context (with the whole past); (index, kind) per layer
             out_axes=0,
             length=self.config.n_layers,
         )
-        self.layers = scanned(self.config, self.attention, self.dtype, self.mesh_axis_sizes)
+        self.layers = scanned(self.config, attention, self.dtype, self.mesh_axis_sizes)
 
     def __call__(self, tokens, positions, segments, past: Optional[PastKV] = None) -> Output:
         """Run the trunk.

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from cpjax.errors import require
+from cpjax.xla_env import fake_cpu_device_flags
 
 CONTEXT = "context"
 TENSOR = "tensor"
@@ -19,13 +20,7 @@ TENSOR = "tensor"
 def use_fake_cpu_devices(count: int) -> None:
     """Ask XLA for ``count`` host (CPU) devices. Must run before jax initialises its backend."""
     require(count >= 1, f"fake device count {count}: must be >= 1")
-    flags = [
-        f
-        for f in os.environ.get("XLA_FLAGS", "").split()
-        if not f.startswith("--xla_force_host_platform_device_count")
-    ]
-    flags.append(f"--xla_force_host_platform_device_count={count}")
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+    os.environ["XLA_FLAGS"] = fake_cpu_device_flags(os.environ.get("XLA_FLAGS", ""), count)
 
 
 def make_mesh(context: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -74,6 +69,10 @@ class Ranks:
         if self.axis is None:
             return x if tiled else x[None]
         return jax.lax.all_gather(x, self.axis, tiled=tiled)
+
+    def sum(self, x):
+        """``x`` summed over the ranks (``x`` itself without an axis)."""
+        return x if self.axis is None else jax.lax.psum(x, self.axis)
 
 
 SINGLE_RANK = Ranks(axis=None, size=1)
