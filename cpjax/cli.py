@@ -1,4 +1,4 @@
-"""Command line: ``python -m cpjax generate|score|chat|perfmodel|plan|convert``.
+"""Command line: ``python -m cpjax generate|score|chat|perfmodel|plan|convert|export``.
 
 The flags are a stable contract (later features extend them, never break them). jax is imported
 only after the arguments are parsed, because ``--fake-devices`` and ``--platform`` must be set in
@@ -224,6 +224,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="jax platform (default: jax's choice)",
     )
     convert.set_defaults(fake_devices=None)  # read by _configure_jax_environment
+
+    export = sub.add_parser(
+        "export",
+        help="write a model as an HF directory (model.safetensors, config.json, tokenizer "
+        "files) that transformers loads",
+    )
+    export.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help="preset name, .gguf file, safetensors directory or cpjax checkpoint to export",
+    )
+    export.add_argument(
+        "--out", required=True, help="new HF directory (must be absent or an empty folder)"
+    )
+    export.add_argument(
+        "--platform",
+        default=None,
+        choices=("cpu", "gpu"),
+        help="jax platform (default: jax's choice)",
+    )
+    export.set_defaults(fake_devices=None)  # read by _configure_jax_environment
     return parser
 
 
@@ -520,6 +541,32 @@ def _run_convert(args) -> None:
     )
 
 
+def _run_export(args) -> None:
+    """Load ``--model`` and write it as an HF directory at ``--out`` (float32 weights)."""
+    from cpjax.loaders import load_model
+    from cpjax.loaders.export import check_export_target, export_hf
+    from cpjax.parallel.distributed import is_main_process
+
+    start = time.perf_counter()
+    check_export_target(args.out)  # before the (slow) load
+    config, params, tokenizer = load_model(args.model)
+    if not is_main_process():
+        return
+    files = export_hf(args.out, config, params, tokenizer)
+    print(
+        json.dumps(
+            {
+                "path": os.path.abspath(args.out),
+                "model": config.name,
+                "files": files,
+                "tokenizer": tokenizer is not None,
+                "bytes": sum(os.path.getsize(os.path.join(args.out, f)) for f in files),
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+        )
+    )
+
+
 def _preset_model_and_hardware(args):
     from cpjax.config import PRESETS
     from cpjax.errors import require
@@ -632,6 +679,8 @@ def main(argv=None) -> None:
         _start_distributed()
         if args.command == "convert":
             return _run_convert(args)
+        if args.command == "export":
+            return _run_export(args)
         from cpjax.loaders import load_model
 
         mesh = _mesh(args)

@@ -121,6 +121,22 @@ def _load_incomplete_checkpoint(c: Context):
     return load_checkpoint(c.path("half"))
 
 
+def _export_into_a_used_folder(c: Context):
+    from cpjax.loaders import export_hf
+
+    os.makedirs(c.path("used"), exist_ok=True)
+    with open(c.path("used/notes.txt"), "w") as f:
+        f.write("mine")
+    return export_hf(c.path("used"), c.config, c.params)
+
+
+def _export_mixed_llama(c: Context):
+    from cpjax.loaders import export_hf
+
+    config = dataclasses.replace(c.config, sliding_window=8, layer_types=("full", "sliding"))
+    return export_hf(c.path("mixed"), config, c.params)
+
+
 def _cases():
     import jax
 
@@ -336,6 +352,18 @@ def _cases():
             "an incomplete checkpoint (no marker)",
             "incomplete",
             _load_incomplete_checkpoint,
+        ),
+        Case(
+            "export_hf",
+            "a folder that already holds files",
+            "exists and is not an empty folder",
+            _export_into_a_used_folder,
+        ),
+        Case(
+            "export_hf",
+            "a Llama model mixing full and sliding layers",
+            "has no HF config.json form",
+            _export_mixed_llama,
         ),
         Case(
             "Sampling", "top_p=1.5", "top_p=1.5: must be in (0, 1]", lambda c: Sampling(top_p=1.5)

@@ -209,6 +209,11 @@ def _rope_to_hf(scaling: Optional[RopeScaling]) -> Optional[dict]:
     }
 
 
+def _whole_as_int(value: Optional[float]):
+    """``value`` as an int when it is a whole number (``24.0 -> 24``), else unchanged."""
+    return int(value) if value is not None and float(value).is_integer() else value
+
+
 def config_to_hf(config: ModelConfig) -> dict:
     """The ``config.json`` dict of ``config`` (the inverse of :func:`config_from_hf`)."""
     c = config
@@ -244,7 +249,8 @@ def config_to_hf(config: ModelConfig) -> dict:
     if kind == "gemma3_text":
         hf.update(
             hidden_activation="gelu_pytorch_tanh",
-            query_pre_attn_scalar=c.query_pre_attn_scalar,
+            # an int when whole: transformers 5 validates the field as an int
+            query_pre_attn_scalar=_whole_as_int(c.query_pre_attn_scalar),
             sliding_window=c.sliding_window,
             layer_types=[hf_types[t] for t in c.kinds],
             rope_local_base_freq=c.rope_local_theta or c.rope_theta,

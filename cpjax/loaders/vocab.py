@@ -13,6 +13,7 @@ them for ``AutoTokenizer.from_pretrained(..., gguf_file=...)`` (so ids agree wit
   over ``▁``-spelled spaces with byte fallback; the file has no merges, so they are rebuilt
   from the vocabulary, ranked by the order of the tokens in the file (Gemma's scores do not
   follow its merge order).
+* :func:`byte_vocabulary`: one token per byte, id = byte value (the ``tiny`` model's).
 """
 
 from __future__ import annotations
@@ -120,6 +121,14 @@ def byte_level_bpe(
         ]
     )
     return backend
+
+
+def byte_vocabulary():
+    """A byte-level BPE without merges in which each byte's id is its value: the ``tiny``
+    model's :class:`~cpjax.loaders.byte_tokenizer.ByteTokenizer` as a ``tokenizers.Tokenizer``
+    (for export)."""
+    spelling = _byte_spelling()
+    return byte_level_bpe([spelling[b] for b in range(256)], [], [1] * 256, None)
 
 
 def merges_from_vocab(vocab: dict[str, int], rank: dict[str, float]) -> list[tuple[str, str]]:
