@@ -1,4 +1,4 @@
-"""Command line: ``python -m cpjax generate|score|chat|perfmodel|plan|convert|export``.
+"""Command line: ``python -m cpjax generate|score|chat|perfmodel|plan|convert|export|finetune``.
 
 The flags are a stable contract (later features extend them, never break them). jax is imported
 only after the arguments are parsed, because ``--fake-devices`` and ``--platform`` must be set in
@@ -245,7 +245,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="jax platform (default: jax's choice)",
     )
     export.set_defaults(fake_devices=None)  # read by _configure_jax_environment
+    _finetune_parser(sub, common)
     return parser
+
+
+def _finetune_parser(sub, common) -> None:
+    from cpjax.names import OPTIMIZERS, REMAT, SCHEDULES
+
+    tune = sub.add_parser(
+        "finetune",
+        parents=[common],
+        help="fine-tune on a long token stream under context parallelism (exact gradients)",
+    )
+    data = tune.add_mutually_exclusive_group(required=True)
+    data.add_argument("--ids-file", help=".npy file of a 1-D int token stream")
+    data.add_argument("--text-file", help="UTF-8 text, tokenized with the model's tokenizer")
+    tune.add_argument("--seq-len", type=int, required=True, metavar="N", help="tokens a sequence")
+    tune.add_argument("--batch-size", type=int, default=1, metavar="B", help="sequences a batch")
+    tune.add_argument("--grad-accum", type=int, default=1, metavar="K", help="micro-batches a step")
+    tune.add_argument("--steps", type=int, required=True, metavar="S", help="optimizer steps")
+    tune.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    tune.add_argument("--learning-rate", type=float, required=True, metavar="LR")
+    tune.add_argument("--weight-decay", type=float, default=0.0, help="adamw only")
+    tune.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up from 0")
+    tune.add_argument("--schedule", default="constant", choices=SCHEDULES, help="after the warm-up")
+    tune.add_argument("--max-grad-norm", type=float, default=None, help="clip the global norm")
+    tune.add_argument(
+        "--remat", default="full", choices=REMAT, help="what a layer keeps for the backward"
+    )
+    tune.add_argument("--out", required=True, help="run directory (state/ and model/)")
+    tune.add_argument("--save-every", type=int, default=0, metavar="K", help="0: at the end")
+    tune.add_argument("--resume", action="store_true", help="continue the run in --out")
+    tune.add_argument("--json", action="store_true", help="one JSON line per step on stdout")
 
 
 def _configure_jax_environment(args) -> None:
@@ -567,6 +598,82 @@ def _run_export(args) -> None:
     )
 
 
+def _run_finetune(args) -> None:
+    """Fine-tune ``--model`` on the token stream; save the run to ``--out``."""
+    import numpy as np
+
+    from cpjax.engine import ContextParallel, SingleDevice
+    from cpjax.loaders import load_model
+    from cpjax.parallel.distributed import is_main_process
+    from cpjax.train import OptimizerConfig, Trainer
+    from cpjax.train.data import TokenStream, read_ids_file
+    from cpjax.train.run import check_run, finetune, model_path
+
+    optimizer = OptimizerConfig(
+        args.optimizer,
+        args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        schedule=args.schedule,
+        total_steps=args.steps if args.steps >= 1 else None,
+        max_grad_norm=args.max_grad_norm,
+    )
+    ids = read_ids_file(args.ids_file) if args.ids_file is not None else None
+    mesh = _mesh(args)
+    config, params, tokenizer = load_model(args.model, mesh=mesh)
+    if ids is None:
+        ids = np.asarray(tokenizer.encode(_read_text(args.text_file, "--text-file")), np.int32)
+    placement = (
+        SingleDevice(prefill_chunk=None)
+        if mesh is None
+        else ContextParallel(mesh, strategy=args.strategy, hardware=args.hardware)
+    )
+    trainer = Trainer(
+        config,
+        placement,
+        optimizer,
+        dtype=args.dtype,
+        remat=args.remat,
+        attention=args.attention_impl,
+    )
+    check_run(
+        trainer, args.seq_len, args.steps, args.batch_size, args.grad_accum, args.save_every
+    )
+    stream = TokenStream(ids, args.seq_len)
+    start = time.perf_counter()
+
+    def report(metrics) -> None:
+        if args.json and is_main_process():
+            print(json.dumps(metrics._asdict()), flush=True)
+
+    state, history = finetune(
+        trainer,
+        params,
+        stream,
+        steps=args.steps,
+        out=args.out,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        save_every=args.save_every,
+        resume=args.resume,
+        tokenizer=tokenizer,
+        on_step=report,
+        progress=not args.json,
+    )
+    seconds = time.perf_counter() - start
+    tokens = sum(m.n_tokens for m in history)
+    _status(
+        json.dumps(
+            {
+                "model": model_path(args.out),
+                "steps": state.step,
+                "final_loss": history[-1].loss if history else None,
+                "train_tokens_per_s": round(tokens / seconds, 1) if history else None,
+            }
+        )
+    )
+
+
 def _preset_model_and_hardware(args):
     from cpjax.config import PRESETS
     from cpjax.errors import require
@@ -681,6 +788,8 @@ def main(argv=None) -> None:
             return _run_convert(args)
         if args.command == "export":
             return _run_export(args)
+        if args.command == "finetune":
+            return _run_finetune(args)
         from cpjax.loaders import load_model
 
         mesh = _mesh(args)

@@ -96,10 +96,11 @@ def pack_batch(tokens, segments=None, loss_mask=None, vocab_size: Optional[int] 
     rows, width = tokens.shape
     require(rows >= 1 and width >= 2, f"tokens: shape {tokens.shape}: need S >= 2 tokens a row")
     if vocab_size is not None:
-        bad = (tokens < 0) | (tokens >= vocab_size)
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
         require(
-            not bad.any(),
-            f"tokens: id {int(tokens[bad][0])} is outside the vocabulary [0, {vocab_size})",
+            bad.size == 0,
+            f"tokens: id {int(bad[0]) if bad.size else 0} is outside the vocabulary "
+            f"[0, {vocab_size})",
         )
     segments = (
         np.zeros((rows, width), np.int64)

@@ -32,7 +32,7 @@ def micro_batches(stream: TokenStream, position: int, batch_size: int, grad_accu
     ]
 
 
-def check_run(trainer: Trainer, stream: TokenStream, steps, batch_size, grad_accum, save_every):
+def check_run(trainer: Trainer, seq_len: int, steps, batch_size, grad_accum, save_every):
     """Raise a one-line error for a run that cannot work, before anything compiles."""
     for name, value, low in (
         ("steps", steps, 1),
@@ -44,8 +44,8 @@ def check_run(trainer: Trainer, stream: TokenStream, steps, batch_size, grad_acc
             isinstance(value, int) and value >= low, f"{name}={value!r}: must be an int >= {low}"
         )
     require(
-        stream.seq_len <= trainer.config.max_seq_len,
-        f"seq_len={stream.seq_len} exceeds the model's window of {trainer.config.max_seq_len} "
+        seq_len <= trainer.config.max_seq_len,
+        f"seq_len={seq_len} exceeds the model's window of {trainer.config.max_seq_len} "
         f"tokens (max_seq_len of {trainer.config.name!r})",
     )
 
@@ -71,7 +71,7 @@ def finetune(
     at the end). ``resume``: continue from ``out``'s newest save (refused if its model,
     optimizer or data settings differ); without it, ``out`` must not hold a run yet.
     """
-    check_run(trainer, stream, steps, batch_size, grad_accum, save_every)
+    check_run(trainer, stream.seq_len, steps, batch_size, grad_accum, save_every)
     data = {**stream.fingerprint(), "batch_size": batch_size, "grad_accum": grad_accum}
     state = trainer.init_state(params)
     saved = state_lib.latest_step(out) if out is not None else None
