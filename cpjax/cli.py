@@ -635,10 +635,9 @@ def _run_finetune(args) -> None:
         dtype=args.dtype,
         remat=args.remat,
         attention=args.attention_impl,
+        check_finite=args.check_finite,
     )
-    check_run(
-        trainer, args.seq_len, args.steps, args.batch_size, args.grad_accum, args.save_every
-    )
+    check_run(trainer, args.seq_len, args.steps, args.batch_size, args.grad_accum, args.save_every)
     stream = TokenStream(ids, args.seq_len)
     start = time.perf_counter()
 

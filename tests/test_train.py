@@ -208,8 +208,17 @@ def test_non_finite_loss_stops_and_names_the_step(tiny_params, batch, sgd_traine
     broken = jax.tree.map(np.asarray, tiny_params)
     broken["final_norm"] = np.full_like(broken["final_norm"], np.nan)
     state = sgd_trainer.init_state(broken)
-    with pytest.raises(NonFiniteError, match="step 1: the loss is nan"):
+    with pytest.raises(NonFiniteError, match=r"step 1: the loss is nan \(not finite\); lower the learning"):
         sgd_trainer.step(state, [batch])
+
+
+def test_check_mode_names_the_first_non_finite_layer(tiny_params, batch):
+    """A NaN in layer 1's MLP weights: check mode names that layer and the parameter."""
+    broken = jax.tree.map(np.array, tiny_params)
+    broken["layers"]["w_up"][1, 3, 5] = np.nan
+    trainer = Trainer(CFG, optimizer=OptimizerConfig("sgd", 0.5), check_finite=True)
+    with pytest.raises(NonFiniteError, match=r"first appears in layer 1 \(MLP\).*w_up"):
+        trainer.step(trainer.init_state(broken), [batch])
 
 
 @pytest.mark.parametrize(

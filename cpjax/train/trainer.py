@@ -24,7 +24,7 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, NamedTuple, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +102,8 @@ class Trainer:
         the projections' outputs); see ``cpjax.model.decoder.REMAT_POLICIES``.
       attention: ``auto`` (blockwise), ``blockwise`` or ``reference``.
       bucket: packed rows are padded to a multiple of this many rows (fewer compiled shapes).
+      check_finite: on a non-finite loss, replay the batch layer by layer on one device and
+        name the first stage (and parameters) where NaN/Inf appears.
     """
 
     config: ModelConfig
@@ -113,6 +115,7 @@ class Trainer:
     remat: str = "full"
     attention: str = "auto"
     bucket: int = 64
+    check_finite: bool = False
 
     def __post_init__(self):
         require(
@@ -263,6 +266,26 @@ class Trainer:
         total, grad_sum, n_targets = self.nll_and_grads(params, batches)
         return total / n_targets, jax.tree.map(lambda g: g / n_targets, grad_sum)
 
+    def _first_nonfinite(self, state: TrainState, batches) -> Callable[[], Optional[str]]:
+        """In check mode, where the forward of ``batches`` first turns non-finite (lazily)."""
+
+        def locate() -> Optional[str]:
+            if not self.check_finite:
+                return None
+            from cpjax.model.diagnostics import first_nonfinite
+
+            params = local_params(state)
+            for batch in batches:
+                where = first_nonfinite(
+                    self.config, params, batch.tokens, batch.positions, batch.segments,
+                    dtype=self.dtype,
+                )  # fmt: skip
+                if where:
+                    return where
+            return None
+
+        return locate
+
     def learning_rate(self, step: int) -> float:
         """The rate of optimizer step ``step`` (0-based)."""
         rate = learning_rate_schedule(self.optimizer)
@@ -277,7 +300,7 @@ class Trainer:
         """
         total, grad_sum, n_targets = self.nll_and_grads(state.params, batches)
         loss = float(fetch(total)) / n_targets
-        require_finite(loss, state.step, "loss")
+        require_finite(loss, state.step, "loss", self._first_nonfinite(state, batches))
         params, opt_state, grad_norm = self._apply(
             state.params, state.opt_state, grad_sum, jnp.float32(n_targets)
         )
@@ -308,14 +331,19 @@ def _check_cpu_collectives(placement: Placement) -> None:
     )
 
 
-def require_finite(value: float, step: int, what: str) -> None:
+def require_finite(value: float, step: int, what: str, locate=None) -> None:
     """Raise :class:`NonFiniteError` if ``value`` (the ``what`` of optimizer step ``step``,
-    0-based) is NaN/Inf."""
-    if not math.isfinite(value):
-        raise NonFiniteError(
-            f"step {step + 1}: the {what} is {value} (not finite); lower the learning rate, "
-            f"clip the gradient (max_grad_norm) or train in float32"
-        )
+    0-based) is NaN/Inf; ``locate()`` (check mode) names where it first appears."""
+    if math.isfinite(value):
+        return
+    where = locate() if locate is not None else None
+    found = (
+        f"; it first appears in {where}"
+        if where
+        else "; lower the learning rate, clip the gradient (max_grad_norm) or train in float32"
+        " (check mode names the first non-finite layer)"
+    )
+    raise NonFiniteError(f"step {step + 1}: the {what} is {value} (not finite){found}")
 
 
 def local_params(state: TrainState):
