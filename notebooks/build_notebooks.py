@@ -249,6 +249,87 @@ result = plan(PRESETS["llama3-405b"], 1 << 20, HARDWARE["h100-rdma"], target_ttf
 print(result["chosen"])""",
         ),
     ],
+    "04_long_context_finetune.ipynb": [
+        (
+            "md",
+            "# Long-context fine-tuning under context parallelism\n\nFine-tune the embedded "
+            "SmolLM2-135M-Instruct on one long document split over **8 fake CPU devices**: the "
+            "sequence is laid out over the ranks like a prefill, the forward runs the pass-KV "
+            "ring, and the gradient flows back through the ring's exact backward (each rank "
+            "only ever holds its share of the activations). The loss goes down, and the model "
+            "becomes surer of a fact that appears once in the document.",
+        ),
+        ("code", SETUP),
+        (
+            "code",
+            """from cpjax.loaders import load_model
+from cpjax.engine import ContextParallel, Engine
+from cpjax.parallel.mesh import make_mesh
+from cpjax.train import OptimizerConfig, Trainer, pack_batch
+from cpjax.train.trainer import local_params
+
+config, params, tokenizer = load_model("smollm2-135m")
+filler = ("The committee met again to review the quarterly figures. Nothing unusual "
+          "was reported, and the minutes were approved without comment. ")
+fact = "Important: the lighthouse password is BLUE HERON. "
+document = tokenizer.encode(filler * 12 + fact + filler * 12, add_bos=True)
+print(len(document), "tokens in the document")""",
+        ),
+        (
+            "md",
+            "How sure is the model of the fact? The log-probability of the password after its "
+            "cue, scored by the inference engine (one device; a short probe).",
+        ),
+        (
+            "code",
+            """cue = tokenizer.encode("Important: the lighthouse password is", add_bos=True)
+answer = tokenizer.encode(" BLUE HERON.")
+
+def fact_logprob(params):
+    engine = Engine(config, params)
+    ids = np.array(cue + answer, np.int32)
+    logprobs = engine.score(ids)  # logprobs[t] = log p(ids[t + 1] | ids[:t + 1])
+    return float(logprobs[len(cue) - 1 : len(ids) - 1].sum())
+
+before = fact_logprob(params)
+print(f"log p(' BLUE HERON.' | cue) before: {before:.2f}")""",
+        ),
+        (
+            "md",
+            "Fine-tune: AdamW, the whole document as one sequence, 8 context ranks (pass-KV). "
+            "Each step is one optimizer update on the mean next-token loss of the document.",
+        ),
+        (
+            "code",
+            """trainer = Trainer(
+    config,
+    ContextParallel(make_mesh(context=8), strategy="pass_kv"),
+    OptimizerConfig("adamw", learning_rate=1e-4),
+)
+state = trainer.init_state(params)
+batch = pack_batch(np.array([document]))
+losses = []
+for _ in range(4):
+    state, metrics = trainer.step(state, [batch])
+    losses.append(metrics.loss)
+    print(f"step {metrics.step}: loss {metrics.loss:.3f}, grad norm {metrics.grad_norm:.2f}")
+assert losses[-1] < losses[0]""",
+        ),
+        (
+            "code",
+            """after = fact_logprob(local_params(state))
+print(f"log p(' BLUE HERON.' | cue): {before:.2f} -> {after:.2f}")
+assert after > before""",
+        ),
+        (
+            "md",
+            "The same step on one device gives the same loss and gradient up to float rounding "
+            "(`tests/test_train.py` checks every ring on meshes of 1, 2, 4, 8 and 4x2 against "
+            "single-device autodiff; `tests/test_train_oracle.py` checks an SGD step against "
+            "PyTorch). Save a run with `python -m cpjax finetune ... --out RUN` and export it "
+            "with `python -m cpjax export --model RUN/model --out HF_DIR`.",
+        ),
+    ],
 }
 
 

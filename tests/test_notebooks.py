@@ -15,6 +15,7 @@ def test_there_are_notebooks():
         "01_quickstart.ipynb",
         "02_ring_attention_explained.ipynb",
         "03_scaling_model.ipynb",
+        "04_long_context_finetune.ipynb",
     } <= set(NOTEBOOKS)
 
 
