@@ -31,6 +31,7 @@ TINY = {
         "repeats = 1",
     ],
     "decode": ["cached_tokens = [100]", "contexts = [1, 2]", "steps = 2"],
+    "finetune": ["seq_len = 256", "contexts = [1, 2]", "steps = 1"],
     "paper_model": ["model = 'llama3-405b'", "scaling_tokens = [131072]", "nodes = [1, 4]"],
     "strategy_map": [
         "cp = [4]",
@@ -105,6 +106,27 @@ def test_cp_overhead_times_every_point_three_times_and_tables_every_row(tiny_run
         check=True,
     ).stdout
     assert printed.splitlines() == lines
+
+
+def test_finetune_records_speed_and_memory_per_rank_count(tiny_run):
+    results, out, figure = tiny_run("finetune")
+    written = json.loads(out.read_text())
+    assert (written["model"], written["seq_len"], written["strategy"], written["remat"]) == (
+        "tiny",
+        256,
+        "pass_kv",
+        "full",
+    )
+    assert "does not speed up" in written["note"]
+    assert [r["context"] for r in written["rows"]] == [1, 2]
+    for row in written["rows"]:
+        assert row["tokens"] == 256 and row["tokens_per_s"] > 0
+        assert row["temp_bytes_per_device"] > 0
+        assert row["seconds_min"] <= row["seconds_median"] <= row["seconds_max"]
+        assert row["ideal_memory_ratio"] == 1 / row["context"]
+    base = written["rows"][0]
+    assert base["memory_ratio_to_context_1"] == base["tokens_per_s_ratio_to_context_1"] == 1
+    assert figure.stat().st_size > 10_000
 
 
 def test_cp_overhead_refuses_fewer_than_three_repeats(tmp_path):

@@ -208,7 +208,8 @@ def test_non_finite_loss_stops_and_names_the_step(tiny_params, batch, sgd_traine
     broken = jax.tree.map(np.asarray, tiny_params)
     broken["final_norm"] = np.full_like(broken["final_norm"], np.nan)
     state = sgd_trainer.init_state(broken)
-    with pytest.raises(NonFiniteError, match=r"step 1: the loss is nan \(not finite\); lower the learning"):
+    match = r"step 1: the loss is nan \(not finite\); lower the learning"
+    with pytest.raises(NonFiniteError, match=match):
         sgd_trainer.step(state, [batch])
 
 
@@ -258,6 +259,15 @@ def _compiled_grad_step(tiny_params, context: int, tokens: int):
     batch = pack_batch(np.random.default_rng(0).integers(0, CFG.vocab_size, (1, tokens)))
     program = trainer._grad_program("pass_kv", state.params)
     return program.lower(state.params, *trainer._rows(batch)).compile()
+
+
+def test_compiled_step_memory_is_the_temp_memory_of_the_grad_program(tiny_params):
+    context = 2
+    trainer = Trainer(CFG, _placement(context, 1, "pass_kv"))
+    state = trainer.init_state(tiny_params)
+    batch = pack_batch(np.random.default_rng(0).integers(0, CFG.vocab_size, (1, 256)))
+    want = _compiled_grad_step(tiny_params, context, 256).memory_analysis().temp_size_in_bytes
+    assert trainer.compiled_step_memory(state.params, batch) == want > 0
 
 
 def _largest_square_dims(hlo: str) -> int:

@@ -260,6 +260,16 @@ class Trainer:
         )
         return total, grad_sum, n_targets
 
+    def compiled_step_memory(self, params, batch: PackedBatch) -> int:
+        """Temporary bytes per device of the compiled gradient program of ``batch`` (one
+        micro-batch) on ``params`` (e.g. ``state.params``): XLA's ``memory_analysis`` of the
+        program a step runs, not counting its arguments (parameters, rows) or outputs. It
+        compiles the program ahead of time (another compile than the step's own)."""
+        self.check_batch(batch)
+        program = self._grad_program(self.strategy_for(batch.tokens.size), params)
+        compiled = program.lower(params, *self._rows(batch)).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes)
+
     def loss_and_grads(self, params, batches: Sequence[PackedBatch]):
         """The mean next-token NLL over all targets of ``batches`` and its gradient wrt
         ``params`` (a pytree like ``params``, float32)."""
