@@ -284,8 +284,8 @@ def test_train_step_memory_shrinks_with_the_context_ranks(tiny_params):
     """A 32K-token train step: no array anywhere has two dimensions as long as a rank's rows
     (no score matrix), and each of 8 ranks needs at most 1/5 of one device's temporary memory.
     One device's memory is linear in the tokens (with the attention kept for the backward, it
-    was the whole score matrix). At 8K tokens the ratio is 0.39: a ~10 MB per-device constant
-    of attention block buffers dominates the tiny model's 9.6 KB per token."""
+    was the whole score matrix). At 8K tokens the ratio is 0.21 (experiments/finetune.py): a
+    ~10 MB per-device constant of attention block buffers weighs more there."""
     tokens = 32768
     temp = {}
     for context in (1, 8):

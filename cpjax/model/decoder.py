@@ -78,7 +78,7 @@ KV_AXES = ("layers", "sequence", "kv_heads", "head_dim")
 #: What a layer keeps from its forward for the backward pass (``Decoder.remat``); the rest is
 #: recomputed. There is no "keep everything": inside the layer scan that would keep the
 #: attention's whole score matrix (see :func:`attention_recomputed_in_backward`; measured:
-#: 1.4 GB instead of 49 MB for an 8K-token step of the tiny model).
+#: 1.4 GB instead of 49-72 MB for an 8K-token step of the tiny model).
 #: ``prevent_cse=False``: the layers run inside ``nn.scan``, where the recompute cannot be
 #: merged with the forward anyway.
 REMAT_POLICIES = {
@@ -97,7 +97,8 @@ def attention_recomputed_in_backward(plan: Callable) -> Callable:
     whole ``T x T`` attention matrix (1.07 GB for one 8K-token layer of the tiny model).
     Measured on the compiled train step (tiny model, 8K tokens, one device): only a layer
     under ``jax.checkpoint`` (``REMAT_POLICIES``) with its attention under another avoids it
-    (49 MB of temporaries); either alone keeps the matrix (1.41-1.44 GB). The price is one more
+    (49 MB of temporaries; 72 MB with the CPU scheduler of ``cpjax.xla_env``); either alone
+    keeps the matrix (1.41-1.44 GB). The price is one more
     attention forward in the backward. Inference never differentiates and is not wrapped.
     """
 
