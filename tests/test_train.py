@@ -294,3 +294,18 @@ def test_train_step_memory_shrinks_with_the_context_ranks(tiny_params):
         temp[context] = compiled.memory_analysis().temp_size_in_bytes
     assert temp[1] <= 16 * 1024 * tokens, temp  # linear: 9.6 KB a token, not a T x T matrix
     assert temp[8] <= temp[1] / 5, temp
+
+
+def test_resume_refuses_another_models_state(tiny_params, tmp_path):
+    """A run saved for one model is not resumed by a trainer of another (a one-line error
+    naming the differing fields), before any array is read."""
+    from cpjax.train import state as state_lib
+    from cpjax.train.data import TokenStream
+
+    trainer = Trainer(CFG)
+    state = trainer.init_state(tiny_params)
+    data = TokenStream(np.arange(100) % 256, 10).fingerprint()
+    state_lib.save(str(tmp_path / "run"), state, trainer, data)
+    other = Trainer(dataclasses.replace(CFG, ffn_dim=96))
+    with pytest.raises(CpjaxError, match=r"other settings: model: ffn_dim=128 \(expected 96\)"):
+        state_lib.restore(str(tmp_path / "run"), other, state, data)
