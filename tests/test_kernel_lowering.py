@@ -33,7 +33,12 @@ import pytest
 
 import pallas_kernels
 from cpjax.errors import CpjaxError
-from pallas_kernels import decode_attention, flash_attention, flash_attention_mgpu
+from pallas_kernels import (
+    decode_attention,
+    flash_attention,
+    flash_attention_grads,
+    flash_attention_mgpu,
+)
 
 TRITON_CALL = "stablehlo.custom_call @__gpu$xla.gpu.triton("
 S = jax.ShapeDtypeStruct
@@ -94,6 +99,39 @@ def test_flash_attention_lowers_to_one_triton_call(dtype, d, hq, hkv, t, block_q
     )
     assert triton_calls(text) == [
         ("cpjax_flash_attention", (-(-t // block_q), hq, 1), 4 if d <= 64 else 8)
+    ]
+
+
+def flash_grads_shapes(t, hq, hkv, d, dtype):
+    """The arguments of ``flash_attention_grads``: the forward's, then ``out, lse, d_out,
+    d_lse`` (``d_lse`` and ``lse`` float32)."""
+    q, *rest = flash_shapes(t, hq, hkv, d, dtype)
+    lse = S((t, hq), jnp.float32)
+    return q, *rest, q, lse, q, lse
+
+
+@DTYPES
+@HEAD_DIMS
+@HEADS
+@pytest.mark.parametrize("t", [1000, 4097])
+@pytest.mark.parametrize(
+    "block_q, block_k, window", [(128, 64, None), (64, 64, None), (64, 64, 256)]
+)
+def test_flash_attention_grads_lower_to_two_triton_calls(
+    dtype, d, hq, hkv, t, block_q, block_k, window
+):
+    """The backward: dk/dv over key blocks and KV heads (the G query heads of a KV head in the
+    program, G = 3 included), then dq over query blocks and query heads."""
+    text = lower_for_cuda(
+        lambda *a: flash_attention_grads(
+            *a, block_q=block_q, block_k=block_k, window=window, interpret=False
+        ),
+        *flash_grads_shapes(t, hq, hkv, d, dtype),
+    )
+    warps = 4 if d <= 64 else 8
+    assert triton_calls(text) == [
+        ("cpjax_flash_attention_dkdv", (-(-t // block_k), hkv, 1), warps),
+        ("cpjax_flash_attention_dq", (-(-t // block_q), hq, 1), warps),
     ]
 
 
