@@ -171,13 +171,19 @@ def test_benchmark_decode_shapes_lower(cache):
 
 @pytest.fixture
 def compiled_kernels(monkeypatch):
-    """``cpjax.dispatch.pallas_attend`` as on a GPU: the kernels with ``interpret=False`` and
-    their default block sizes (it imports them from ``pallas_kernels`` at each call)."""
+    """``cpjax.dispatch.pallas_attend`` (and its backward) as on a GPU: the kernels with
+    ``interpret=False`` and their default block sizes (it imports them from ``pallas_kernels``
+    at each call)."""
     monkeypatch.setattr(
         pallas_kernels, "flash_attention", functools.partial(flash_attention, interpret=False)
     )
     monkeypatch.setattr(
         pallas_kernels, "decode_attention", functools.partial(decode_attention, interpret=False)
+    )
+    monkeypatch.setattr(
+        pallas_kernels,
+        "flash_attention_grads",
+        functools.partial(flash_attention_grads, interpret=False),
     )
 
 
@@ -209,6 +215,32 @@ def test_model_forward_with_pallas_attention_lowers(compiled_kernels, preset, dt
             lower_for_cuda(forward, params, rows, rows, rows, PastKV(kv, kv, slots, slots))
         )
         assert [name for name, _, _ in calls] == [f"cpjax_{kernel}_attention"] * 2, t
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smollm2-135m"])
+def test_model_grad_with_pallas_attention_lowers(compiled_kernels, preset):
+    """The gradient of one bf16 layer, ``attention="pallas"`` (its custom VJP): a 1000-token
+    forward is the flash kernel, the backward its dk/dv and dq kernels."""
+    from cpjax.attention import with_past
+    from cpjax.config import PRESETS
+    from cpjax.dispatch import pallas_attend
+    from cpjax.model.decoder import Decoder, param_shapes
+
+    cfg = dataclasses.replace(PRESETS[preset], n_layers=1)
+    model = Decoder(cfg, with_past(pallas_attend), jnp.bfloat16)
+
+    def loss(params, *rows):
+        return jnp.sum(model.apply({"params": params}, *rows).hidden.astype(jnp.float32))
+
+    rows = S((1000,), I32)
+    calls = triton_calls(
+        lower_for_cuda(jax.grad(loss), param_shapes(cfg, jnp.bfloat16), rows, rows, rows)
+    )
+    assert [name for name, _, _ in calls] == [
+        "cpjax_flash_attention",
+        "cpjax_flash_attention_dkdv",
+        "cpjax_flash_attention_dq",
+    ]
 
 
 def test_gemma3_forward_lowers_one_kernel_per_layer_kind(compiled_kernels):
