@@ -232,6 +232,28 @@ def test_decode_attention_compiled_matches_reference_on_gpu(tq, group, n_splits)
     _check(*got, *_on_gpu_reference(q, k, v, *layout), atol=1e-5)
 
 
+@requires_gpu
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+@pytest.mark.parametrize("blocks", [(16, 16), (64, 32)], ids=str)
+def test_flash_attention_grads_compiled_match_attend_grads_on_gpu(name, blocks):
+    """The backward kernels compiled by Triton, IEEE fp32 dots, against ``attend_grads``."""
+    q, k, v, layout, window, *result = _grad_inputs(name)
+    with jax.default_matmul_precision("highest"):
+        got = flash_attention_grads(
+            q,
+            k,
+            v,
+            *layout,
+            *result,
+            window=window,
+            block_q=blocks[0],
+            block_k=blocks[1],
+            interpret=False,
+        )
+        want = blockwise.attend_grads(q, k, v, *layout, *result, window=window)
+    assert_grads_close([np.asarray(g) for g in got], [np.asarray(w) for w in jax.device_get(want)])
+
+
 def _decode_layout(tq, tk, filled):
     """``[q_pos, kv_pos, q_seg, kv_seg]``: a cache with ``filled`` slots of sequence 0 (its
     first 9 belong to another sequence), empty slots after them, and ``tq`` new queries."""
