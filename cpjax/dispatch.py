@@ -12,7 +12,8 @@ straddle two chunks. The implementations (names in ``cpjax.names.ATTENTION_IMPLE
 * ``reference`` — dense jnp oracle (materialises the scores; tests and short inputs);
 * ``blockwise`` — online softmax over key blocks in plain XLA, skipping masked blocks;
 * ``pallas`` — the Pallas kernels of ``pallas_kernels`` (flash attention for prefill, split-K
-  for a few queries against a long cache); interpreted on CPU, compiled (Triton) on GPU;
+  for a few queries against a long cache; the flash backward for gradients and the rings'
+  backward); interpreted on CPU, compiled (Triton) on GPU;
 * ``pallas_mgpu`` — like ``pallas``, with the Hopper flash kernel (Pallas Mosaic GPU: TMA,
   ``wgmma``) for prefill; bf16/fp16, head_dim a multiple of 64; interpreted on CPU;
 * ``cudnn`` — ``jax.nn.dot_product_attention(implementation="cudnn")`` with the mask built from
@@ -22,6 +23,7 @@ straddle two chunks. The implementations (names in ``cpjax.names.ATTENTION_IMPLE
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -83,11 +85,75 @@ def pallas_attend(
     ``block_q, block_k`` are the flash kernel's blocks (powers of two >= 16 on a GPU). The
     decode kernel cuts the keys by its own cache splits: it runs only for at most
     ``DECODE_MAX_QUERIES`` queries, fewer than one tile.
+
+    Differentiable (``jax.custom_vjp``): the backward is the Pallas flash backward
+    :func:`pallas_grads` with the same blocks, whichever kernel ran forward.
     """
+    return _pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
+    """:func:`pallas_attend` with positional static arguments: the differentiable function."""
     if q.shape[0] <= DECODE_MAX_QUERIES:
         return pallas_kernels.decode_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
     return pallas_kernels.flash_attention(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window, block_q=block_q, block_k=block_k
+    )
+
+
+def _pallas_attend_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
+    """Forward of the VJP: ``(out, lse)``, and the inputs plus ``(out, lse)`` as residuals."""
+    out, lse = _pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
+    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _pallas_attend_bwd(window, block_q, block_k, residuals, cotangents):
+    """Backward of the VJP: ``(dq, dk, dv)`` in the dtypes of ``q, k, v`` by the Pallas
+    backward; ``None`` for the integer positions and segments."""
+    q, k, v, *_ = residuals
+    grads = pallas_grads(*residuals, *cotangents, window=window, block_q=block_q, block_k=block_k)
+    return (*(g.astype(x.dtype) for g, x in zip(grads, (q, k, v))), None, None, None, None)
+
+
+_pallas_attend.defvjp(_pallas_attend_fwd, _pallas_attend_bwd)
+
+
+def pallas_grads(
+    q,
+    k,
+    v,
+    q_pos,
+    kv_pos,
+    q_seg,
+    kv_seg,
+    out,
+    lse,
+    d_out,
+    d_lse,
+    *,
+    window: Optional[int] = None,
+    block_q: int = KERNEL_TILE,
+    block_k: int = KERNEL_TILE,
+):
+    """:attr:`AttentionImpl.grads` of ``pallas``: ``pallas_kernels.flash_attention_grads``
+    (shapes and semantics of ``cpjax.attention.blockwise.attend_grads``; blocks as for
+    :func:`pallas_attend`'s flash kernel). Returns ``(dq, dk, dv)`` float32."""
+    return pallas_kernels.flash_attention_grads(
+        q,
+        k,
+        v,
+        q_pos,
+        kv_pos,
+        q_seg,
+        kv_seg,
+        out,
+        lse,
+        d_out,
+        d_lse,
+        window=window,
+        block_q=block_q,
+        block_k=block_k,
     )
 
 
@@ -146,6 +212,7 @@ _IMPLS = {
         KERNEL_TILE,
         KERNEL_TILE,
         KERNEL_TILE,
+        pallas_grads,
     ),
     "pallas_mgpu": AttentionImpl(
         "pallas_mgpu", materializing(pallas_mgpu_attend), KERNEL_TILE, MGPU_BLOCK_Q, KERNEL_TILE
@@ -175,5 +242,6 @@ __all__ = [
     "get_attend",
     "get_attention",
     "pallas_attend",
+    "pallas_grads",
     "pallas_mgpu_attend",
 ]

@@ -33,7 +33,12 @@ import pytest
 
 import pallas_kernels
 from cpjax.errors import CpjaxError
-from pallas_kernels import decode_attention, flash_attention, flash_attention_mgpu
+from pallas_kernels import (
+    decode_attention,
+    flash_attention,
+    flash_attention_grads,
+    flash_attention_mgpu,
+)
 
 TRITON_CALL = "stablehlo.custom_call @__gpu$xla.gpu.triton("
 S = jax.ShapeDtypeStruct
@@ -97,6 +102,39 @@ def test_flash_attention_lowers_to_one_triton_call(dtype, d, hq, hkv, t, block_q
     ]
 
 
+def flash_grads_shapes(t, hq, hkv, d, dtype):
+    """The arguments of ``flash_attention_grads``: the forward's, then ``out, lse, d_out,
+    d_lse`` (``d_lse`` and ``lse`` float32)."""
+    q, *rest = flash_shapes(t, hq, hkv, d, dtype)
+    lse = S((t, hq), jnp.float32)
+    return q, *rest, q, lse, q, lse
+
+
+@DTYPES
+@HEAD_DIMS
+@HEADS
+@pytest.mark.parametrize("t", [1000, 4097])
+@pytest.mark.parametrize(
+    "block_q, block_k, window", [(128, 64, None), (64, 64, None), (64, 64, 256)]
+)
+def test_flash_attention_grads_lower_to_two_triton_calls(
+    dtype, d, hq, hkv, t, block_q, block_k, window
+):
+    """The backward: dk/dv over key blocks and KV heads (the G query heads of a KV head in the
+    program, G = 3 included), then dq over query blocks and query heads."""
+    text = lower_for_cuda(
+        lambda *a: flash_attention_grads(
+            *a, block_q=block_q, block_k=block_k, window=window, interpret=False
+        ),
+        *flash_grads_shapes(t, hq, hkv, d, dtype),
+    )
+    warps = 4 if d <= 64 else 8
+    assert triton_calls(text) == [
+        ("cpjax_flash_attention_dkdv", (-(-t // block_k), hkv, 1), warps),
+        ("cpjax_flash_attention_dq", (-(-t // block_q), hq, 1), warps),
+    ]
+
+
 @DTYPES
 @HEAD_DIMS
 @HEADS
@@ -133,13 +171,19 @@ def test_benchmark_decode_shapes_lower(cache):
 
 @pytest.fixture
 def compiled_kernels(monkeypatch):
-    """``cpjax.dispatch.pallas_attend`` as on a GPU: the kernels with ``interpret=False`` and
-    their default block sizes (it imports them from ``pallas_kernels`` at each call)."""
+    """``cpjax.dispatch.pallas_attend`` (and its backward) as on a GPU: the kernels with
+    ``interpret=False`` and their default block sizes (it imports them from ``pallas_kernels``
+    at each call)."""
     monkeypatch.setattr(
         pallas_kernels, "flash_attention", functools.partial(flash_attention, interpret=False)
     )
     monkeypatch.setattr(
         pallas_kernels, "decode_attention", functools.partial(decode_attention, interpret=False)
+    )
+    monkeypatch.setattr(
+        pallas_kernels,
+        "flash_attention_grads",
+        functools.partial(flash_attention_grads, interpret=False),
     )
 
 
@@ -171,6 +215,32 @@ def test_model_forward_with_pallas_attention_lowers(compiled_kernels, preset, dt
             lower_for_cuda(forward, params, rows, rows, rows, PastKV(kv, kv, slots, slots))
         )
         assert [name for name, _, _ in calls] == [f"cpjax_{kernel}_attention"] * 2, t
+
+
+@pytest.mark.parametrize("preset", ["tiny", "smollm2-135m"])
+def test_model_grad_with_pallas_attention_lowers(compiled_kernels, preset):
+    """The gradient of one bf16 layer, ``attention="pallas"`` (its custom VJP): a 1000-token
+    forward is the flash kernel, the backward its dk/dv and dq kernels."""
+    from cpjax.attention import with_past
+    from cpjax.config import PRESETS
+    from cpjax.dispatch import pallas_attend
+    from cpjax.model.decoder import Decoder, param_shapes
+
+    cfg = dataclasses.replace(PRESETS[preset], n_layers=1)
+    model = Decoder(cfg, with_past(pallas_attend), jnp.bfloat16)
+
+    def loss(params, *rows):
+        return jnp.sum(model.apply({"params": params}, *rows).hidden.astype(jnp.float32))
+
+    rows = S((1000,), I32)
+    calls = triton_calls(
+        lower_for_cuda(jax.grad(loss), param_shapes(cfg, jnp.bfloat16), rows, rows, rows)
+    )
+    assert [name for name, _, _ in calls] == [
+        "cpjax_flash_attention",
+        "cpjax_flash_attention_dkdv",
+        "cpjax_flash_attention_dq",
+    ]
 
 
 def test_gemma3_forward_lowers_one_kernel_per_layer_kind(compiled_kernels):

@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cpjax.attention import reference
-from pallas_kernels import decode_attention, flash_attention
+from cpjax.attention import blockwise, reference
+from cpjax.dispatch import pallas_attend
+from pallas_kernels import decode_attention, flash_attention, flash_attention_grads
 from tests.test_attention import CASES, _random_qkv, assert_attention_close, case_inputs
+from tests.test_attention_grad import assert_grads_close, qkv_grads
 
 _check = assert_attention_close
 
@@ -63,6 +65,88 @@ def test_decode_attention_matches_reference(tq, group, n_splits):
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, n_splits=n_splits, block_k=32, interpret=True
     )
     _check(*got, *want, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ backward
+# Shapes: Hq 4, Hkv 2 (GQA), D 16; lengths that are not multiples of the 16-row blocks.
+GRAD_CASES = {
+    # name: (tq, tk, kind, window)
+    "causal": (40, 40, "causal", None),
+    "packed_padded_dead": (48, 48, "packed", None),
+    "window_after_prefix": (29, 45, "suffix", 7),
+}
+
+
+def _grad_layout(kind, tq, tk):
+    """``[q_pos, kv_pos, q_seg, kv_seg]`` int32. ``packed``: three sequences (20, 18, 4 rows)
+    and 6 padding rows; the queries of the third see no key (its keys are padding)."""
+    if kind == "causal":
+        return [np.arange(tq), np.arange(tk), np.zeros(tq), np.zeros(tk)]
+    if kind == "suffix":
+        return [np.arange(tk - tq, tk), np.arange(tk), np.zeros(tq), np.zeros(tk)]
+    pos = np.concatenate([np.arange(20), np.arange(18), np.arange(4), np.zeros(6)])
+    q_seg = np.repeat([0, 1, 2, -1], [20, 18, 4, 6])
+    kv_seg = np.where(q_seg == 2, -1, q_seg)
+    return [pos, pos, q_seg, kv_seg]
+
+
+def _grad_inputs(name, seed=0):
+    """``(q, k, v, layout, window, out, lse, d_out, d_lse)`` of a :data:`GRAD_CASES` case:
+    ``(out, lse)`` by the reference, random cotangents (NaN on the rows that see nothing)."""
+    tq, tk, kind, window = GRAD_CASES[name]
+    rng = np.random.default_rng(seed)
+    q, k, v = _random_qkv(rng, tq, tk, 4, 2, 16)
+    layout = [np.asarray(a, np.int32) for a in _grad_layout(kind, tq, tk)]
+    out, lse = reference.attend(q, k, v, *layout, window=window)
+    dead = np.isneginf(np.asarray(lse))
+    d_out = np.where(dead[..., None], np.nan, rng.standard_normal(out.shape)).astype(np.float32)
+    d_lse = np.where(dead, np.nan, rng.standard_normal(lse.shape)).astype(np.float32)
+    return q, k, v, layout, window, out, lse, d_out, d_lse
+
+
+@pytest.mark.parametrize(
+    "name, blocks",
+    [("causal", (16, 16)), ("packed_padded_dead", (32, 16)), ("window_after_prefix", (16, 32))],
+)
+def test_flash_attention_grads_match_attend_grads(name, blocks):
+    """Causal GQA, packed segments with padding and queries that see nothing (NaN
+    cotangents), a sliding window after a prefix; nonzero ``d_lse``: the kernels equal
+    ``blockwise.attend_grads`` (1e-5) and give the dead rows no gradient."""
+    q, k, v, layout, window, *result = _grad_inputs(name)
+    got = flash_attention_grads(
+        q, k, v, *layout, *result, window=window, block_q=blocks[0], block_k=blocks[1]
+    )
+    want = blockwise.attend_grads(q, k, v, *layout, *result, window=window, block_q=8, block_k=8)
+    assert [g.dtype for g in got] == [jnp.float32] * 3
+    assert_grads_close([np.asarray(g) for g in got], [np.asarray(w) for w in want])
+    dead = np.isneginf(np.asarray(result[1]))
+    assert dead.any() == (name == "packed_padded_dead")
+    assert (np.asarray(got[0])[dead] == 0).all()
+
+
+def test_flash_attention_grads_of_a_key_subset():
+    """``(out, lse)`` over all 45 keys, gradients through keys 20..44 only: this key set's
+    part of ``dq`` and its ``dk, dv``, as ``blockwise.attend_grads`` computes them."""
+    q, k, v, (q_pos, kv_pos, q_seg, kv_seg), window, *result = _grad_inputs(
+        "window_after_prefix", seed=1
+    )
+    part = (k[20:], v[20:], q_pos, kv_pos[20:], q_seg, kv_seg[20:])
+    args = (q, *part[:2], *part[2:])
+    got = flash_attention_grads(*args, *result, window=window, block_q=16, block_k=16)
+    want = blockwise.attend_grads(*args, *result, window=window, block_q=8, block_k=8)
+    assert_grads_close([np.asarray(g) for g in got], [np.asarray(w) for w in want])
+
+
+@pytest.mark.parametrize("tq", [4, 40], ids=["decode_forward", "flash_forward"])
+def test_grad_through_pallas_attend_equals_reference_autodiff(tq):
+    """``jax.grad`` of a loss of ``(out, lse)`` through ``pallas_attend`` (its custom VJP:
+    split-K decode or flash forward, the Pallas backward) equals autodiff of the reference."""
+    rng = np.random.default_rng(tq)
+    q, k, v = _random_qkv(rng, tq, 40, 4, 2, 16)
+    layout = [np.arange(40 - tq, 40), np.arange(40), np.zeros(tq), np.zeros(40)]
+    layout = [np.asarray(a, np.int32) for a in layout]
+    got = qkv_grads(lambda *a: pallas_attend(*a, block_q=16, block_k=16), q, k, v, layout)
+    assert_grads_close(got, qkv_grads(reference.attend, q, k, v, layout))
 
 
 def test_rings_with_pallas_match_reference_on_8_devices(tiny_params):
@@ -146,6 +230,28 @@ def test_decode_attention_compiled_matches_reference_on_gpu(tq, group, n_splits)
     with jax.default_matmul_precision("highest"):
         got = decode_attention(q, k, v, *layout, n_splits=n_splits, block_k=32, interpret=False)
     _check(*got, *_on_gpu_reference(q, k, v, *layout), atol=1e-5)
+
+
+@requires_gpu
+@pytest.mark.parametrize("name", sorted(GRAD_CASES))
+@pytest.mark.parametrize("blocks", [(16, 16), (64, 32)], ids=str)
+def test_flash_attention_grads_compiled_match_attend_grads_on_gpu(name, blocks):
+    """The backward kernels compiled by Triton, IEEE fp32 dots, against ``attend_grads``."""
+    q, k, v, layout, window, *result = _grad_inputs(name)
+    with jax.default_matmul_precision("highest"):
+        got = flash_attention_grads(
+            q,
+            k,
+            v,
+            *layout,
+            *result,
+            window=window,
+            block_q=blocks[0],
+            block_k=blocks[1],
+            interpret=False,
+        )
+        want = blockwise.attend_grads(q, k, v, *layout, *result, window=window)
+    assert_grads_close([np.asarray(g) for g in got], [np.asarray(w) for w in jax.device_get(want)])
 
 
 def _decode_layout(tq, tk, filled):

@@ -47,7 +47,7 @@ from cpjax.xla_env import CPU_COLLECTIVES_FLAG
 Placement = Union[SingleDevice, ContextParallel]
 
 #: Implementations with a backward pass (``AttentionImpl.grads`` or plain autodiff).
-DIFFERENTIABLE = ("blockwise", "reference")
+DIFFERENTIABLE = ("blockwise", "pallas", "reference")
 
 
 class TrainState(NamedTuple):
