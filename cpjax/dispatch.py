@@ -23,7 +23,6 @@ straddle two chunks. The implementations (names in ``cpjax.names.ATTENTION_IMPLE
 
 from __future__ import annotations
 
-import functools
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -92,31 +91,13 @@ def pallas_attend(
     return _pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
-    """:func:`pallas_attend` with positional static arguments: the differentiable function."""
+def _pallas_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
+    """:func:`pallas_attend` with positional static arguments."""
     if q.shape[0] <= DECODE_MAX_QUERIES:
         return pallas_kernels.decode_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window)
     return pallas_kernels.flash_attention(
         q, k, v, q_pos, kv_pos, q_seg, kv_seg, window=window, block_q=block_q, block_k=block_k
     )
-
-
-def _pallas_attend_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
-    """Forward of the VJP: ``(out, lse)``, and the inputs plus ``(out, lse)`` as residuals."""
-    out, lse = _pallas_attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
-
-
-def _pallas_attend_bwd(window, block_q, block_k, residuals, cotangents):
-    """Backward of the VJP: ``(dq, dk, dv)`` in the dtypes of ``q, k, v`` by the Pallas
-    backward; ``None`` for the integer positions and segments."""
-    q, k, v, *_ = residuals
-    grads = pallas_grads(*residuals, *cotangents, window=window, block_q=block_q, block_k=block_k)
-    return (*(g.astype(x.dtype) for g, x in zip(grads, (q, k, v))), None, None, None, None)
-
-
-_pallas_attend.defvjp(_pallas_attend_fwd, _pallas_attend_bwd)
 
 
 def pallas_grads(
@@ -155,6 +136,9 @@ def pallas_grads(
         block_q=block_q,
         block_k=block_k,
     )
+
+
+_pallas_attend = blockwise.flash_vjp(_pallas_forward, pallas_grads)
 
 
 def pallas_mgpu_attend(

@@ -23,7 +23,7 @@ a constant ``(out, lse) = (0, -inf)``: their cotangents are ignored (no NaN).
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -157,12 +157,6 @@ def _skip_branch(q_bounds: BlockBounds, kv_bounds: BlockBounds, window: Optional
     return jnp.where(visible, jnp.where(full, 2, 1), 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
-    """:func:`attend` with checked inputs and clipped blocks: the differentiable function."""
-    return _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
-
-
 def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
     """The online-softmax forward of :func:`attend` (``block_q <= Tq``, ``block_k <= Tk``)."""
     tq, hq, d = q.shape
@@ -236,35 +230,29 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
     return out, lse
 
 
-def _attend_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
-    """Forward of the VJP: the result, and the inputs plus ``(out, lse)`` as residuals."""
-    out, lse = _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+def flash_vjp(forward: Callable, grads: Callable) -> Callable:
+    """``forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k) -> (out,
+    lse)`` made differentiable with a flash-style backward ``grads`` (the signature of
+    :func:`attend_grads`): the VJP keeps only the inputs and ``(out, lse)``, and returns
+    ``(dq, dk, dv)`` in the dtypes of ``q, k, v`` (nothing for positions and segments).
+    ``window, block_q, block_k`` are static."""
 
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+    def differentiable(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
+        return forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
 
-def _attend_bwd(window, block_q, block_k, residuals, cotangents):
-    """Backward of the VJP: ``(dq, dk, dv)`` in the dtypes of ``q, k, v``; ``None`` for the
-    integer positions and segments."""
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
-    grads = attend_grads(
-        q,
-        k,
-        v,
-        q_pos,
-        kv_pos,
-        q_seg,
-        kv_seg,
-        out,
-        lse,
-        *cotangents,
-        window=window,
-        block_q=block_q,
-        block_k=block_k,
-    )
-    return (*(g.astype(x.dtype) for g, x in zip(grads, (q, k, v))), None, None, None, None)
+    def forward_with_residuals(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
+        out, lse = forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k)
+        return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
+    def backward(window, block_q, block_k, residuals, cotangents):
+        q, k, v = residuals[:3]
+        dq_dk_dv = grads(*residuals, *cotangents, window=window, block_q=block_q, block_k=block_k)
+        cast = tuple(g.astype(x.dtype) for g, x in zip(dq_dk_dv, (q, k, v)))
+        return (*cast, None, None, None, None)
 
-_attend.defvjp(_attend_fwd, _attend_bwd)
+    differentiable.defvjp(forward_with_residuals, backward)
+    return differentiable
 
 
 def attend_grads(
@@ -375,3 +363,6 @@ def attend_grads(
     dk = _blocks_to_rows(dk, block_k, hkv, 1)[:tk]
     dv = _blocks_to_rows(dv, block_k, hkv, 1)[:tk]
     return dq, dk, dv
+
+
+_attend = flash_vjp(_forward, attend_grads)  # the differentiable function behind attend

@@ -71,15 +71,7 @@ class Engine:
     check_finite: bool = False
 
     def __post_init__(self):
-        require(
-            isinstance(self.config, ModelConfig),
-            f"config: expected a ModelConfig, got {type(self.config).__name__}",
-        )
-        require(
-            isinstance(self.placement, (SingleDevice, ContextParallel)),
-            f"placement: expected SingleDevice() or ContextParallel(mesh, ...), got "
-            f"{type(self.placement).__name__}",
-        )
+        check.model_and_placement(self.config, self.placement)
         self.dtype = check.dtype(self.dtype)
         require(
             isinstance(self.bucket, int) and self.bucket >= 1,
@@ -94,7 +86,6 @@ class Engine:
         check_param_shapes(
             self.config, {name: np.shape(x) for name, x in leaves_by_name(self.params).items()}
         )
-        self.placement.check_model(self.config)
         self.forward = self.placement.forward(
             self.config, self.dtype, get_attention(self.attention)
         )

@@ -180,3 +180,20 @@ def continues_cache(next_positions: dict, segment_ids, start_positions) -> None:
             f"that segment up to position {expected - 1} (the next turn must start at "
             f"{expected}); pass the right segment id or start position",
         )
+
+
+def model_and_placement(config, placement) -> None:
+    """``config`` must be a ModelConfig and ``placement`` a ``SingleDevice`` or
+    ``ContextParallel`` that can hold it (heads and FFN split over its tensor axis)."""
+    from cpjax.engine.placement import ContextParallel, SingleDevice
+
+    require(
+        isinstance(config, ModelConfig),
+        f"config: expected a ModelConfig, got {type(config).__name__}",
+    )
+    require(
+        isinstance(placement, (SingleDevice, ContextParallel)),
+        f"placement: expected SingleDevice() or ContextParallel(mesh, ...), got "
+        f"{type(placement).__name__}",
+    )
+    placement.check_model(config)

@@ -118,15 +118,7 @@ class Trainer:
     check_finite: bool = False
 
     def __post_init__(self):
-        require(
-            isinstance(self.config, ModelConfig),
-            f"config: expected a ModelConfig, got {type(self.config).__name__}",
-        )
-        require(
-            isinstance(self.placement, (SingleDevice, ContextParallel)),
-            f"placement: expected SingleDevice() or ContextParallel(mesh, ...), got "
-            f"{type(self.placement).__name__}",
-        )
+        check.model_and_placement(self.config, self.placement)
         require(
             isinstance(self.optimizer, OptimizerConfig),
             f"optimizer: expected an OptimizerConfig, got {type(self.optimizer).__name__}",
@@ -144,7 +136,6 @@ class Trainer:
             isinstance(self.bucket, int) and self.bucket >= 1,
             f"bucket={self.bucket!r}: must be an int >= 1",
         )
-        self.placement.check_model(self.config)
         _check_cpu_collectives(self.placement)
         self.impl = get_attention(name)
         self.forward = dataclasses.replace(
