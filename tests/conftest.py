@@ -5,7 +5,8 @@ Many tests build engines whose programs are the same computation (another closur
 HLO). JAX's persistent compilation cache keeps each program that takes over 0.5 s to compile, so a
 repeat (within one run or across runs) is read from disk. It lives outside the repository:
 ``$CPJAX_TEST_COMPILE_CACHE``, else ``$XDG_CACHE_HOME`` or ``~/.cache`` + ``cpjax/jax-compile``
-(set ``CPJAX_TEST_COMPILE_CACHE=off`` to compile everything afresh).
+(set ``CPJAX_TEST_COMPILE_CACHE=off`` to compile everything afresh). Command-line subprocesses
+get it through :func:`compile_cache_env`.
 """
 
 import os
@@ -30,13 +31,28 @@ def _compile_cache_dir():
     return os.path.join(home, "cpjax", "jax-compile")
 
 
+CACHE_MIN_COMPILE_SECS = 0.5
+
+
+def compile_cache_env() -> dict:
+    """Environment variables that give a ``python -m cpjax`` subprocess the tests' persistent
+    compilation cache (jax reads them at import; empty when the cache is off)."""
+    cache_dir = _compile_cache_dir()
+    if cache_dir is None:
+        return {}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(CACHE_MIN_COMPILE_SECS),
+    }
+
+
 def pytest_configure(config):
     import jax
 
     cache_dir = _compile_cache_dir()
     if cache_dir is not None:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
 
 
 @pytest.fixture(scope="session")
