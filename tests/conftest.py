@@ -19,6 +19,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import pytest  # noqa: E402
 
+# The tests that hold a real model (SmolLM2, Gemma 3) on 8 fake devices or next to HF's copy:
+# pytest-xdist (``--dist loadgroup``) runs them on one worker, one at a time, so two of them
+# never add up in memory (the Gemma oracle alone peaks at ~12 GB).
+REAL_MODELS = pytest.mark.xdist_group("real_models")
+
 
 def _compile_cache_dir():
     """Where the persistent compilation cache of the tests lives (None: disabled)."""
@@ -46,7 +51,19 @@ def compile_cache_env() -> dict:
     }
 
 
+def _check_loadgroup_groups(config) -> None:
+    """pytest-xdist (3.8) marks a test's group by rewriting its node id, which pytest 9.2 ignores
+    (pytest-dev/pytest-xdist#1386): the real-model tests would then run side by side."""
+    version = tuple(int(p) for p in pytest.__version__.split(".")[:2] if p.isdigit())
+    if getattr(config.option, "dist", None) == "loadgroup" and version >= (9, 2):
+        raise pytest.UsageError(
+            f"--dist loadgroup does not group tests on pytest {pytest.__version__} "
+            "(pytest-dev/pytest-xdist#1386): install pytest<9.2 (the 'test' extra pins it)"
+        )
+
+
 def pytest_configure(config):
+    _check_loadgroup_groups(config)
     import jax
 
     cache_dir = _compile_cache_dir()

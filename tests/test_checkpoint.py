@@ -33,6 +33,7 @@ from cpjax.loaders.checkpoint import (
 from cpjax.model.decoder import param_axes, param_count, param_shapes
 from cpjax.parallel.mesh import make_mesh
 from cpjax.parallel.sharding import tree_specs
+from tests.conftest import REAL_MODELS
 from tests.test_cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -329,6 +330,7 @@ def test_cli_convert_to_bfloat16(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
 
+@REAL_MODELS
 def test_smollm2_converts_and_reloads_equal(tmp_path):
     config, params, tokenizer = load_model("smollm2-135m")
     save_checkpoint(tmp_path / "c", config, params, tokenizer)

@@ -15,8 +15,9 @@ from cpjax.engine import ContextParallel, Engine
 from cpjax.loaders import load_model
 from cpjax.loaders.embedded import gemma_gguf_path
 from cpjax.parallel.mesh import make_mesh
+from tests.conftest import REAL_MODELS
 
-pytestmark = [pytest.mark.oracle, pytest.mark.slow]
+pytestmark = [pytest.mark.oracle, pytest.mark.slow, REAL_MODELS]
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
