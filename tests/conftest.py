@@ -5,7 +5,8 @@ Many tests build engines whose programs are the same computation (another closur
 HLO). JAX's persistent compilation cache keeps each program that takes over 0.5 s to compile, so a
 repeat (within one run or across runs) is read from disk. It lives outside the repository:
 ``$CPJAX_TEST_COMPILE_CACHE``, else ``$XDG_CACHE_HOME`` or ``~/.cache`` + ``cpjax/jax-compile``
-(set ``CPJAX_TEST_COMPILE_CACHE=off`` to compile everything afresh).
+(set ``CPJAX_TEST_COMPILE_CACHE=off`` to compile everything afresh). Command-line subprocesses
+get it through :func:`compile_cache_env`.
 """
 
 import os
@@ -21,6 +22,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import pytest  # noqa: E402
 
+# The tests that hold a real model (SmolLM2, Gemma 3) on 8 fake devices or next to HF's copy:
+# pytest-xdist (``--dist loadgroup``) runs them on one worker, one at a time, so two of them
+# never add up in memory (the Gemma oracle alone peaks at ~12 GB).
+REAL_MODELS = pytest.mark.xdist_group("real_models")
+
 
 def _compile_cache_dir():
     """Where the persistent compilation cache of the tests lives (None: disabled)."""
@@ -33,13 +39,40 @@ def _compile_cache_dir():
     return os.path.join(home, "cpjax", "jax-compile")
 
 
+CACHE_MIN_COMPILE_SECS = 0.5
+
+
+def compile_cache_env() -> dict:
+    """Environment variables that give a ``python -m cpjax`` subprocess the tests' persistent
+    compilation cache (jax reads them at import; empty when the cache is off)."""
+    cache_dir = _compile_cache_dir()
+    if cache_dir is None:
+        return {}
+    return {
+        "JAX_COMPILATION_CACHE_DIR": cache_dir,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": str(CACHE_MIN_COMPILE_SECS),
+    }
+
+
+def _check_loadgroup_groups(config) -> None:
+    """pytest-xdist (3.8) marks a test's group by rewriting its node id, which pytest 9.2 ignores
+    (pytest-dev/pytest-xdist#1386): the real-model tests would then run side by side."""
+    version = tuple(int(p) for p in pytest.__version__.split(".")[:2] if p.isdigit())
+    if getattr(config.option, "dist", None) == "loadgroup" and version >= (9, 2):
+        raise pytest.UsageError(
+            f"--dist loadgroup does not group tests on pytest {pytest.__version__} "
+            "(pytest-dev/pytest-xdist#1386): install pytest<9.2 (the 'test' extra pins it)"
+        )
+
+
 def pytest_configure(config):
+    _check_loadgroup_groups(config)
     import jax
 
     cache_dir = _compile_cache_dir()
     if cache_dir is not None:
         jax.config.update("jax_compilation_cache_dir", cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECS)
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,8 @@ from cpjax.loaders.checkpoint import (
 from cpjax.model.decoder import param_axes, param_count, param_shapes
 from cpjax.parallel.mesh import make_mesh
 from cpjax.parallel.sharding import tree_specs
+from tests.conftest import REAL_MODELS
+from tests.test_cli import run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = PRESETS["tiny"]
@@ -298,18 +300,6 @@ def test_a_save_killed_between_the_renames_is_recovered(tmp_path, tiny_params):
 
 
 # ----------------------------------------------------------------------------- CLI, SmolLM2
-def run_cli(*args):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return subprocess.run(
-        [sys.executable, "-m", "cpjax", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env=env,
-    )
-
-
 def test_cli_convert_then_score_from_the_checkpoint(tmp_path, single):
     result = run_cli("convert", "--model", "tiny", "--out", str(tmp_path / "c"))
     assert result.returncode == 0, result.stderr
@@ -340,6 +330,7 @@ def test_cli_convert_to_bfloat16(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
 
+@REAL_MODELS
 def test_smollm2_converts_and_reloads_equal(tmp_path):
     config, params, tokenizer = load_model("smollm2-135m")
     save_checkpoint(tmp_path / "c", config, params, tokenizer)

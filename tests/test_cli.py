@@ -10,12 +10,14 @@ import pytest
 
 from cpjax.config import PRESETS
 from cpjax.engine import Engine
+from tests.conftest import compile_cache_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args, timeout=300):
-    env = dict(os.environ)
+    """``python -m cpjax ARGS`` in a fresh process (its own XLA flags, the tests' cache)."""
+    env = dict(os.environ, **compile_cache_env())
     env.pop("XLA_FLAGS", None)
     return subprocess.run(
         [sys.executable, "-m", "cpjax", *args],

@@ -13,6 +13,7 @@ import pytest
 
 from cpjax.errors import CpjaxError
 from cpjax.parallel import distributed
+from tests.conftest import REAL_MODELS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "multiprocess_worker.py")
@@ -90,6 +91,7 @@ def test_two_processes_equal_one_process_on_the_tiny_model(tmp_path, tiny_params
 
 
 @pytest.mark.slow
+@REAL_MODELS
 def test_two_processes_equal_one_process_on_smollm2(tmp_path):
     from cpjax.loaders import load_model
 

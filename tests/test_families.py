@@ -108,19 +108,20 @@ def _hf_logprobs(model, ids):
     return lp.gather(-1, torch.from_numpy(ids[1:]).long()[:, None])[:, 0].numpy()
 
 
-def test_config_and_logprobs_equal_hf(family):
-    name, model, config, params = family
+@pytest.fixture(scope="module")
+def single(family):
+    """The family's single-device engine, shared by its tests (one trace of each program)."""
+    _, _, config, params = family
+    return Engine(config, params)
+
+
+def test_config_and_logprobs_equal_hf(family, single):
+    name, model, config, _ = family
     expected_family = {"qwen2": "qwen2", "gemma3": "gemma3"}.get(name, "llama")
     assert config.family == expected_family
     ids = _ids()
-    got = Engine(config, params).score(ids)
+    got = single.score(ids)
     assert np.abs(got - _hf_logprobs(model, ids)).max() < 1e-4
-
-
-@pytest.fixture(scope="module")
-def single(family):
-    _, _, config, params = family
-    return Engine(config, params)
 
 
 WINDOWED = ["gemma3", "mistral-w5", "qwen2"]  # the families whose rings must respect windows

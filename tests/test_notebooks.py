@@ -6,6 +6,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.conftest import REAL_MODELS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(ROOT, "notebooks")) if f.endswith(".ipynb"))
 
@@ -20,6 +22,7 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.slow
+@REAL_MODELS
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # the notebook sets its own devices

@@ -5,8 +5,9 @@ import pytest
 
 from cpjax.engine import Engine
 from cpjax.loaders import embedded_gguf_path, load_model
+from tests.conftest import REAL_MODELS
 
-pytestmark = pytest.mark.oracle
+pytestmark = [pytest.mark.oracle, REAL_MODELS]
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

@@ -6,8 +6,9 @@ import pytest
 from cpjax.engine import ContextParallel, Engine
 from cpjax.loaders import load_model
 from cpjax.parallel.mesh import make_mesh
+from tests.conftest import REAL_MODELS
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, REAL_MODELS]
 
 TEXT = (
     "Context parallelism splits one long prompt over many devices. Each device holds two "
