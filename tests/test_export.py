@@ -18,6 +18,7 @@ from cpjax.loaders import embedded_gguf_path, export_hf, load_model
 from cpjax.loaders.hf_config import config_from_hf
 from cpjax.loaders.source import cached_gguf_tokenizer
 from cpjax.model.decoder import init_params
+from tests.conftest import REAL_MODELS
 
 LENGTH = 48  # longer than every window below
 
@@ -257,6 +258,7 @@ TEXTS = [
 
 
 @pytest.mark.oracle
+@REAL_MODELS
 @pytest.mark.slow  # with the export (20 s) over 30 s on 2 cores
 def test_smollm2_export_loads_in_transformers_with_equal_logits(smollm2_export):
     out, (config, params, tokenizer) = smollm2_export
@@ -270,6 +272,7 @@ def test_smollm2_export_loads_in_transformers_with_equal_logits(smollm2_export):
 
 
 @pytest.mark.oracle
+@REAL_MODELS
 @pytest.mark.slow  # with the export (20 s) over 30 s on 2 cores
 def test_smollm2_export_tokenizer_equals_cpjax(smollm2_export):
     _, transformers = _hf()
