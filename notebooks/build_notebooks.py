@@ -296,15 +296,18 @@ print(f"log p(' BLUE HERON.' | cue) before: {before:.2f}")""",
         ),
         (
             "md",
-            "Fine-tune: AdamW, the whole document as one sequence, 8 context ranks (pass-KV). "
-            "Each step is one optimizer update on the mean next-token loss of the document.",
+            "Fine-tune: plain SGD, the whole document as one sequence, 8 context ranks "
+            "(pass-KV). Each step is one optimizer update on the mean next-token loss of the "
+            "document. (The weights are replicated on every rank, so on 8 fake devices in one "
+            "process SGD keeps memory to 8 x (weights + gradients); AdamW would add 8 x its "
+            "two moments: `OptimizerConfig('adamw', ...)` on real devices.)",
         ),
         (
             "code",
             """trainer = Trainer(
     config,
     ContextParallel(make_mesh(context=8), strategy="pass_kv"),
-    OptimizerConfig("adamw", learning_rate=1e-4),
+    OptimizerConfig("sgd", learning_rate=0.03),
 )
 state = trainer.init_state(params)
 batch = pack_batch(np.array([document]))

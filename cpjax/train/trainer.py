@@ -156,8 +156,9 @@ class Trainer:
             self.config, {name: np.shape(x) for name, x in leaves_by_name(params).items()}
         )
         placed = self.placement.place_params(params, self.config, jnp.float32)
-        # The steps donate the state: never the caller's arrays (placing may return them).
-        params = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))(placed)
+        # The steps donate the state: never the caller's arrays (placing may return them; it
+        # copies everything else, so only those are copied here).
+        params = jax.tree.map(lambda p, x: jnp.copy(p) if p is x else p, placed, params)
         return TrainState(step=0, params=params, opt_state=jax.jit(self.tx.init)(params))
 
     # ----------------------------------------------------------------- compiled pieces
