@@ -101,40 +101,18 @@ def _pallas_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, bloc
 
 
 def pallas_grads(
-    q,
-    k,
-    v,
-    q_pos,
-    kv_pos,
-    q_seg,
-    kv_seg,
-    out,
-    lse,
-    d_out,
-    d_lse,
-    *,
+    *arrays,
     window: Optional[int] = None,
     block_q: int = KERNEL_TILE,
     block_k: int = KERNEL_TILE,
 ):
     """:attr:`AttentionImpl.grads` of ``pallas``: ``pallas_kernels.flash_attention_grads``
-    (shapes and semantics of ``cpjax.attention.blockwise.attend_grads``; blocks as for
-    :func:`pallas_attend`'s flash kernel). Returns ``(dq, dk, dv)`` float32."""
+    of ``arrays = (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse)`` (shapes and
+    semantics of ``cpjax.attention.blockwise.attend_grads``; blocks as for
+    :func:`pallas_attend`'s flash kernel). Returns ``(dq, dk, dv)`` float32. (Looked up at call
+    time, so tests can replace the kernel.)"""
     return pallas_kernels.flash_attention_grads(
-        q,
-        k,
-        v,
-        q_pos,
-        kv_pos,
-        q_seg,
-        kv_seg,
-        out,
-        lse,
-        d_out,
-        d_lse,
-        window=window,
-        block_q=block_q,
-        block_k=block_k,
+        *arrays, window=window, block_q=block_q, block_k=block_k
     )
 
 
