@@ -56,6 +56,8 @@ class AttentionImpl(NamedTuple):
         ``cpjax.attention.blockwise.attend_grads``): a key set's part of the gradients of an
         attention result ``(out, lse)`` over a superset. The pass-KV ring's backward is built
         from it; ``None``: the rings are differentiated by autodiff, if at all.
+      grad_block_k: the key blocks ``grads`` uses by default (a multiple of ``tile``);
+        ``None``: ``block_k``.
     """
 
     name: str
@@ -64,6 +66,7 @@ class AttentionImpl(NamedTuple):
     block_q: Optional[int]
     block_k: Optional[int]
     grads: Optional[Callable] = None
+    grad_block_k: Optional[int] = None
 
 
 def pallas_attend(
@@ -167,6 +170,7 @@ _IMPLS = {
         blockwise.BLOCK_Q,
         blockwise.BLOCK_K,
         blockwise.attend_grads,
+        blockwise.GRAD_BLOCK_K,
     ),
     "pallas": AttentionImpl(
         "pallas",

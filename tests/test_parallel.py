@@ -191,7 +191,7 @@ def test_hlo_collectives_and_bytes_match_the_formula(engines, strategy):
     args = engine._rows(layout, np.arange(128) % CFG.vocab_size)
     hlo = engine._program("logits", strategy).lower(engine.params, *args).compile().as_text()
     sent = hlo_collective_bytes(hlo, 4)
-    expected = formula_bytes_per_layer(
+    per_layer = formula_bytes_per_layer(
         strategy,
         4,
         layout.local_len,
@@ -201,7 +201,10 @@ def test_hlo_collectives_and_bytes_match_the_formula(engines, strategy):
         CFG.head_dim,
         4,
     )
-    assert sum(sent.values()) == expected
+    # Positions and segment ids (8 B a row) are the same in every layer: XLA may hoist their
+    # first transfer out of the layer loop, sending it once instead of once a layer.
+    hoistable = (CFG.n_layers - 1) * 3 * layout.local_len * 8
+    assert CFG.n_layers * per_layer - hoistable <= sum(sent.values()) <= CFG.n_layers * per_layer
     if strategy == "pass_kv":
         assert sent["collective-permute"] > 0 and sent["all-gather"] == sent["all-to-all"] == 0
     elif strategy == "pass_q":
@@ -211,18 +214,22 @@ def test_hlo_collectives_and_bytes_match_the_formula(engines, strategy):
         assert sent["all-gather"] > 0 and sent["collective-permute"] == 0
 
 
-# A pass-KV step, a pass-Q all-to-all and an all-gather of positions, N = 4, as XLA prints
-# them on CPU (synchronous) and on GPU (asynchronous -start/-done pairs whose -start returns a
-# tuple of operand, result and contexts; a combined all-gather; an all-to-all wrapped in
-# async-start). Payloads: permute 2 x 512 B (K and V), all-to-all 3/4 of 1024 B, all-gather
-# 3/4 of 4 x 128 B + 3/4 of 4 x 16 B.
+# A pass-KV step in a loop of 3 iterations, a pass-Q all-to-all and an all-gather of
+# positions, N = 4, as XLA prints them on CPU (synchronous) and on GPU (asynchronous
+# -start/-done pairs whose -start returns a tuple of operand, result and contexts; a combined
+# all-gather; an all-to-all wrapped in async-start). Payloads: permute 3 x 2 x 512 B (K and
+# V), all-to-all 3/4 of 1024 B, all-gather 3/4 of 4 x 128 B + 3/4 of 4 x 16 B.
 _CPU_HLO = """
 body {
   %k = bf16[16,2,8]{2,1,0} get-tuple-element(%p), index=0
   %cp.1 = bf16[16,2,8]{2,1,0} collective-permute(%k), channel_id=1, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
   %cp.2 = bf16[16,2,8]{2,1,0} collective-permute(%v), channel_id=2, source_target_pairs={{0,1},{1,2},{2,3},{3,0}}
 }
+cond {
+  %c = pred[] constant(true)
+}
 ENTRY main {
+  %w = (s32[]) while(%t), condition=cond, body=body, backend_config={"known_trip_count":{"n":"3"}}
   %a2a = f32[4,64]{1,0} all-to-all(f32[4,64]{1,0} %o), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}
   %ag = (f32[32]{0}, s32[16]{0}) all-gather(f32[8]{0} %x, s32[4]{0} %s), channel_id=4, replica_groups={{0,1,2,3}}, dimensions={0}
 }
@@ -239,7 +246,11 @@ body {
   %collective-permute-done.1 = bf16[16,2,8]{2,1,0} collective-permute-done(%collective-permute-start.1)
   %collective-permute-done.2 = bf16[16,2,8]{2,1,0} collective-permute-done(%collective-permute-start.2)
 }
+%cond (p: (s32[])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
 ENTRY main {
+  %w = (s32[]) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"},"other":{}}
   %async-start = ((f32[4,64]{1,0}), f32[4,64]{1,0}, s32[]) async-start(%o), calls=%all-to-all.wrapped
   %async-done = f32[4,64]{1,0} async-done(%async-start)
   %all-gather-start = ((f32[8]{0}, s32[4]{0}), (f32[32]{0}, s32[16]{0})) all-gather-start(%x, %s), channel_id=4, replica_groups={{0,1,2,3}}, dimensions={0}
@@ -252,7 +263,7 @@ ENTRY main {
 
 def test_hlo_bytes_count_each_asynchronous_collective_once():
     want = {
-        "collective-permute": 2 * 16 * 2 * 8 * 2,
+        "collective-permute": 3 * 2 * 16 * 2 * 8 * 2,
         "all-to-all": 3 * 4 * 64 * 4 // 4,
         "all-gather": 3 * 32 * 4 // 4 + 3 * 16 * 4 // 4,
     }

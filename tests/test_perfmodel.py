@@ -244,9 +244,13 @@ def test_ring_bytes_equal_those_of_the_compiled_hlo(strategy, tiny_params):
     args = engine._rows(layout, np.arange(128) % tiny.vocab_size)
     hlo = engine._program("logits", strategy).lower(engine.params, *args).compile().as_text()
     sent = sum(hlo_collective_bytes(hlo, 4).values())
-    assert sent == ring_bytes_per_layer(
+    per_layer = ring_bytes_per_layer(
         strategy, tiny, 128, 0, Deployment(cp=4, tp=1, bytes_per_element=4)
     )
+    # the model's bytes, less what XLA saves by sending the positions and segment ids (8 B a
+    # row, the same in every layer) once instead of once a layer
+    hoistable = (tiny.n_layers - 1) * 3 * 32 * 8
+    assert tiny.n_layers * per_layer - hoistable <= sent <= tiny.n_layers * per_layer
 
 
 def _cli(*args):

@@ -77,25 +77,84 @@ def _payload_type(type_text: str, suffix: str) -> str:
     return _top_level(type_text)[1] if suffix == "-start" else type_text
 
 
-def hlo_collective_bytes(hlo_text: str, n: int) -> dict[str, int]:
-    """Bytes one rank sends per collective kind, summed over the ops in ``hlo_text``.
+_CALLEE = re.compile(
+    r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
-    Ops inside the per-layer loop body appear once, so for a model forward this is per layer.
-    collective-permute sends its operand; all-to-all sends (n-1)/n of it; all-gather sends its
-    operand to n-1 ranks (its result is n operands). An asynchronous pair (``-start`` /
-    ``-done``, as XLA emits on GPU) is one transfer, counted at its ``-start`` from the result
-    buffer inside the start's tuple; an op wrapped in ``async-start`` is counted once, in the
-    computation it calls.
-    """
-    sent = {"collective-permute": 0, "all-to-all": 0, "all-gather": 0}
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+    """The lines of each computation of ``hlo_text`` by name (a computation opens with an
+    unindented line ending in ``{``, optionally ``ENTRY``, and closes with ``}``), and the
+    entry's name (the last computation when none is marked ``ENTRY``)."""
+    bodies: dict[str, list[str]] = {}
+    entry, name = None, None
     for line in hlo_text.splitlines():
-        match = _OP.search(line)
-        if not match or match.group(3) == "-done":
-            continue
-        type_text, kind, suffix = match.groups()
-        result_bytes = _shape_bytes(_payload_type(type_text, suffix))
-        if kind == "collective-permute":
-            sent[kind] += result_bytes
-        else:
-            sent[kind] += result_bytes * (n - 1) // n
+        if line.startswith("}"):
+            name = None
+        elif line[:1] not in (" ", "\t", "") and line.rstrip().endswith("{"):
+            words = line.split()
+            is_entry = words[0] == "ENTRY"
+            name = words[1 if is_entry else 0].lstrip("%")
+            bodies[name] = []
+            entry = name if is_entry else entry
+        elif name is not None:
+            bodies[name].append(line)
+    return bodies, entry if entry is not None else list(bodies)[-1]
+
+
+def _runs_per_program(bodies: dict[str, list[str]], entry: str) -> dict[str, int]:
+    """How many times each computation runs when the program runs once: a ``while`` body
+    runs its known trip count times per run of its caller; every other callee (fusions,
+    branches of a conditional, async wrappers) once per run of its caller (an upper bound
+    for branches)."""
+    callees: dict[str, list[tuple[str, int]]] = {name: [] for name in bodies}
+    for name, lines in bodies.items():
+        for line in lines:
+            trips = _TRIP_COUNT.search(line)
+            for role, callee in _CALLEE.findall(line):
+                if callee in bodies:
+                    runs = int(trips.group(1)) if role == "body" and trips else 1
+                    callees[name].append((callee, runs))
+            for group in _BRANCHES.findall(line):
+                for callee in (c.strip().lstrip("%") for c in group.split(",")):
+                    if callee in bodies:
+                        callees[name].append((callee, 1))
+    runs = {name: 0 for name in bodies}
+
+    def visit(name: str, times: int) -> None:
+        runs[name] += times
+        for callee, per_call in callees[name]:
+            visit(callee, times * per_call)
+
+    visit(entry, 1)
+    return runs
+
+
+def hlo_collective_bytes(hlo_text: str, n: int) -> dict[str, int]:
+    """Bytes one rank sends per collective kind when the program of ``hlo_text`` runs once.
+
+    An op inside a ``while`` loop counts as many times as the loop's known trip count (XLA's
+    ``known_trip_count``; nested loops multiply): for a model forward, divide by the layers
+    for bytes per layer. collective-permute sends its operand; all-to-all sends (n-1)/n of
+    it; all-gather sends its operand to n-1 ranks (its result is n operands). An asynchronous
+    pair (``-start`` / ``-done``, as XLA emits on GPU) is one transfer, counted at its
+    ``-start`` from the result buffer inside the start's tuple; an op wrapped in
+    ``async-start`` is counted once, in the computation it calls.
+    """
+    bodies, entry = _computations(hlo_text)
+    runs = _runs_per_program(bodies, entry)
+    sent = {"collective-permute": 0, "all-to-all": 0, "all-gather": 0}
+    for name, lines in bodies.items():
+        for line in lines:
+            match = _OP.search(line)
+            if not match or match.group(3) == "-done":
+                continue
+            type_text, kind, suffix = match.groups()
+            result_bytes = _shape_bytes(_payload_type(type_text, suffix)) * runs[name]
+            if kind == "collective-permute":
+                sent[kind] += result_bytes
+            else:
+                sent[kind] += result_bytes * (n - 1) // n
     return sent

@@ -5,7 +5,9 @@ the ``context`` axis (``ring_attention`` makes it the model's attention plan):
 
 * ``pass_kv`` — queries stay; the K/V block (with its positions and segments) travels around the
   ring with ``ppermute``; N partial attentions merge by log-sum-exp locally. The next block's
-  ``ppermute`` is issued before the current block's attention so XLA can overlap them.
+  ``ppermute`` is issued before the current block's attention so XLA can overlap them. The
+  steps are a loop (``lax.scan``): a rank holds two blocks at a time, where an unrolled chain
+  of shifts lets XLA issue them all at once and hold every rank's K/V (``O(T)`` a rank).
 * ``pass_q`` — K/V stay; the query block travels; at the end one ``all_to_all`` returns each
   partial (out, lse) to the rank that owns those queries, which merges them.
 * ``all_gather`` — gather all K/V once, then one local attention (the baseline).
@@ -43,16 +45,24 @@ def pass_kv(attend: Callable, axis: str, n: int, q, q_pos, q_seg, parts, window=
       is skipped, not masked (``cpjax.attention.plans.attend_part``).
     Returns: ``(out [Tq, Hq, D] in q.dtype, lse [Tq, Hq] float32)`` over all ranks' keys.
     """
-    block = parts
-    out = lse = None
-    for step in range(n):
-        following = _ring_shift(block, axis, n) if step < n - 1 else None
-        part_out, part_lse = attend_parts(attend, q, q_pos, q_seg, block, window)
-        if out is None:
-            out, lse = part_out, part_lse
-        else:
-            out, lse = merge(out, lse, part_out, part_lse)
-        block = following
+    step = functools.partial(attend_parts, attend, q, q_pos, q_seg, window=window)
+    if n == 1:
+        out, lse = step(parts)
+        return out.astype(q.dtype), lse
+
+    def shift_then_step(carry, _):
+        # The next block is sent before this one is attended (they overlap). A loop, not an
+        # unrolled chain of shifts: XLA would issue an unrolled chain of independent shifts
+        # at once and hold every rank's K/V; the loop holds two blocks.
+        out, lse, block = carry
+        following = _ring_shift(block, axis, n)
+        out, lse = merge(out, lse, *step(block))
+        return (out, lse, following), None
+
+    following = _ring_shift(parts, axis, n)
+    out, lse = step(parts)
+    (out, lse, block), _ = jax.lax.scan(shift_then_step, (out, lse, following), None, n - 2)
+    out, lse = merge(out, lse, *step(block))  # the last block: nothing follows
     return out.astype(q.dtype), lse
 
 
@@ -88,20 +98,32 @@ def pass_kv_exact_grad(
 
     def ring_bwd(residuals, cotangents):
         q, q_pos, q_seg, parts, out, lse = residuals
-        block = parts
-        d_block = tuple((jnp.zeros(k.shape, jnp.float32),) * 2 for k, *_ in parts)
-        dq = jnp.zeros(q.shape, jnp.float32)
-        for step in range(n):
-            following = _ring_shift(block, axis, n) if step < n - 1 else None
+
+        def step(carry):
+            """One key block's gradients: ``dq`` accumulates here, ``dk, dv`` travel on."""
+            dq, block, d_block = carry
             arriving = []
             for (k, v, kv_pos, kv_seg), (dk, dv) in zip(block, d_block):
                 dq_j, dk_j, dv_j = grads(
                     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, *cotangents
                 )
-                dq, dk, dv = dq + dq_j, dk + dk_j, dv + dv_j
-                arriving.append((dk, dv))
-            d_block = _ring_shift(tuple(arriving), axis, n)  # after n shifts: at the owner
-            block = following
+                dq = dq + dq_j
+                arriving.append((dk + dk_j, dv + dv_j))
+            return dq, _ring_shift(tuple(arriving), axis, n)
+
+        def shift_then_step(carry, _):
+            # The next block is sent before this one's gradients (they overlap); a loop, not
+            # an unrolled chain of shifts, so that only two blocks are ever held (XLA issues
+            # an unrolled chain of independent shifts at once: every rank's K/V at hand).
+            dq, block, d_block = carry
+            following = _ring_shift(block, axis, n)
+            dq, d_block = step((dq, block, d_block))
+            return (dq, following, d_block), None
+
+        d_block = tuple((jnp.zeros(k.shape, jnp.float32),) * 2 for k, *_ in parts)
+        carry = (jnp.zeros(q.shape, jnp.float32), parts, d_block)
+        carry, _ = jax.lax.scan(shift_then_step, carry, None, length=n - 1)
+        dq, d_block = step(carry)  # the last block: nothing follows; dK/dV's n-th shift home
         d_parts = tuple(
             (dk.astype(k.dtype), dv.astype(v.dtype), None, None)
             for (k, v, _, _), (dk, dv) in zip(parts, d_block)
@@ -169,20 +191,32 @@ def pass_q_exact_grad(
 
     def ring_bwd(residuals, cotangents):
         q, q_pos, q_seg, parts, out, lse = residuals
-        travelling = (q, q_pos, q_seg, out, lse, *cotangents)
-        dq = jnp.zeros(q.shape, jnp.float32)
-        d_parts = [(jnp.zeros(k.shape, jnp.float32),) * 2 for k, *_ in parts]
-        for step in range(n):
-            following = _ring_shift(travelling, axis, n) if step < n - 1 else None
+
+        def step(dq, d_parts, travelling):
+            """The travelling queries' gradients against this rank's parts: ``dq`` travels
+            on, ``dk, dv`` accumulate here."""
             tq, tq_pos, tq_seg, t_out, t_lse, t_d_out, t_d_lse = travelling
+            d_parts = list(d_parts)
             for index, (k, v, kv_pos, kv_seg) in enumerate(parts):
                 dq_j, dk_j, dv_j = grads(
                     tq, k, v, tq_pos, kv_pos, tq_seg, kv_seg, t_out, t_lse, t_d_out, t_d_lse
                 )
                 dq = dq + dq_j
                 d_parts[index] = (d_parts[index][0] + dk_j, d_parts[index][1] + dv_j)
-            dq = _ring_shift(dq, axis, n)  # after n shifts: at the queries' owner
-            travelling = following
+            return _ring_shift(dq, axis, n), tuple(d_parts)  # after n shifts: at its owner
+
+        def shift_then_step(carry, _):
+            # As in pass_kv_exact_grad: a loop holds two query blocks, not n.
+            dq, d_parts, travelling = carry
+            following = _ring_shift(travelling, axis, n)
+            dq, d_parts = step(dq, d_parts, travelling)
+            return (dq, d_parts, following), None
+
+        d_parts = tuple((jnp.zeros(k.shape, jnp.float32),) * 2 for k, *_ in parts)
+        travelling = (q, q_pos, q_seg, out, lse, *cotangents)
+        carry = (jnp.zeros(q.shape, jnp.float32), d_parts, travelling)
+        carry, _ = jax.lax.scan(shift_then_step, carry, None, length=n - 1)
+        dq, d_parts = step(*carry)  # the last block: nothing follows
         d_parts = tuple(
             (dk.astype(k.dtype), dv.astype(v.dtype), None, None)
             for (k, v, _, _), (dk, dv) in zip(parts, d_parts)
@@ -207,11 +241,11 @@ _RINGS = {"pass_kv": pass_kv, "pass_q": pass_q, "all_gather": all_gather}
 _EXACT_GRAD_RINGS = {"pass_kv": pass_kv_exact_grad, "pass_q": pass_q_exact_grad}
 
 
-def chunk_blocks(impl: AttentionImpl, local_rows: int) -> dict:
-    """The ``block_q``/``block_k`` keywords with which ``impl.attend`` cuts a rank's
-    ``local_rows`` into blocks that tile one layout chunk (``local_rows // 2`` rows); ``{}``
-    (its defaults) when the chunk is not a positive multiple of ``impl.tile`` or ``impl`` does
-    not work by blocks.
+def chunk_blocks(impl: AttentionImpl, local_rows: int, for_grads: bool = False) -> dict:
+    """The ``block_q``/``block_k`` keywords with which ``impl.attend`` (``impl.grads`` when
+    ``for_grads``, from its ``grad_block_k``) cuts a rank's ``local_rows`` into blocks that
+    tile one layout chunk (``local_rows // 2`` rows); ``{}`` (its defaults) when the chunk is
+    not a positive multiple of ``impl.tile`` or ``impl`` does not work by blocks.
 
     A rank's rows are chunks ``r`` and ``2N-1-r`` (``cpjax.parallel.layout``); a block that
     straddles both spans positions from both ends of the sequence, so its causal bounds prove
@@ -224,7 +258,8 @@ def chunk_blocks(impl: AttentionImpl, local_rows: int) -> dict:
     chunk = local_rows // 2
     if impl.block_q is None or local_rows % 2 or chunk == 0 or chunk % impl.tile:
         return {}
-    return {"block_q": math.gcd(chunk, impl.block_q), "block_k": math.gcd(chunk, impl.block_k)}
+    block_k = impl.grad_block_k if for_grads and impl.grad_block_k else impl.block_k
+    return {"block_q": math.gcd(chunk, impl.block_q), "block_k": math.gcd(chunk, block_k)}
 
 
 MAX_TILE_PADDING = 8  # pad a chunk to the tile only if that adds <= 1/8 of its rows
@@ -284,7 +319,8 @@ def ring_attention(strategy: str, impl: AttentionImpl, axis: str, n: int) -> Cal
             parts = materialized_parts(parts)
         ring = _RINGS[strategy]
         if strategy in _EXACT_GRAD_RINGS and impl.grads is not None:
-            step_grads = functools.partial(impl.grads, **blocks)
+            grad_blocks = chunk_blocks(impl, q.shape[0], for_grads=True)
+            step_grads = functools.partial(impl.grads, **grad_blocks)
             ring = functools.partial(_EXACT_GRAD_RINGS[strategy], step_grads)
         return ring(step_attend, axis, n, q, positions, segments, parts, window)
 
