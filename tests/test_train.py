@@ -200,6 +200,17 @@ def test_sgd_step_is_exactly_params_minus_lr_times_grad(tiny_params, batch, sgd_
     )
 
 
+def test_a_mesh_step_never_donates_the_callers_parameters(tiny_params, batch):
+    """Placing parameters of device 0 on a mesh may reuse their buffers on device 0; the
+    state is then copied, so a step's donation leaves the caller's arrays alive (a second
+    trainer can start from them)."""
+    for _ in range(2):
+        trainer = Trainer(CFG, _placement(2, 1, "pass_kv"))
+        state, _ = trainer.step(trainer.init_state(tiny_params), [batch])
+        jax.block_until_ready(state.params)
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(tiny_params))
+
+
 def test_a_few_adamw_steps_lower_the_loss(tiny_params, batch):
     opt = OptimizerConfig(
         "adamw",

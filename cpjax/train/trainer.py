@@ -87,6 +87,19 @@ def nll_body(fwd: Forward, strategy: str, params, tokens, targets, weights, posi
     return fwd.ranks.sum(-jnp.sum(logprobs * weights))
 
 
+def _buffers(x) -> set:
+    """The device buffer addresses behind ``x`` (empty for a host array)."""
+    if not isinstance(x, jax.Array):
+        return set()
+    return {shard.data.unsafe_buffer_pointer() for shard in x.addressable_shards}
+
+
+def _shares_a_buffer(placed, original) -> bool:
+    """Whether ``placed`` (a placed parameter) holds any buffer of ``original`` (the
+    caller's)."""
+    return placed is original or bool(_buffers(placed) & _buffers(original))
+
+
 @dataclasses.dataclass
 class Trainer:
     """Fine-tuning of one model on one placement.
@@ -156,9 +169,12 @@ class Trainer:
             self.config, {name: np.shape(x) for name, x in leaves_by_name(params).items()}
         )
         placed = self.placement.place_params(params, self.config, jnp.float32)
-        # The steps donate the state: never the caller's arrays (placing may return them; it
-        # copies everything else, so only those are copied here).
-        params = jax.tree.map(lambda p, x: jnp.copy(p) if p is x else p, placed, params)
+        # The steps donate the state: never the caller's buffers. Placing may return a
+        # caller's array, or place it on a mesh reusing its buffer for the device it is on;
+        # only those are copied (a copy of all would double a replicated model's memory).
+        params = jax.tree.map(
+            lambda p, x: jnp.copy(p) if _shares_a_buffer(p, x) else p, placed, params
+        )
         return TrainState(step=0, params=params, opt_state=jax.jit(self.tx.init)(params))
 
     # ----------------------------------------------------------------- compiled pieces
