@@ -37,7 +37,7 @@ from cpjax.parallel.heuristic import choose_strategy
 from cpjax.parallel.layout import Layout, balanced_layout, padded_layout, segment_runs
 from cpjax.parallel.mesh import CONTEXT, SINGLE_RANK, TENSOR, Ranks
 from cpjax.parallel.ring import chunk_rows_multiple
-from cpjax.parallel.sharding import spec, tree_specs
+from cpjax.parallel.sharding import spec, split_over, tree_specs
 
 WINDOW_ROWS = 256  # granularity of the cache window a context-parallel prefill attends
 
@@ -76,6 +76,10 @@ class SingleDevice:
     def place_params(self, params, config: ModelConfig, dtype):
         """The parameters in ``dtype`` on the default device."""
         return jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
+
+    def optimizer_state_shardings(self, params, config: ModelConfig):
+        """``None``: one device holds the optimizer state (see ``ContextParallel``)."""
+        return None
 
     def new_cache(self, config: ModelConfig, capacity: int, dtype) -> KVCache:
         return kv_cache.init_cache(config, capacity, dtype)
@@ -192,6 +196,21 @@ class ContextParallel:
         device (a checkpoint restored onto the mesh stays where it is)."""
         return jax.tree.map(
             lambda x, s: put(x, self._sharding(s), dtype),
+            params,
+            tree_specs(param_axes(config), params),
+        )
+
+    def optimizer_state_shardings(self, params, config: ModelConfig):
+        """Per parameter of ``params`` (placed), the sharding of optimizer-state arrays shaped
+        like it (AdamW's moments): the parameter's own, with one more dimension split over the
+        context ranks (ZeRO stage 1), the first one not split already whose size the ranks
+        divide; the parameter's own where none is. The parameters stay replicated over
+        ``context`` (every rank's forward needs them); each rank updates its slice of the
+        state and the update is gathered, so a rank holds 1/N of the state, not all of it."""
+        return jax.tree.map(
+            lambda x, partition: self._sharding(
+                split_over(partition, x.shape, CONTEXT, self.n_ranks)
+            ),
             params,
             tree_specs(param_axes(config), params),
         )

@@ -96,3 +96,16 @@ def sum_axes(contracted_axes: tuple, mesh_axis_sizes: MeshAxisSizes) -> tuple[st
     return tuple(
         split[0] for split in split_axes(contracted_axes, mesh_axis_sizes) if split is not None
     )
+
+
+def split_over(partition: P, shape: tuple, axis: str, size: int) -> P:
+    """``partition`` with mesh ``axis`` (of ``size`` devices) added on the first dimension of
+    ``shape`` that no mesh axis splits yet and that ``size`` divides; ``partition`` itself when
+    there is none (or ``size`` is 1)."""
+    entries = list(partition) + [None] * (len(shape) - len(partition))
+    if size > 1:
+        for dim, (entry, length) in enumerate(zip(entries, shape)):
+            if entry is None and length % size == 0:
+                entries[dim] = axis
+                return P(*entries)
+    return partition

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from cpjax.config import ModelConfig
 from cpjax.dispatch import get_attention
@@ -56,7 +58,8 @@ class TrainState(NamedTuple):
     Attributes:
       step: optimizer steps taken.
       params: float32 master parameters (placed like the engine's).
-      opt_state: the optax state (placed like the parameters it belongs to).
+      opt_state: the optax state; on a mesh its parameter-shaped arrays are split over the
+        context ranks (``ContextParallel.optimizer_state_shardings``).
       data_position: sequences of the data stream consumed so far.
     """
 
@@ -175,7 +178,25 @@ class Trainer:
         params = jax.tree.map(
             lambda p, x: jnp.copy(p) if _shares_a_buffer(p, x) else p, placed, params
         )
-        return TrainState(step=0, params=params, opt_state=jax.jit(self.tx.init)(params))
+        return TrainState(step=0, params=params, opt_state=self._init_optimizer(params))
+
+    def _optimizer_shardings(self, params):
+        """The sharding of every array of the optimizer state of ``params`` (placed), or
+        ``None`` where the placement leaves it to the parameters'."""
+        by_param = self.placement.optimizer_state_shardings(params, self.config)
+        if by_param is None:
+            return None
+        replicated = NamedSharding(self.placement.mesh, P())
+        return optax.tree_map_params(
+            self.tx,
+            lambda _, sharding: sharding,
+            jax.eval_shape(self.tx.init, params),
+            by_param,
+            transform_non_params=lambda _: replicated,
+        )
+
+    def _init_optimizer(self, params):
+        return jax.jit(self.tx.init, out_shardings=self._optimizer_shardings(params))(params)
 
     # ----------------------------------------------------------------- compiled pieces
     def strategy_for(self, n_tokens: int) -> str:
@@ -202,16 +223,24 @@ class Trainer:
             self._programs[key] = jax.jit(value_and_grad)
         return self._programs[key]
 
-    @functools.cached_property
-    def _apply(self):
-        """``(params, opt_state, grad_sum, n_targets) -> (params, opt_state, grad_norm)``."""
+    def _apply(self, state: TrainState):
+        """``(params, opt_state, grad_sum, n_targets) -> (params, opt_state, grad_norm)``
+        compiled for states placed like ``state``: on a mesh the new state keeps the old
+        one's shardings (the optimizer state split over the ranks, the parameters
+        replicated), so each rank updates its slice of the state and XLA gathers the update."""
+        if "apply" not in self._programs:
 
-        def apply(params, opt_state, grad_sum, n_targets):
-            grads = jax.tree.map(lambda g: g / n_targets, grad_sum)
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
+            def apply(params, opt_state, grad_sum, n_targets):
+                grads = jax.tree.map(lambda g: g / n_targets, grad_sum)
+                updates, opt_state = self.tx.update(grads, opt_state, params)
+                return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
 
-        return jax.jit(apply, donate_argnums=(0, 1, 2))
+            placed = {}
+            if self._optimizer_shardings(state.params) is not None:
+                shardings = jax.tree.map(lambda x: x.sharding, (state.params, state.opt_state))
+                placed["out_shardings"] = (*shardings, NamedSharding(self.placement.mesh, P()))
+            self._programs["apply"] = jax.jit(apply, donate_argnums=(0, 1, 2), **placed)
+        return self._programs["apply"]
 
     @functools.cached_property
     def _accumulate(self):
@@ -319,7 +348,7 @@ class Trainer:
         total, grad_sum, n_targets = self.nll_and_grads(state.params, batches)
         loss = float(fetch(total)) / n_targets
         require_finite(loss, state.step, "loss", self._first_nonfinite(state, batches))
-        params, opt_state, grad_norm = self._apply(
+        params, opt_state, grad_norm = self._apply(state)(
             state.params, state.opt_state, grad_sum, jnp.float32(n_targets)
         )
         grad_norm = float(fetch(grad_norm))
