@@ -1,6 +1,8 @@
 """cpjax vs HF transformers on CPU, same machine, same prompt, fp32 (an embedded model).
 
-Measures, side by side in one run, each ``--repeats`` times after a warm-up (min/median/max):
+Measures, side by side in one run, ``--repeats`` rounds after a warm-up (min/median/max); in a
+round each measurement runs once on each side, back to back (order alternating by round), and
+the ratios pair the two runs of a round, so a drift of a shared host's speed cancels:
 * prefill tokens/s at each prompt length (last-token logits only, on both sides);
 * greedy decode tokens/s for ``--decode-tokens`` new tokens after a short prompt, and the weight
   bytes per second that rate implies (decode reads every weight once per token) next to the
@@ -27,6 +29,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from cpjax.engine import Engine
 from cpjax.io import save_figure
@@ -87,51 +90,47 @@ def spread(values) -> dict:
     return {"min": min(values), "median": statistics.median(values), "max": max(values)}
 
 
-def _times(fn, repeats: int) -> list[float]:
-    """Seconds of ``repeats`` calls of ``fn`` after one warm-up call (compilation, allocator)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def _rates(n: int, fn, repeats: int) -> dict:
-    """Spread of ``n / seconds`` over ``repeats`` timed calls of ``fn``."""
-    return spread(n / t for t in _times(fn, repeats))
-
-
 def _prompt(n: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(3, vocab, n).astype(np.int32)
 
 
-def bench_cpjax(engine: Engine, lengths, decode_tokens: int, repeats: int) -> dict:
-    result = {"prefill_tok_s": {}, "decode_tok_s": None}
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def cpjax_runs(engine: Engine, lengths, decode_tokens: int) -> dict:
+    """One timed run of each measurement, by name: ``prefill_<n>`` and ``decode``, each a
+    callable returning tokens/s."""
+    runs = {}
     for n in lengths:
         ids = _prompt(n, engine.config.vocab_size)
 
-        def run(ids=ids, n=n):
-            logits, cache = engine.prefill(ids, engine.new_cache(n + 64))
-            jax.block_until_ready(logits)
+        def prefill(ids=ids, n=n):
+            def once():
+                logits, _ = engine.prefill(ids, engine.new_cache(n + 64))
+                jax.block_until_ready(logits)
 
-        result["prefill_tok_s"][str(n)] = _rates(n, run, repeats)
+            return n / _seconds(once)
+
+        runs[f"prefill_{n}"] = prefill
     ids = _prompt(128, engine.config.vocab_size, seed=1)
 
-    def decode_rate():
+    def decode():
         stream = engine.generate_stream(ids, decode_tokens + 1)
         next(stream)  # prefill + first token
         start = time.perf_counter()
         count = sum(1 for _ in stream)
         return count / (time.perf_counter() - start)
 
-    decode_rate()  # warm-up
-    result["decode_tok_s"] = spread(decode_rate() for _ in range(repeats))
-    return result
+    runs["decode"] = decode
+    return runs
 
 
-def bench_hf(model_name: str, lengths, decode_tokens: int, repeats: int) -> dict:
+def hf_runs(model_name: str, lengths, decode_tokens: int) -> tuple[dict, dict]:
+    """The same measurements for HF transformers (last-token logits only in prefill; decode
+    is ``generate``'s time less the median of three 128-token prefills), and its versions."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -140,36 +139,66 @@ def bench_hf(model_name: str, lengths, decode_tokens: int, repeats: int) -> dict
         str(path.parent), gguf_file=path.name, torch_dtype=torch.float32
     ).eval()
     vocab = model.config.vocab_size
-    result = {
-        "prefill_tok_s": {},
-        "decode_tok_s": None,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-    }
-    with torch.inference_mode():
-        for n in lengths:
-            ids = torch.from_numpy(_prompt(n, vocab)).long()[None]
-            result["prefill_tok_s"][str(n)] = _rates(
-                n, lambda ids=ids: model(ids, logits_to_keep=1, use_cache=True), repeats
-            )
-        ids = torch.from_numpy(_prompt(128, vocab, seed=1)).long()[None]
-        prefill = statistics.median(
-            _times(lambda: model(ids, logits_to_keep=1, use_cache=True), repeats)
-        )
+    info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
+    def forward(ids):
+        with torch.inference_mode():
+            model(ids, logits_to_keep=1, use_cache=True)
+
+    runs = {}
+    for n in lengths:
+        ids = torch.from_numpy(_prompt(n, vocab)).long()[None]
+        runs[f"prefill_{n}"] = lambda ids=ids, n=n: n / _seconds(lambda: forward(ids))
+    ids = torch.from_numpy(_prompt(128, vocab, seed=1)).long()[None]
+    forward(ids)
+    prefill = statistics.median(_seconds(lambda: forward(ids)) for _ in range(3))
+
+    def decode():
         def generate():
-            model.generate(
-                ids,
-                max_new_tokens=decode_tokens + 1,
-                min_new_tokens=decode_tokens + 1,
-                do_sample=False,
-                pad_token_id=0,
-            )
+            with torch.inference_mode():
+                model.generate(
+                    ids,
+                    max_new_tokens=decode_tokens + 1,
+                    min_new_tokens=decode_tokens + 1,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
 
-        result["decode_tok_s"] = spread(
-            decode_tokens / max(total - prefill, 1e-9) for total in _times(generate, repeats)
-        )
-    return result
+        return decode_tokens / max(_seconds(generate) - prefill, 1e-9)
+
+    runs["decode"] = decode
+    return runs, info
+
+
+def interleaved(sides: dict, repeats: int, progress=None) -> dict:
+    """``{side: {measurement: [rates]}}``: every measurement of every side run once as a
+    warm-up, then ``repeats`` rounds in which each measurement runs once per side, back to
+    back, the sides' order alternating by round, so that a drift of the host's speed (other
+    tenants, clocks) reaches both sides alike."""
+    names = list(sides)
+    measurements = list(sides[names[0]])
+    for name in names:
+        for run in sides[name].values():
+            run()
+    rates = {name: {m: [] for m in measurements} for name in names}
+    for round_index in range(repeats):
+        order = names if round_index % 2 == 0 else names[::-1]
+        for m in measurements:
+            for name in order:
+                rates[name][m].append(sides[name][m]())
+        if progress is not None:
+            progress.update(1)
+    return rates
+
+
+def side_summary(rates: dict) -> dict:
+    """One side's spreads: ``prefill_tok_s`` by prompt length and ``decode_tok_s``."""
+    return {
+        "prefill_tok_s": {
+            m.split("_", 1)[1]: spread(r) for m, r in rates.items() if m.startswith("prefill_")
+        },
+        "decode_tok_s": spread(rates["decode"]),
+    }
 
 
 def _errors(rates: list) -> np.ndarray:
@@ -179,22 +208,13 @@ def _errors(rates: list) -> np.ndarray:
     )
 
 
-def ratios(cpjax: dict, hf: dict) -> dict:
-    """cpjax / HF rate ratios: of the medians, and the range the spreads allow."""
-
-    def ratio(a: dict, b: dict) -> dict:
-        return {
-            "median": a["median"] / b["median"],
-            "min": a["min"] / b["max"],
-            "max": a["max"] / b["min"],
-        }
-
+def paired_ratios(cpjax: dict, hf: dict) -> dict:
+    """cpjax / HF rate ratios of the runs made back to back (round ``i`` of each side):
+    their min, median and max."""
+    pair = lambda m: spread(a / b for a, b in zip(cpjax[m], hf[m]))  # noqa: E731
     return {
-        "prefill": {
-            n: ratio(cpjax["prefill_tok_s"][n], hf["prefill_tok_s"][n])
-            for n in cpjax["prefill_tok_s"]
-        },
-        "decode": ratio(cpjax["decode_tok_s"], hf["decode_tok_s"]),
+        "prefill": {m.split("_", 1)[1]: pair(m) for m in cpjax if m.startswith("prefill_")},
+        "decode": pair("decode"),
     }
 
 
@@ -241,18 +261,22 @@ def main(argv=None) -> dict:
 
     config, params, _ = load_model(args.model)
     engine = Engine(config, params, dtype=jnp.float32)
+    hf, hf_info = hf_runs(args.model, args.lengths, args.decode_tokens)
+    sides = {"cpjax": cpjax_runs(engine, args.lengths, args.decode_tokens), "hf_transformers": hf}
+    with tqdm(total=args.repeats, desc="rounds (both sides)") as progress:
+        rates = interleaved(sides, args.repeats, progress)
     results = {
         "benchmark": "bench_cpu",
         "model": config.name,
         "dtype": "float32",
         "repeats": args.repeats,
+        "method": "interleaved: per round each measurement runs once per side, back to back, "
+        "the sides' order alternating; ratios pair the two runs of a round",
         "machine": host_info(),
-        "cpjax": bench_cpjax(engine, args.lengths, args.decode_tokens, args.repeats),
+        "cpjax": side_summary(rates["cpjax"]),
+        "hf_transformers": {**side_summary(rates["hf_transformers"]), **hf_info},
+        "ratios": paired_ratios(rates["cpjax"], rates["hf_transformers"]),
     }
-    results["hf_transformers"] = bench_hf(
-        args.model, args.lengths, args.decode_tokens, args.repeats
-    )
-    results["ratios"] = ratios(results["cpjax"], results["hf_transformers"])
     weight_gb = param_count(config) * 4 / 1e9  # fp32: every weight read once per decode token
     results["decode_weight_gb_s"] = {
         name: results[name]["decode_tok_s"]["median"] * weight_gb

@@ -259,12 +259,39 @@ def test_bench_cpu_records_the_host_and_the_spread_of_both_sides():
     assert set(host["vector_flags"]) <= set(bench_cpu.VECTOR_FLAGS)
     assert host["memory_copy_gb_s"] > 0.1
     assert bench_cpu.spread([3.0, 1.0, 2.0]) == {"min": 1.0, "median": 2.0, "max": 3.0}
-    cpjax = {"prefill_tok_s": {"2048": bench_cpu.spread([90, 100, 110])}}
-    hf = {"prefill_tok_s": {"2048": bench_cpu.spread([45, 50, 55])}}
-    cpjax["decode_tok_s"], hf["decode_tok_s"] = (
-        cpjax["prefill_tok_s"]["2048"],
-        hf["prefill_tok_s"]["2048"],
-    )
-    got = bench_cpu.ratios(cpjax, hf)
-    assert got["decode"] == {"median": 2.0, "min": 90 / 55, "max": 110 / 45}
-    assert got["prefill"]["2048"] == got["decode"]
+
+
+def test_prefill_profile_times_every_block_shape_and_torch_sdpa():
+    pytest.importorskip("torch")
+    from cpjax.config import PRESETS
+    from experiments import prefill_profile
+
+    got = prefill_profile.attention_ms(PRESETS["tiny"], tokens=128, repeats=1)
+    names = {f"blockwise_{bq}x{bk}" for bq, bk in prefill_profile.BLOCKS} | {"torch_sdpa"}
+    assert set(got) == names and all(ms > 0 for ms in got.values())
+
+
+def test_bench_cpu_interleaves_the_sides_and_pairs_their_rounds():
+    """Each round runs every measurement once per side back to back, alternating which side
+    goes first; a host that slows down between rounds leaves the paired ratios exact."""
+    from experiments import bench_cpu
+
+    calls, host_speed = [], [1.0]
+
+    def side(name, rate):
+        def run(measurement, rate):
+            calls.append((name, measurement))
+            if measurement == "decode":
+                host_speed[0] /= 2  # the host halves its speed after each decode
+            return rate * host_speed[0]
+
+        return {m: functools.partial(run, m, rate) for m in ("prefill_8", "decode")}
+
+    rates = bench_cpu.interleaved({"a": side("a", 10.0), "b": side("b", 5.0)}, 2)
+    assert calls[4:] == [
+        ("a", "prefill_8"), ("b", "prefill_8"), ("a", "decode"), ("b", "decode"),
+        ("b", "prefill_8"), ("a", "prefill_8"), ("b", "decode"), ("a", "decode"),
+    ]  # fmt: skip
+    got = bench_cpu.paired_ratios(rates["a"], rates["b"])
+    assert got["prefill"] == {"8": {"min": 2.0, "median": 2.0, "max": 2.0}}
+    assert bench_cpu.side_summary(rates["a"])["prefill_tok_s"]["8"]["max"] == 10.0 / 4
