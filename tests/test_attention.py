@@ -112,6 +112,23 @@ def test_blockwise_matches_reference(name, blocks):
     assert_attention_close(*fn(q, k, v, *layout), *reference.attend(q, k, v, *layout))
 
 
+@pytest.mark.parametrize("window", [None, 100])
+def test_blockwise_attends_half_key_blocks_on_the_causal_diagonal(window):
+    """Key blocks twice the query blocks: a query block on the causal diagonal sees only the
+    first half of the key block there, and attends to that half alone; two documents packed
+    (the second starts inside a key block), with and without a sliding window."""
+    rng = np.random.default_rng(7)
+    n = 300
+    q, k, v = _random_qkv(rng, n, n, 4, 2, 8)
+    seg = (np.arange(n) >= 170).astype(np.int32)
+    pos = np.where(seg == 0, np.arange(n), np.arange(n) - 170).astype(np.int32)
+    got = blockwise.attend(
+        q, k, v, pos, pos, seg, seg, window=window, block_q=blockwise.MIN_HALF_BLOCK,
+        block_k=2 * blockwise.MIN_HALF_BLOCK,
+    )  # fmt: skip
+    assert_attention_close(*got, *reference.attend(q, k, v, pos, pos, seg, seg, window=window))
+
+
 def test_blockwise_sliding_window_and_bf16():
     rng = np.random.default_rng(3)
     q, k, v = _random_qkv(rng, 40, 40, 4, 2, 16)

@@ -45,6 +45,8 @@ from cpjax.attention.padding import pad_kv_rows, pad_query_rows, pad_rows
 #: Default blocks: large enough to amortise the loop on CPU, multiples of the 64-row tile.
 BLOCK_Q = 256
 BLOCK_K = 512
+#: The smallest half key block the forward attends to alone (see ``_forward``).
+MIN_HALF_BLOCK = 64
 #: Key blocks of the backward (:func:`attend_grads`): it holds three ``block_q x block_k``
 #: tiles per head group (``P``, ``dP``, ``dS``) where the forward holds one, so it takes half
 #: the forward's keys. At 8K tokens on 8 ranks (tiny model, pass-KV) this cuts a train step's
@@ -179,6 +181,15 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
     n_k = kv_pos_blocks.shape[0]
     q_bounds = block_bounds(q_pos_p, q_seg_p, block_q)
     kv_bounds = bounds(kv_pos_blocks, kv_seg_blocks)
+    # On the causal diagonal a query block often sees only the first half of a key block:
+    # those pairs attend to that half alone (the blocks visited cover 56 % of a causal score
+    # matrix instead of 62.5 % with 256 x 512 blocks).
+    half = block_k // 2
+    second_half_bounds = (
+        bounds(kv_pos_blocks[:, half:], kv_seg_blocks[:, half:])
+        if block_k % 2 == 0 and half >= MIN_HALF_BLOCK
+        else None
+    )
 
     def one_query_block(i):
         qb = q_blocks[i].astype(jnp.float32) * scale  # [Hkv, G*bq, D]
@@ -186,13 +197,13 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
         qb_seg = jax.lax.dynamic_slice_in_dim(q_seg_p, i * block_q, block_q)
         qb_bounds = BlockBounds(*(b[i] for b in q_bounds))
 
-        def update(j, carry, masked: bool):
+        def update(j, carry, masked: bool, keys: slice = slice(None)):
             m, l, acc = carry  # [Hkv, G*bq] x2, [.., D]
-            kb, vb = read_kv(j)
+            kb, vb = (x[:, keys] for x in read_kv(j))
             s = jnp.einsum("hrd,hkd->hrk", qb, kb.astype(jnp.float32))
             if masked:
                 mask = visibility_mask(
-                    qb_pos, kv_pos_blocks[j], qb_seg, kv_seg_blocks[j], window
+                    qb_pos, kv_pos_blocks[j][keys], qb_seg, kv_seg_blocks[j][keys], window
                 )  # [bq, bk]
                 s = jnp.where(jnp.tile(mask, (group, 1))[None], s, -jnp.inf)
             m_new = jnp.maximum(m, s.max(axis=-1))
@@ -205,16 +216,18 @@ def _forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, window, block_q, block_k):
 
         def maybe_update(j, carry):
             kvb_bounds = BlockBounds(*(b[j] for b in kv_bounds))
-            return jax.lax.switch(
-                _skip_branch(qb_bounds, kvb_bounds, window),
-                [
-                    lambda _, c: c,
-                    functools.partial(update, masked=True),
-                    functools.partial(update, masked=False),
-                ],
-                j,
-                carry,
-            )
+            branch = _skip_branch(qb_bounds, kvb_bounds, window)
+            branches = [
+                lambda _, c: c,
+                functools.partial(update, masked=True),
+                functools.partial(update, masked=False),
+            ]
+            if second_half_bounds is not None:  # a masked block whose second half no query sees
+                second_half = BlockBounds(*(b[j] for b in second_half_bounds))
+                unseen = ~may_overlap(qb_bounds, second_half, window)
+                branch = jnp.where((branch == 1) & unseen, 3, branch)
+                branches.append(functools.partial(update, masked=True, keys=slice(0, half)))
+            return jax.lax.switch(branch, branches, j, carry)
 
         rows = group * block_q
         init = (
