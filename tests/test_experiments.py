@@ -295,3 +295,36 @@ def test_bench_cpu_interleaves_the_sides_and_pairs_their_rounds():
     got = bench_cpu.paired_ratios(rates["a"], rates["b"])
     assert got["prefill"] == {"8": {"min": 2.0, "median": 2.0, "max": 2.0}}
     assert bench_cpu.side_summary(rates["a"])["prefill_tok_s"]["8"]["max"] == 10.0 / 4
+
+
+def test_scheduler_flag_children_differ_only_in_the_flag_and_rounds_pair():
+    from cpjax.xla_env import CPU_COLLECTIVES_FLAG
+    from experiments import scheduler_flag
+
+    with_flag = scheduler_flag.child_xla_flags("flag", 4).split()
+    without = scheduler_flag.child_xla_flags("no_flag", 4).split()
+    assert CPU_COLLECTIVES_FLAG in with_flag and CPU_COLLECTIVES_FLAG not in without
+    assert set(with_flag) - set(without) == {CPU_COLLECTIVES_FLAG}
+    assert "--xla_force_host_platform_device_count=4" in without
+    runs = [
+        {"flag": {"prefill_s": 2.0}, "no_flag": {"prefill_s": 3.0}},
+        {"flag": {"prefill_s": 4.0}, "no_flag": {"prefill_s": 4.0}},  # a slower round
+        {"flag": {"prefill_s": 1.0}, "no_flag": {"prefill_s": 0.5}},
+    ]
+    got = scheduler_flag.paired(runs, "prefill_s")
+    assert got["ratio_no_flag_over_flag"] == [1.5, 1.0, 0.5] and got["median_ratio"] == 1.0
+    assert (got["flag_s"], got["no_flag_s"]) == (2.0, 3.0)
+
+
+@pytest.mark.slow
+def test_scheduler_flag_measures_both_settings_in_child_processes(tmp_path):
+    from experiments import scheduler_flag
+
+    out, figure = tmp_path / "flag.json", tmp_path / "flag.png"
+    argv = ["--model", "tiny", "--devices", "2", "--tokens", "64", "--decode-steps", "2"]
+    argv += ["--rounds", "1", "--strategies", "pass_q", "--out", str(out), "--figure", str(figure)]
+    results = scheduler_flag.main(argv)
+    (row,) = results["runs"]["pass_q"]
+    assert all(row[s]["prefill_s"] > 0 and row[s]["decode_step_s"] > 0 for s in row)
+    assert json.loads(out.read_text())["strategies"] == results["strategies"]
+    assert figure.stat().st_size > 0
