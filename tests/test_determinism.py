@@ -44,6 +44,21 @@ def test_score_is_bit_identical_when_repeated(single, cp_engines):
         assert not np.array_equal(engine.score(other), first)
 
 
+def test_sampling_arrays_are_host_values_with_jax_keys():
+    """A decode step's sampling inputs are host values (one transfer with the step's other
+    inputs) and the key is exactly ``jax.random.PRNGKey(seed)``, made once per seed."""
+    import jax
+
+    for seed in (0, 7, 2**32 - 1):
+        key, temperature, top_k, top_p = Sampling(0.5, 3, 0.9, seed).as_arrays()
+        assert all(
+            isinstance(x, (np.ndarray, np.generic)) for x in (key, temperature, top_k, top_p)
+        )
+        np.testing.assert_array_equal(key, np.asarray(jax.random.PRNGKey(seed)))
+        assert key is Sampling(seed=seed).as_arrays()[0] and not key.flags.writeable
+        assert (temperature, top_k, top_p) == (np.float32(0.5), np.int32(3), np.float32(0.9))
+
+
 def test_greedy_and_seeded_sampled_generation_repeat_exactly(single, cp_engines):
     """Greedy generation and sampled generation with a fixed seed give the same token lists
     when repeated (single-device and 4-rank pass-Q prefill). Sampling is real: it differs from

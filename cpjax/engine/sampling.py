@@ -10,6 +10,7 @@ same token as the single-device engine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -56,13 +57,23 @@ class Sampling:
         )
 
     def as_arrays(self) -> tuple:
-        """``(key, temperature, top_k, top_p)`` for the compiled samplers."""
+        """``(key, temperature, top_k, top_p)`` for the compiled samplers, as host (numpy)
+        values: a decode step puts them on the devices with its other inputs in one transfer
+        (building them as jax arrays cost 1.2 ms of host time per step, the key alone 0.6)."""
         return (
-            jax.random.PRNGKey(self.seed),
-            jnp.float32(self.temperature),
-            jnp.int32(self.top_k),
-            jnp.float32(self.top_p),
+            _raw_key(self.seed),
+            np.float32(self.temperature),
+            np.int32(self.top_k),
+            np.float32(self.top_p),
         )
+
+
+@functools.lru_cache(maxsize=64)
+def _raw_key(seed: int) -> np.ndarray:
+    """``jax.random.PRNGKey(seed)`` as a read-only host array (made once per seed)."""
+    key = np.asarray(jax.random.PRNGKey(seed))
+    key.setflags(write=False)
+    return key
 
 
 GREEDY = Sampling()
