@@ -138,3 +138,37 @@ def test_decode_step_never_copies_a_layer_out_of_the_cache(tiny_params, context,
     assert stack in hlo
     for shape in layer_shapes:
         assert shape not in hlo, f"a layer-sized buffer {shape} in the decode step"
+
+
+def test_fills_after_decode_add_one_to_the_emptiest_ranks_per_round():
+    from cpjax.parallel.decode import fills_after_decode
+
+    assert fills_after_decode([3, 1, 1, 2], 6) == [3, 3, 3, 4]  # 4 to all, then 2 to the emptiest
+    assert fills_after_decode([5], 3) == [8]
+    assert fills_after_decode([0, 0, 7], 2) == [1, 1, 7]
+
+
+@pytest.mark.parametrize("context, decode", [(1, None), (4, "allreduce"), (4, "ring_pass_q")])
+def test_decode_knows_the_fills_without_fetching_them(tiny_params, context, decode):
+    """After uneven prompts, a batch of 3 decodes for several steps: the fills the engine
+    checks room with (known on the host after its first step) equal the cache's, and no step
+    after the first fetches them from the devices."""
+    from cpjax.engine import ContextParallel
+    from cpjax.parallel.mesh import make_mesh
+
+    placement = (
+        SingleDevice()
+        if context == 1
+        else ContextParallel(mesh=make_mesh(context), decode_strategy=decode)
+    )
+    engine = Engine(CFG, tiny_params, placement, attention="blockwise", bucket=8)
+    prompts = [np.arange(3, 3 + n, dtype=np.int32) for n in (13, 5, 22)]
+    _, cache = engine.prefill_batch(prompts, engine.new_cache(256), segments=[0, 1, 2])
+    fetched, rank_fill = [], engine.rank_fill
+    engine.rank_fill = lambda c: fetched.append(1) or rank_fill(c)
+    tokens = np.array([7, 8, 9], np.int32)
+    positions = np.array([n.size for n in prompts], np.int32)
+    for step in range(6):
+        _, tokens, cache = engine.decode(tokens, positions + step, [0, 1, 2], step, cache)
+        assert engine._fills_before_decode(cache) == sorted(rank_fill(cache))
+    assert len(fetched) == 1

@@ -32,6 +32,7 @@ from cpjax.engine.session import Session
 from cpjax.errors import NonFiniteError, require
 from cpjax.model.decoder import Decoder, PastKV, check_param_shapes, leaves_by_name
 from cpjax.names import ATTENTION_IMPLEMENTATIONS, check_choice
+from cpjax.parallel.decode import fills_after_decode
 from cpjax.parallel.distributed import fetch
 
 Placement = Union[SingleDevice, ContextParallel]
@@ -72,6 +73,7 @@ class Engine:
 
     def __post_init__(self):
         check.model_and_placement(self.config, self.placement)
+        self._decoded_fills = None  # (cache.fill, its sorted values) of the last decode's output
         self.dtype = check.dtype(self.dtype)
         require(
             isinstance(self.bucket, int) and self.bucket >= 1,
@@ -334,7 +336,8 @@ class Engine:
             isinstance(sampling, Sampling),
             f"sampling: expected a Sampling, got {type(sampling).__name__}",
         )
-        self.placement.check_decode_room(cache, self.rank_fill(cache), tokens.size)
+        fills = self._fills_before_decode(cache)
+        self.placement.check_decode_room(cache, fills, tokens.size)
         past = self._past_for_check(cache)
         args = self.placement.put(
             "replicated", tokens, positions, segments, np.int32(step), *sampling.as_arrays()
@@ -343,7 +346,16 @@ class Engine:
             self.params, *args[:4], cache, *args[4:]
         )
         self._check_output("decode", logits, tokens, positions, segments, past)
+        self._decoded_fills = (cache.fill, fills_after_decode(fills, tokens.size))
         return logits, next_tokens, cache
+
+    def _fills_before_decode(self, cache: KVCache) -> list[int]:
+        """The rank fills of ``cache`` (sorted): known on the host when ``cache`` came out of
+        this engine's last decode step, fetched from the devices otherwise."""
+        known = self._decoded_fills
+        if known is not None and known[0] is cache.fill:
+            return known[1]
+        return sorted(self.rank_fill(cache))
 
     def first_tokens(self, logits, sampling: Sampling = GREEDY, turn: int = 0) -> np.ndarray:
         """Tokens ``[B]`` drawn from the prefill logits ``[B, V]`` of turn ``turn``."""

@@ -48,6 +48,21 @@ def decode_owners(fills, step, batch: int):
     return jnp.concatenate(owners).astype(jnp.int32)
 
 
+def fills_after_decode(fills, batch: int) -> list[int]:
+    """The rank fills after a decode step of ``batch`` tokens, sorted (host ints).
+
+    :func:`decode_owners` gives each round of up to N tokens to the least-filled ranks, one
+    token each, so which ranks tie does not change the sorted fills: each round adds one to
+    the smallest ``min(N, left)``. The engine checks decode room with this instead of fetching
+    the fills from the devices every step (a sync before each step).
+    """
+    fills = sorted(int(f) for f in fills)
+    for first in range(0, batch, len(fills)):
+        taken = min(len(fills), batch - first)
+        fills = sorted([f + 1 for f in fills[:taken]] + fills[taken:])
+    return fills
+
+
 def owned_slots(owners, rank, n_ranks: int):
     """The ``ceil(B / N)`` rows a rank handles: its own tokens first, then others as filler.
 
