@@ -87,15 +87,15 @@ def measure(model: str, devices: int, strategy: str, tokens: int, decode_steps: 
     }
 
 
-def run_child(setting: str, args) -> dict:
-    """One measurement in a fresh process with ``setting``'s flags."""
+def run_child(setting: str, strategy: str, args) -> dict:
+    """One measurement of ``strategy`` in a fresh process with ``setting``'s flags."""
     env = {**os.environ, "XLA_FLAGS": child_xla_flags(setting, args.devices)}
     command = [sys.executable, "-m", "experiments.scheduler_flag", "--child", "--model", args.model]
     command += ["--devices", str(args.devices), "--tokens", str(args.tokens)]
-    command += ["--decode-steps", str(args.decode_steps), "--strategies", args.strategy]
+    command += ["--decode-steps", str(args.decode_steps), "--strategies", strategy]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"child ({setting}, {args.strategy}) failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"child ({setting}, {strategy}) failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -160,10 +160,9 @@ def main(argv=None) -> dict:
         for round_index in range(args.rounds):
             order = SETTINGS if round_index % 2 == 0 else SETTINGS[::-1]
             for strategy in args.strategies:
-                args.strategy = strategy
                 row = {}
                 for setting in order:
-                    row[setting] = run_child(setting, args)
+                    row[setting] = run_child(setting, strategy, args)
                     progress.update()
                 runs[strategy].append(row)
     results = {
